@@ -1,0 +1,280 @@
+"""``virtualstain``: train, predict and inspect checkpoints from the command line (the same core as the widgets).
+
+Every user error (bad image, bad checkpoint, bad option) ends as one ``error: ...`` line and exit status 2,
+never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import logging
+import shlex
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from . import __version__
+from .core.errors import VirtualStainError
+
+log = logging.getLogger("napari_virtualstain")
+
+
+def _parse_plane(text: str | None) -> tuple[int, ...] | None:
+    if not text:
+        return None
+    try:
+        return tuple(int(v) for v in text.split(","))
+    except ValueError:
+        raise VirtualStainError(f"--plane takes comma-separated integers (e.g. 1,0), got {text!r}") from None
+
+
+def expand_inputs(paths: list[str]) -> list[Path]:
+    from .core.io import IMAGE_SUFFIXES, list_images
+
+    out: list[Path] = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            found = list_images(p)
+            if not found:
+                raise VirtualStainError(f"folder {p} holds no images ({', '.join(IMAGE_SUFFIXES)})")
+            out += found
+        elif p.exists():
+            out.append(p)
+        else:
+            raise VirtualStainError(f"input {p} does not exist")
+    return out
+
+
+def iter_planes(image: np.ndarray, plane: tuple[int, ...] | None, all_planes: bool, plane_ndim: int):
+    """Yield (plane index, array of ``plane_ndim`` dims): the chosen plane, or every plane with --all-planes."""
+    if plane is not None:
+        try:
+            image = image[plane]
+        except IndexError:
+            raise VirtualStainError(f"--plane {plane} does not fit an image of shape {image.shape}") from None
+    extra = image.ndim - plane_ndim
+    if extra <= 0 or not all_planes:
+        yield (plane or ()), image
+        return
+    for idx in itertools.product(*(range(n) for n in image.shape[:extra])):
+        yield (*(plane or ()), *idx), image[idx]
+
+
+def cmd_predict(args) -> int:
+    from .core.bundle import load_bundle
+    from .core.io import read_image, write_channels, write_labels
+    from .core.tasks.stain import predict_stain
+
+    bundle = load_bundle(args.checkpoint)
+    images = expand_inputs(args.images)
+    out = Path(args.output)
+    plane = _parse_plane(args.plane)
+    n_in = len(bundle.config.input_channels)
+    plane_ndim = 2 if n_in == 1 and args.channel_axis is None else 3
+    thresholds = {"boundary_threshold": args.boundary_threshold, "foreground_threshold": args.foreground_threshold}
+    for path in images:
+        image = read_image(path)
+        results = []
+        for idx, arr in iter_planes(image, plane, args.all_planes, plane_ndim):
+            what = f"{path.name}" + (f" plane {idx}" if idx else "")
+            log.info("predicting %s %s", what, arr.shape)
+            res = predict_stain(
+                bundle, arr, channel_axis=args.channel_axis, seed=args.seed, tile_size=args.tile_size,
+                tile_overlap=args.tile_overlap, batch_size=args.batch_size, device=args.device,
+                progress=_progress_printer(what) if not args.quiet else None, make_labels=False, input_name=what,
+            )
+            if not args.no_labels:
+                from .core.tasks.stain import labels_from_channels
+
+                res.labels = labels_from_channels(bundle.config, res.image, **thresholds)
+            res.provenance.update({"plane": list(idx), "input_file": str(path), **thresholds})
+            results.append((idx, res))
+        stem = path.name.split(".")[0]
+        prov = results[0][1].provenance | {"planes": [list(i) for i, _ in results]}
+        stack = np.stack([r.image for _, r in results]) if len(results) > 1 else results[0][1].image
+        written = [write_channels(out / f"{stem}_virtualstain.tif", stack, results[0][1].channel_names, prov,
+                                  bundle.config.pixel_size_um)]
+        for name in results[0][1].labels:
+            lab = np.stack([r.labels[name] for _, r in results]) if len(results) > 1 else results[0][1].labels[name]
+            written.append(write_labels(out / f"{stem}_{name.replace(' ', '_')}_labels.tif", lab, prov | {"labels": name}))
+        print("\n".join(f"wrote {p}" for p in written))
+    return 0
+
+
+def _progress_printer(what: str):
+    last = [-1]
+
+    def report(p):
+        pct = int(100 * p.fraction)
+        if pct // 10 != last[0] // 10 or pct == 100:
+            print(f"  {what}: {pct:3d}% (step {min(p.step + 1, p.num_steps)}/{p.num_steps})", file=sys.stderr, flush=True)
+        last[0] = pct
+
+    return report
+
+
+def cmd_train(args) -> int:
+    from .train.data import load_config, load_folder
+    from .train.loop import TrainOptions, train
+
+    src = Path(args.data)
+    if src.is_dir():
+        spec = load_folder(src, _split_names(args.input_names), _split_names(args.stain_names), args.channel_axis)
+    elif src.is_file():
+        spec = load_config(src)
+    else:
+        raise VirtualStainError(f"training data {src} is neither a folder nor a YAML/JSON config")
+    if args.name:
+        spec.name = args.name
+    if args.pixel_size:
+        spec.pixel_size_um = args.pixel_size
+    if args.val_fraction is not None:
+        spec.val_fraction = args.val_fraction
+    opts = TrainOptions(
+        objective=args.objective, steps=args.steps, batch_size=args.batch_size, crop_size=args.crop_size, lr=args.lr,
+        ema_decay=args.ema_decay, val_every=args.val_every, seed=args.seed, device=args.device,
+        block_out_channels=tuple(int(v) for v in args.channels.split(",")), layers_per_block=args.layers_per_block,
+        tile_size=args.tile_size, tile_overlap=args.tile_overlap, half_weights=args.half_weights,
+        command="virtualstain " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
+    )
+    bundle, history = train(spec, args.output, opts, resume=args.resume)
+    print(bundle.summary())
+    if history and "val" in history[-1]:
+        print("validation (held-out):", json.dumps(history[-1]["val"], indent=1))
+    return 0
+
+
+def _split_names(text: str | None):
+    return [s.strip() for s in text.split(",")] if text else None
+
+
+def cmd_info(args) -> int:
+    from .core.bundle import bundled_checkpoints, load_bundle
+
+    if not args.checkpoint:
+        demos = bundled_checkpoints()
+        print("bundled checkpoints:" if demos else "no bundled checkpoints installed")
+        for name in demos:
+            print(" ", load_bundle(name).summary().replace("\n", "\n  "))
+        return 0
+    print(load_bundle(args.checkpoint).summary())
+    return 0
+
+
+def cmd_demo(args) -> int:
+    """Predict the bundled demo on the scratch-assay time point it never saw, and say how close it is."""
+    from .core.bundle import load_bundle
+    from .core.io import read_image, write_channels, write_labels
+    from .core.metrics import image_metrics
+    from .core.tasks.stain import predict_stain
+    from ._sample_data import scratch_assay_path
+
+    try:
+        path = scratch_assay_path()
+    except (ModuleNotFoundError, FileNotFoundError) as exc:
+        raise VirtualStainError(str(exc)) from None
+    data = read_image(path)  # (C, T, Y, X): Hoechst, brightfield, nuclei labels, cell labels
+    t = data.shape[1] - 1
+    bundle = load_bundle(args.checkpoint)
+    res = predict_stain(bundle, data[1, t], seed=args.seed, device=args.device, input_name=f"scratch assay t={t}",
+                        progress=_progress_printer(f"scratch assay t={t}"))
+    out = Path(args.output)
+    written = [write_channels(out / "scratch_assay_virtualstain.tif", res.image, res.channel_names, res.provenance,
+                              bundle.config.pixel_size_um)]
+    for name, lab in res.labels.items():
+        written.append(write_labels(out / f"scratch_assay_{name}_labels.tif", lab, res.provenance | {"labels": name}))
+    print("\n".join(f"wrote {p}" for p in written))
+    if "Hoechst" in res.channel_names:
+        truth = data[0, t].astype(np.float32)
+        pred = res.channel("Hoechst")
+        lo, hi = np.percentile(truth, [1, 99.8])
+        m = image_metrics(np.clip((pred - lo) / (hi - lo), 0, 1), np.clip((truth - lo) / (hi - lo), 0, 1))
+        print(f"Hoechst vs the real stain (held-out t={t}): Pearson r {m['pearson']:.3f}, SSIM {m['ssim']:.3f}, "
+              f"PSNR {m['psnr']:.1f} dB")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="virtualstain", description=__doc__.splitlines()[0])
+    p.add_argument("--version", action="version", version=f"napari-virtualstain {__version__}")
+    p.add_argument("-v", "--verbose", action="store_true", help="log progress details")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    pr = sub.add_parser("predict", help="predict stains/boundaries for images or folders")
+    pr.add_argument("images", nargs="+", help="image files (TIFF/OME-TIFF/PNG) or folders of them")
+    pr.add_argument("--checkpoint", "-c", required=True, help="bundle folder or bundled demo name (see 'info')")
+    pr.add_argument("--output", "-o", required=True, help="output folder")
+    pr.add_argument("--seed", type=int, default=0)
+    pr.add_argument("--tile-size", type=int, default=None, help="default: the checkpoint's")
+    pr.add_argument("--tile-overlap", type=int, default=None, help="default: the checkpoint's")
+    pr.add_argument("--batch-size", type=int, default=4, help="tiles per network call")
+    pr.add_argument("--device", default="auto", help="auto (cuda > mps > cpu), cuda, mps or cpu")
+    pr.add_argument("--channel-axis", type=int, default=None, help="axis that holds the input channels")
+    pr.add_argument("--plane", default=None,
+                    help="indices of leading axes to pick, e.g. '3' (t=3) or '1,0' (C=1, T=0 of a CTYX file)")
+    pr.add_argument("--all-planes", action="store_true", help="predict every plane of a stack")
+    pr.add_argument("--no-labels", action="store_true", help="skip instance labels from boundary channels")
+    pr.add_argument("--boundary-threshold", type=float, default=0.5)
+    pr.add_argument("--foreground-threshold", type=float, default=0.5)
+    pr.add_argument("--quiet", "-q", action="store_true")
+    pr.set_defaults(func=cmd_predict)
+
+    tr = sub.add_parser("train", help="train a bundle on your own images")
+    tr.add_argument("data", help="folder (input/, target/, labels/NAME/) or YAML/JSON training config")
+    tr.add_argument("--output", "-o", required=True, help="bundle folder to write (and resume from)")
+    tr.add_argument("--objective", choices=["residual_shift", "regression"], default="residual_shift")
+    tr.add_argument("--steps", type=int, default=2000)
+    tr.add_argument("--batch-size", type=int, default=8)
+    tr.add_argument("--crop-size", type=int, default=128)
+    tr.add_argument("--lr", type=float, default=2e-4)
+    tr.add_argument("--ema-decay", type=float, default=0.999)
+    tr.add_argument("--val-every", type=int, default=500)
+    tr.add_argument("--val-fraction", type=float, default=None,
+                    help="hold out this right-hand fraction of every image when no image is marked split: val")
+    tr.add_argument("--seed", type=int, default=0)
+    tr.add_argument("--device", default="auto")
+    tr.add_argument("--channels", default="16,32,64,128", help="UNet widths per level")
+    tr.add_argument("--layers-per-block", type=int, default=1)
+    tr.add_argument("--tile-size", type=int, default=256)
+    tr.add_argument("--tile-overlap", type=int, default=32)
+    tr.add_argument("--half-weights", action="store_true", help="store fp16 weights (half the size)")
+    tr.add_argument("--resume", action="store_true", help="continue from OUTPUT/training_state")
+    tr.add_argument("--name", default=None)
+    tr.add_argument("--pixel-size", type=float, default=None, help="pixel size in um")
+    tr.add_argument("--input-names", default=None, help="folder mode: comma-separated input channel names")
+    tr.add_argument("--stain-names", default=None, help="folder mode: comma-separated target channel names")
+    tr.add_argument("--channel-axis", type=int, default=0, help="folder mode: channel axis of multi-channel files")
+    tr.set_defaults(func=cmd_train)
+
+    info = sub.add_parser("info", help="describe a checkpoint, or list the bundled ones")
+    info.add_argument("checkpoint", nargs="?")
+    info.set_defaults(func=cmd_info)
+
+    demo = sub.add_parser("demo", help="predict the bundled demo on the scratch-assay sample (needs ndev-sampledata)")
+    demo.add_argument("--checkpoint", "-c", default="demo-stain")
+    demo.add_argument("--output", "-o", default="virtualstain-demo")
+    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--device", default="auto")
+    demo.set_defaults(func=cmd_demo)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
+    try:
+        return args.func(args)
+    except VirtualStainError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,333 @@
+"""Checkpoint bundles: a folder with ``config.json`` + ``model.safetensors``; loaded only through safetensors.
+
+One loader validates every field and says which one is missing or wrong. The bundle id is the sha256 of the
+weights file, so two copies of the same weights have the same id wherever they live.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+
+import torch
+
+from .errors import BundleError
+from .normalize import FixedNorm, PercentileNorm, norm_from_dict
+
+FORMAT = "napari-virtualstain-bundle"
+FORMAT_VERSION = 1
+WEIGHTS_NAME = "model.safetensors"
+TASKS = ("stain",)
+OBJECTIVES = ("residual_shift", "regression")
+KINDS = ("stain", "boundary", "foreground")
+PICKLE_SUFFIXES = (".pt", ".pth", ".ckpt", ".pkl", ".pickle", ".bin", ".tar")
+_PICKLE_EXPLANATION = (
+    "PyTorch/pickle files can run arbitrary code when loaded, so napari-virtualstain never opens them. "
+    "A checkpoint is a folder with config.json and model.safetensors; convert trusted weights yourself with "
+    "safetensors.torch.save_file(state_dict, 'model.safetensors') and write a config.json (see docs/checkpoints.md)"
+)
+
+
+@dataclass(frozen=True)
+class ChannelSpec:
+    name: str
+    kind: str = "stain"  # inputs: always "input"
+    normalization: PercentileNorm | FixedNorm = field(default_factory=PercentileNorm)
+    labels: str | None = None  # boundary/foreground: which instance labels they were made from
+    foreground: str | None = None  # boundary: the foreground channel that masks its watershed
+
+    def to_dict(self) -> dict:
+        d = {"name": self.name, "kind": self.kind, "normalization": self.normalization.to_dict()}
+        if self.labels is not None:
+            d["labels"] = self.labels
+        if self.foreground is not None:
+            d["foreground"] = self.foreground
+        return d
+
+
+@dataclass
+class BundleConfig:
+    """Everything ``config.json`` holds; see docs/checkpoints.md for the meaning of each field."""
+
+    name: str
+    task: str
+    objective: str
+    input_channels: list[ChannelSpec]
+    output_channels: list[ChannelSpec]
+    unet: dict
+    scheduler: dict | None
+    tile_size: int = 256
+    tile_overlap: int = 32
+    pixel_size_um: float | None = None
+    residual_source: str = "mean_input"
+    training: dict = field(default_factory=dict)
+    description: str = ""
+
+    @property
+    def input_names(self) -> list[str]:
+        return [c.name for c in self.input_channels]
+
+    @property
+    def output_names(self) -> list[str]:
+        return [c.name for c in self.output_channels]
+
+    def to_dict(self) -> dict:
+        return {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "name": self.name,
+            "description": self.description,
+            "task": self.task,
+            "objective": self.objective,
+            "input_channels": [
+                {"name": c.name, "normalization": c.normalization.to_dict()} for c in self.input_channels
+            ],
+            "output_channels": [c.to_dict() for c in self.output_channels],
+            "residual_source": self.residual_source,
+            "pixel_size_um": self.pixel_size_um,
+            "tile_size": self.tile_size,
+            "tile_overlap": self.tile_overlap,
+            "unet": self.unet,
+            "scheduler": self.scheduler,
+            "training": self.training,
+            "weights": WEIGHTS_NAME,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict) -> BundleConfig:
+        _require(d, "format", str)
+        if d["format"] != FORMAT:
+            raise BundleError(f"config.json: 'format' is {d['format']!r}, expected {FORMAT!r}")
+        version = _require(d, "format_version", int)
+        if version > FORMAT_VERSION:
+            raise BundleError(
+                f"config.json: format_version {version} is newer than this napari-virtualstain understands "
+                f"({FORMAT_VERSION}); upgrade the package"
+            )
+        task = _require(d, "task", str)
+        if task not in TASKS:
+            raise BundleError(f"config.json: 'task' is {task!r}; this version knows {', '.join(TASKS)}")
+        objective = _require(d, "objective", str)
+        if objective not in OBJECTIVES:
+            raise BundleError(f"config.json: 'objective' is {objective!r}; expected one of {', '.join(OBJECTIVES)}")
+        inputs = [_channel(c, i, "input_channels", is_input=True) for i, c in enumerate(_require(d, "input_channels", list))]
+        outputs = [_channel(c, i, "output_channels") for i, c in enumerate(_require(d, "output_channels", list))]
+        if not inputs or not outputs:
+            raise BundleError("config.json: 'input_channels' and 'output_channels' must each name at least one channel")
+        names = [c.name for c in outputs]
+        for c in outputs:
+            if c.kind == "boundary" and c.foreground is not None and c.foreground not in names:
+                raise BundleError(
+                    f"config.json: output channel {c.name!r} names foreground {c.foreground!r}, "
+                    f"which is not an output channel ({', '.join(names)})"
+                )
+        unet = _require(d, "unet", dict)
+        for key in ("in_channels", "out_channels", "block_out_channels"):
+            if key not in unet:
+                raise BundleError(f"config.json: 'unet' is missing the key {key!r}")
+        expected_in = len(inputs) + (len(outputs) if objective == "residual_shift" else 0)
+        if unet["in_channels"] != expected_in or unet["out_channels"] != len(outputs):
+            raise BundleError(
+                f"config.json: 'unet' has in_channels={unet['in_channels']}, out_channels={unet['out_channels']} but "
+                f"{len(inputs)} input and {len(outputs)} output channels with objective {objective!r} need "
+                f"in_channels={expected_in}, out_channels={len(outputs)}"
+            )
+        scheduler = d.get("scheduler")
+        if objective == "residual_shift" and not isinstance(scheduler, dict):
+            raise BundleError("config.json: a residual_shift bundle needs a 'scheduler' object (ResidualShiftScheduler config)")
+        tile = _require(d, "tile_size", int)
+        factor = 2 ** (len(unet["block_out_channels"]) - 1)
+        if tile <= 0 or tile % factor:
+            raise BundleError(f"config.json: 'tile_size' {tile} must be a positive multiple of {factor}")
+        pixel = d.get("pixel_size_um")
+        if pixel is not None and not isinstance(pixel, (int, float)):
+            raise BundleError("config.json: 'pixel_size_um' must be a number or null")
+        return cls(
+            name=_require(d, "name", str),
+            description=d.get("description", ""),
+            task=task,
+            objective=objective,
+            input_channels=inputs,
+            output_channels=outputs,
+            unet=unet,
+            scheduler=scheduler,
+            tile_size=tile,
+            tile_overlap=int(d.get("tile_overlap", tile // 8)),
+            pixel_size_um=pixel,
+            residual_source=d.get("residual_source", "mean_input"),
+            training=d.get("training", {}),
+        )
+
+
+def _require(d: dict, key: str, typ):
+    if key not in d:
+        raise BundleError(f"config.json is missing the field {key!r}")
+    value = d[key]
+    if typ is int and isinstance(value, bool) or not isinstance(value, typ):
+        raise BundleError(f"config.json: field {key!r} should be of type {typ.__name__}, got {type(value).__name__}")
+    return value
+
+
+def _channel(c, i: int, where: str, is_input: bool = False) -> ChannelSpec:
+    if not isinstance(c, dict) or not isinstance(c.get("name"), str):
+        raise BundleError(f"config.json: {where}[{i}] must be an object with a 'name'")
+    if "normalization" not in c:
+        raise BundleError(f"config.json: {where}[{i}] ({c['name']!r}) is missing the field 'normalization'")
+    try:
+        norm = norm_from_dict(c["normalization"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise BundleError(f"config.json: {where}[{i}] ({c['name']!r}) has a bad 'normalization': {exc}") from None
+    if is_input:
+        return ChannelSpec(c["name"], "input", norm)
+    kind = c.get("kind")
+    if kind not in KINDS:
+        raise BundleError(f"config.json: {where}[{i}] ({c['name']!r}) has kind {kind!r}; expected one of {', '.join(KINDS)}")
+    if kind == "stain" and not isinstance(norm, FixedNorm):
+        raise BundleError(f"config.json: {where}[{i}] ({c['name']!r}): stain channels need a 'fixed' normalisation")
+    return ChannelSpec(c["name"], kind, norm, c.get("labels"), c.get("foreground"))
+
+
+def refuse_pickle(path: Path) -> None:
+    """Refuse anything that looks like a pickle/torch.save file, by suffix or by content."""
+    if path.is_file():
+        if path.suffix.lower() in PICKLE_SUFFIXES:
+            raise BundleError(f"{path.name} is a PyTorch/pickle file. {_PICKLE_EXPLANATION}")
+        with open(path, "rb") as fh:
+            head = fh.read(4)
+        if head[:1] == b"\x80" or head[:2] == b"PK":
+            raise BundleError(f"{path.name} looks like a pickle or torch.save archive. {_PICKLE_EXPLANATION}")
+        raise BundleError(
+            f"{path} is a file; a checkpoint is a folder holding config.json and {WEIGHTS_NAME}"
+        )
+
+
+class Bundle:
+    """A loaded checkpoint: validated config + UNet weights (+ scheduler); cheap to keep in a small cache."""
+
+    def __init__(self, config: BundleConfig, state_dict: dict[str, torch.Tensor], path: Path | None, bundle_id: str):
+        self.config = config
+        self.state_dict = state_dict
+        self.path = path
+        self.id = bundle_id
+
+    @cached_property
+    def unet(self):
+        from .model import build_unet
+
+        unet = build_unet(self.config.unet)
+        try:
+            unet.load_state_dict({k: v.float() for k, v in self.state_dict.items()}, strict=True)
+        except RuntimeError as exc:
+            first = str(exc).splitlines()[0]
+            raise BundleError(
+                f"{WEIGHTS_NAME} does not match the network described in config.json ('unet'): {first}"
+            ) from None
+        unet.eval().requires_grad_(False)
+        return unet
+
+    def make_scheduler(self):
+        if self.config.objective != "residual_shift":
+            return None
+        from .schedulers import ResidualShiftScheduler
+
+        try:
+            return ResidualShiftScheduler.from_config(self.config.scheduler)
+        except (TypeError, ValueError) as exc:
+            raise BundleError(f"config.json: bad 'scheduler': {exc}") from None
+
+    @property
+    def short_id(self) -> str:
+        return self.id[:12]
+
+    def provenance(self) -> dict:
+        return {
+            "bundle_name": self.config.name,
+            "bundle_id": self.id,
+            "bundle_path": str(self.path) if self.path else None,
+            "task": self.config.task,
+            "objective": self.config.objective,
+        }
+
+    def summary(self) -> str:
+        c = self.config
+        outs = ", ".join(f"{o.name} ({o.kind})" for o in c.output_channels)
+        return (
+            f"{c.name} [{self.short_id}] task={c.task} objective={c.objective}\n"
+            f"  inputs: {', '.join(c.input_names)}\n  outputs: {outs}\n"
+            f"  tile {c.tile_size} overlap {c.tile_overlap}; pixel size {c.pixel_size_um} um\n"
+            f"  trained on: {c.training.get('data', 'unknown')}"
+        )
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def load_bundle(path: str | Path) -> Bundle:
+    """Load and validate a checkpoint folder (or a bundled demo by name, e.g. ``demo-stain``)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    path = resolve_bundle_path(path)
+    refuse_pickle(path)
+    cfg_path = path / "config.json"
+    if not cfg_path.is_file():
+        raise BundleError(f"{path} has no config.json; a checkpoint folder holds config.json and {WEIGHTS_NAME}")
+    try:
+        raw = json.loads(cfg_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise BundleError(f"{cfg_path} is not valid JSON: {exc}") from None
+    if not isinstance(raw, dict):
+        raise BundleError(f"{cfg_path} must hold a JSON object")
+    config = BundleConfig.from_dict(raw)
+    weights = path / raw.get("weights", WEIGHTS_NAME)
+    if not weights.is_file():
+        others = sorted(p.name for p in path.iterdir() if p.suffix.lower() in PICKLE_SUFFIXES)
+        hint = f" ({', '.join(others)} found: {_PICKLE_EXPLANATION})" if others else ""
+        raise BundleError(f"{path} has no {weights.name}{hint}")
+    try:
+        state = load_file(str(weights))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise BundleError(
+            f"{weights} is not a readable safetensors file ({exc}); it may be truncated or corrupt — copy it again"
+        ) from None
+    return Bundle(config, state, path, sha256_file(weights))
+
+
+def save_bundle(path: str | Path, config: BundleConfig, unet: torch.nn.Module, half: bool = False) -> Bundle:
+    """Write ``config.json`` + ``model.safetensors`` (fp16 when ``half``: half the size, same predictions ±1e-3)."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    dtype = torch.float16 if half else torch.float32
+    state = {k: v.detach().to("cpu", dtype).contiguous() for k, v in unet.state_dict().items()}
+    save_file(state, str(path / WEIGHTS_NAME), metadata={"format": FORMAT})
+    (path / "config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
+    return load_bundle(path)
+
+
+def bundled_checkpoints() -> dict[str, Path]:
+    """Demo bundles shipped inside the package, by name."""
+    root = Path(__file__).resolve().parent.parent / "checkpoints"
+    if not root.is_dir():
+        return {}
+    return {p.name: p for p in sorted(root.iterdir()) if (p / "config.json").is_file()}
+
+
+def resolve_bundle_path(path: str | Path) -> Path:
+    p = Path(path).expanduser()
+    if p.exists():
+        return p
+    demos = bundled_checkpoints()
+    if str(path) in demos:
+        return demos[str(path)]
+    known = ", ".join(demos) or "none installed"
+    raise BundleError(f"checkpoint {str(path)!r} not found: give a bundle folder or a bundled demo name ({known})")

@@ -1,0 +1,72 @@
+"""Turn whatever array the user has into the (C, Y, X) float32 the network needs, or say clearly why not."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .errors import VirtualStainError
+from .normalize import as_float
+
+
+def to_channels_first(
+    image: np.ndarray,
+    channel_names: list[str],
+    channel_axis: int | None = None,
+    what: str = "image",
+) -> np.ndarray:
+    """Arrange ``image`` as (C, Y, X) with C == len(channel_names).
+
+    Without ``channel_axis`` a 2D image is one channel, a 3D image whose first axis has C entries is
+    channels-first, and a trailing axis of 3/4 is taken as RGB(A) only where it matches C. Anything else
+    (z-stacks, time-lapses, RGB for a grey model) is refused with a message that says how to pick a plane.
+    """
+    image = np.asarray(image)
+    n = len(channel_names)
+    names = ", ".join(channel_names)
+    need = f"the checkpoint expects {n} input channel{'s' if n > 1 else ''} ({names})"
+    if image.ndim < 2:
+        raise VirtualStainError(f"{what} has shape {image.shape}; expected a 2D image (Y, X)")
+    if channel_axis is not None:
+        if not -image.ndim <= channel_axis < image.ndim:
+            raise VirtualStainError(f"channel axis {channel_axis} is out of range for {what} of shape {image.shape}")
+        image = np.moveaxis(image, channel_axis, 0)
+        if image.ndim != 3:
+            raise VirtualStainError(
+                f"{what} has shape {image.shape} after moving the channel axis first; expected (C, Y, X). "
+                "Pick one plane of the extra axes (--plane) or process them all (--all-planes)"
+            )
+        if image.shape[0] != n:
+            raise VirtualStainError(f"{what} has {image.shape[0]} channels on axis {channel_axis}; {need}")
+        return image
+    if image.ndim == 2:
+        if n != 1:
+            raise VirtualStainError(f"{what} is a single-channel 2D image; {need}")
+        return image[None]
+    if image.ndim == 3:
+        if image.shape[0] == n:
+            return image
+        if image.shape[-1] in (3, 4) and image.shape[0] > 4:
+            if n == image.shape[-1]:
+                return np.moveaxis(image, -1, 0)
+            kind = "an RGB" if image.shape[-1] == 3 else "an RGBA"
+            raise VirtualStainError(
+                f"{what} is {kind} image of shape {image.shape}; {need}. Convert it to greyscale "
+                "(e.g. skimage.color.rgb2gray) or pick the channel that holds the transmitted light "
+                "(--channel-axis -1 with a single-channel selection)"
+            )
+        raise VirtualStainError(
+            f"{what} has shape {image.shape}; {need}. If the first axis is z or time, pick one plane "
+            "(CLI: --plane INDEX; napari: the current plane) or predict every plane (--all-planes); "
+            "if it holds channels, say which axis with --channel-axis"
+        )
+    raise VirtualStainError(
+        f"{what} has {image.ndim} dimensions {image.shape}; {need}. Pick one plane of the leading axes "
+        "(--plane T or --plane T,Z) or predict every plane (--all-planes), and give --channel-axis if channels "
+        "are not first"
+    )
+
+
+def prepare_input(image: np.ndarray, channel_names: list[str], channel_axis: int | None = None, what: str = "image") -> np.ndarray:
+    """Shape check + float32 conversion (uint8, uint16 and float images all become the same float scale)."""
+    chw = to_channels_first(image, channel_names, channel_axis, what)
+    return as_float(chw, what)

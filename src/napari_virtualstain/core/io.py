@@ -1,0 +1,85 @@
+"""Reading microscopy images and writing predictions with channel names and provenance.
+
+Predictions are ImageJ-hyperstack TIFFs (Fiji and napari show the channel names) whose ``Info`` holds the
+provenance as JSON; labels are plain TIFFs with the provenance JSON as the image description. Both read back with
+:func:`read_provenance`.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import tifffile
+
+from .errors import VirtualStainError
+
+IMAGE_SUFFIXES = (".tif", ".tiff", ".png", ".jpg", ".jpeg", ".bmp")
+
+
+def read_image(path: str | Path) -> np.ndarray:
+    """Read a TIFF/OME-TIFF/PNG as stored (no axis guessing here: the caller says which axis holds channels)."""
+    path = Path(path)
+    if not path.is_file():
+        raise VirtualStainError(f"image file {path} does not exist")
+    suffix = path.suffix.lower()
+    try:
+        if suffix in (".tif", ".tiff"):
+            return tifffile.imread(path)
+        if suffix in IMAGE_SUFFIXES:
+            import imageio.v3 as iio
+
+            return np.asarray(iio.imread(path))
+    except Exception as exc:  # noqa: BLE001 - any reader failure is a bad file for the user
+        raise VirtualStainError(f"could not read {path}: {exc}") from None
+    raise VirtualStainError(
+        f"{path.name}: unsupported file type {suffix!r}; use TIFF/OME-TIFF or PNG ({', '.join(IMAGE_SUFFIXES)})"
+    )
+
+
+def list_images(folder: str | Path) -> list[Path]:
+    folder = Path(folder)
+    return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith("."))
+
+
+def write_channels(path: str | Path, image: np.ndarray, channel_names: list[str], provenance: dict,
+                   pixel_size_um: float | None = None) -> Path:
+    """(C, Y, X) float32 -> ImageJ hyperstack with channel names and provenance (JSON in ``Info``)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    metadata = {"axes": "CYX", "Labels": list(channel_names), "Info": json.dumps(provenance, default=str)}
+    kwargs = {}
+    if pixel_size_um:
+        kwargs["resolution"] = (1.0 / pixel_size_um, 1.0 / pixel_size_um)
+        metadata["unit"] = "um"
+    tifffile.imwrite(path, np.ascontiguousarray(image, dtype=np.float32), imagej=True, metadata=metadata, **kwargs)
+    return path
+
+
+def write_labels(path: str | Path, labels: np.ndarray, provenance: dict) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    dtype = np.uint16 if labels.max(initial=0) < 2**16 else np.uint32
+    tifffile.imwrite(path, labels.astype(dtype), description=json.dumps(provenance, default=str), metadata=None)
+    return path
+
+
+def read_provenance(path: str | Path) -> dict:
+    """The provenance written by :func:`write_channels` or :func:`write_labels`."""
+    with tifffile.TiffFile(path) as tif:
+        ij = tif.imagej_metadata
+        if ij and "Info" in ij:
+            return json.loads(ij["Info"])
+        desc = tif.pages.first.description
+    try:
+        return json.loads(desc)
+    except (json.JSONDecodeError, TypeError):
+        return {}
+
+
+def read_channel_names(path: str | Path) -> list[str]:
+    with tifffile.TiffFile(path) as tif:
+        ij = tif.imagej_metadata or {}
+    labels = ij.get("Labels", [])
+    return list(labels) if isinstance(labels, (list, tuple)) else [labels]

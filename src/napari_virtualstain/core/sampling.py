@@ -1,0 +1,115 @@
+"""The one sampler loop: for each timestep, tiles -> batched network -> merged prediction -> ``scheduler.step``.
+
+It works with any scheduler that has diffusers' ``scale_model_input``/``step`` API (the residual-shift scheduler
+here, or diffusers' DDPM/DDIM), and exposes hooks instead of being copied per task:
+
+- ``progress(event)`` after every network call (per tile) and every step;
+- ``should_cancel()`` checked between steps; raises :class:`Cancelled` (nothing partial is returned);
+- ``on_step(i, t, x0_hat)`` with the merged x̂0 of every step (running averages / std maps are built from it).
+
+Noise is drawn on the CPU from one ``torch.Generator`` per batch item (one per seed), at the image size, so a seed
+gives the same result whatever the device, tile size or batch composition.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from .errors import Cancelled
+from .tiling import TilePlan
+
+
+@dataclass(frozen=True)
+class Progress:
+    """One progress report: ``step`` of ``num_steps`` diffusion steps, ``tile`` of ``num_tiles`` within the step."""
+
+    step: int
+    num_steps: int
+    tile: int
+    num_tiles: int
+
+    @property
+    def fraction(self) -> float:
+        return (self.step + self.tile / max(self.num_tiles, 1)) / max(self.num_steps, 1)
+
+
+@dataclass
+class SamplerHooks:
+    progress: Callable[[Progress], None] | None = None
+    should_cancel: Callable[[], bool] | None = None
+    on_step: Callable[[int, int, torch.Tensor], None] | None = None
+
+    def check_cancel(self) -> None:
+        if self.should_cancel is not None and self.should_cancel():
+            raise Cancelled("cancelled by the user")
+
+
+def make_generators(seeds: Sequence[int]) -> list[torch.Generator]:
+    return [torch.Generator("cpu").manual_seed(int(s)) for s in seeds]
+
+
+def randn_like_batch(shape: Sequence[int], generators: list[torch.Generator], device: torch.device) -> torch.Tensor:
+    """Standard normal noise of ``shape`` (B, ...), item b drawn from ``generators[b]`` on the CPU."""
+    if len(generators) != shape[0]:
+        raise ValueError(f"{len(generators)} generators for a batch of {shape[0]}")
+    return torch.stack([torch.randn(tuple(shape[1:]), generator=g) for g in generators]).to(device)
+
+
+def tiled_predict(
+    denoiser: Callable[..., torch.Tensor],
+    plan: TilePlan,
+    inputs: torch.Tensor,
+    timestep,
+    batch_size: int,
+    on_tile: Callable[[int, int], None] | None = None,
+) -> torch.Tensor:
+    """One network evaluation over the whole canvas (B, C, H, W), tile by tile."""
+    with torch.inference_mode():
+        return plan.apply(lambda tiles: denoiser(tiles, timestep), inputs, batch_size=batch_size, on_tile=on_tile)
+
+
+def sample(
+    denoiser: Callable[..., torch.Tensor],
+    scheduler,
+    x_start: torch.Tensor,
+    plan: TilePlan,
+    generators: list[torch.Generator],
+    *,
+    condition: torch.Tensor | None = None,
+    batch_size: int = 4,
+    hooks: SamplerHooks | None = None,
+    timesteps: Sequence[int] | None = None,
+) -> torch.Tensor:
+    """Run the reverse chain from ``x_start`` (B, C, H, W) and return the final sample.
+
+    ``condition`` (B or 1, C_cond, H, W) is concatenated to the scaled x_t as extra network input channels.
+    """
+    hooks = hooks or SamplerHooks()
+    timesteps = list(scheduler.timesteps if timesteps is None else timesteps)
+    n = len(timesteps)
+    x = x_start
+    if condition is not None and condition.shape[0] != x.shape[0]:
+        condition = condition.expand(x.shape[0], *condition.shape[1:])
+    for i, t in enumerate(timesteps):
+        hooks.check_cancel()
+        net_in = scheduler.scale_model_input(x, t)
+        if condition is not None:
+            net_in = torch.cat([net_in, condition], dim=1)
+
+        def on_tile(done, total, i=i):
+            if hooks.progress is not None:
+                hooks.progress(Progress(i, n, done, total))
+
+        model_output = tiled_predict(denoiser, plan, net_in, t, batch_size, on_tile)
+        # the step runs on the cropped canvas, so its noise has the image's size whatever the tiling
+        out = scheduler.step(model_output, t, x, generator=generators)
+        x = out.prev_sample
+        if hooks.on_step is not None:
+            hooks.on_step(i, int(t), out.pred_original_sample)
+    hooks.check_cancel()
+    if hooks.progress is not None:
+        hooks.progress(Progress(n, n, 0, len(plan)))
+    return x

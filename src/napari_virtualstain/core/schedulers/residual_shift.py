@@ -1,0 +1,170 @@
+"""Residual-shift diffusion scheduler (ResShift, Yue et al. 2023; used for virtual staining by CellResDM).
+
+Instead of diffusing a target towards pure noise, residual shifting moves it towards the *input* image ``y``:
+
+    (1)  x_t = x0 + eta_t * (y - x0) + kappa * sqrt(eta_t) * eps,          eps ~ N(0, I)
+
+so the chain only has to bridge the residual ``y - x0``; ~15 steps are enough. The schedule of ``eta`` is geometric
+in ``sqrt(eta)`` with a power-law stretch of the step axis (``p``):
+
+    (2)  sqrt(eta_1) = min(min_noise / kappa, min_noise),  sqrt(eta_T) = 0.99 (``max_noise``)
+    (3)  sqrt(eta_t) = sqrt(eta_1) * b ** (((t - 1) / (T - 1)) ** p * (T - 1)),  b = (sqrt(eta_T) / sqrt(eta_1)) ** (1 / (T - 1))
+
+The network predicts x0 directly; the reverse step is the Gaussian posterior q(x_{t-1} | x_t, x0 = x̂0):
+
+    (4)  mean = (eta_{t-1} / eta_t) * x_t + (alpha_t / eta_t) * x̂0,   alpha_t = eta_t - eta_{t-1}
+    (5)  var  = kappa**2 * (eta_{t-1} / eta_t) * alpha_t                (no noise at the last step, eta_0 = 0)
+
+Sampling starts from x_T = y + kappa * sqrt(eta_T) * eps (eq. 1 with eta_T ~ 1, the x0 term dropped).
+
+Written in diffusers' style (a ``ConfigMixin`` with ``set_timesteps``, ``step`` and ``add_noise``). Timesteps are
+0-based as in diffusers: index ``i`` holds eta_{i+1}, i.e. timestep ``T - 1`` is the noisiest and ``0`` the last.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.utils import BaseOutput
+
+__all__ = ["ResidualShiftScheduler", "ResidualShiftSchedulerOutput"]
+
+
+@dataclass
+class ResidualShiftSchedulerOutput(BaseOutput):
+    """What one reverse step returns.
+
+    prev_sample: x_{t-1}, the input of the next step.
+    pred_original_sample: the x̂0 the step was taken with (hooks average it for DDPMavg-style maps).
+    """
+
+    prev_sample: torch.Tensor
+    pred_original_sample: torch.Tensor
+
+
+def _randn(shape, generator) -> torch.Tensor:
+    """CPU standard normal noise; with a list of generators, one per batch item (as diffusers' ``randn_tensor``)."""
+    if isinstance(generator, (list, tuple)):
+        if len(generator) != shape[0]:
+            raise ValueError(f"{len(generator)} generators for a batch of {shape[0]}")
+        return torch.stack([torch.randn(tuple(shape[1:]), generator=g) for g in generator])
+    return torch.randn(tuple(shape), generator=generator)
+
+
+class ResidualShiftScheduler(ConfigMixin):
+    """Scheduler for residual-shift diffusion; see the module docstring for the equations."""
+
+    config_name = "scheduler_config.json"
+    order = 1
+
+    @register_to_config
+    def __init__(
+        self,
+        num_train_timesteps: int = 15,
+        kappa: float = 2.0,
+        power: float = 0.3,
+        min_noise: float = 0.04,
+        max_noise: float = 0.99,
+    ):
+        if num_train_timesteps < 2:
+            raise ValueError("num_train_timesteps must be at least 2")
+        if kappa <= 0:
+            raise ValueError("kappa must be positive")
+        if not 0 < max_noise < 1:
+            raise ValueError("max_noise (sqrt(eta_T)) must lie in (0, 1)")
+        self.sqrt_etas = self._sqrt_eta_schedule(num_train_timesteps, kappa, power, min_noise, max_noise)
+        self.etas = self.sqrt_etas**2
+        # eta_{t-1} for every t; eta_0 = 0 makes the last step deterministic (eq. 5).
+        self.etas_prev = torch.cat([torch.zeros(1, dtype=torch.float64), self.etas[:-1]])
+        self.alphas = self.etas - self.etas_prev
+        self.num_inference_steps = num_train_timesteps
+        self.timesteps = torch.arange(num_train_timesteps - 1, -1, -1, dtype=torch.long)
+        self.init_noise_sigma = kappa * float(self.sqrt_etas[-1])
+
+    @staticmethod
+    def _sqrt_eta_schedule(T: int, kappa: float, power: float, min_noise: float, max_noise: float) -> torch.Tensor:
+        """Eqs. (2)-(3), in float64 so the endpoints are exact."""
+        sqrt_eta_1 = min(min_noise / kappa, min_noise)
+        base = (max_noise / sqrt_eta_1) ** (1.0 / (T - 1))
+        t = torch.arange(1, T + 1, dtype=torch.float64)
+        exponent = ((t - 1) / (T - 1)) ** power * (T - 1)
+        return sqrt_eta_1 * base**exponent
+
+    # -- diffusers scheduler API -------------------------------------------------------------------------------
+    def set_timesteps(self, num_inference_steps: int | None = None, device: str | torch.device | None = None):
+        """Residual shifting is trained for a short chain and sampled over all of it (no respacing)."""
+        T = self.config.num_train_timesteps
+        if num_inference_steps is not None and num_inference_steps != T:
+            raise ValueError(
+                f"this residual-shift model was trained with {T} steps and must be sampled with {T}; "
+                f"got {num_inference_steps}"
+            )
+        self.num_inference_steps = T
+        self.timesteps = torch.arange(T - 1, -1, -1, dtype=torch.long, device=device)
+
+    def _per_sample(self, values: torch.Tensor, timesteps, like: torch.Tensor) -> torch.Tensor:
+        t = torch.as_tensor(timesteps, device=values.device).long().reshape(-1)
+        out = values[t].to(device=like.device, dtype=like.dtype)
+        return out.reshape(-1, *([1] * (like.ndim - 1)))
+
+    def scale_model_input(self, sample: torch.Tensor, timestep) -> torch.Tensor:
+        """Divide x_t by its approximate std, sqrt(kappa^2 * eta_t + 1), so the network sees unit-scale inputs."""
+        eta = self._per_sample(self.etas, timestep, sample)
+        return sample / torch.sqrt(self.config.kappa**2 * eta + 1.0)
+
+    def add_noise(
+        self,
+        original_samples: torch.Tensor,
+        noise: torch.Tensor,
+        timesteps: torch.Tensor,
+        residual_source: torch.Tensor,
+    ) -> torch.Tensor:
+        """Eq. (1): x_t from x0 (``original_samples``), y (``residual_source``) and eps (``noise``)."""
+        eta = self._per_sample(self.etas, timesteps, original_samples)
+        sqrt_eta = self._per_sample(self.sqrt_etas, timesteps, original_samples)
+        return original_samples + eta * (residual_source - original_samples) + self.config.kappa * sqrt_eta * noise
+
+    def prior_sample(
+        self, residual_source: torch.Tensor, generator: torch.Generator | None = None, noise: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """x_T = y + kappa * sqrt(eta_T) * eps: where sampling starts."""
+        if noise is None:
+            noise = _randn(residual_source.shape, generator)
+        noise = noise.to(device=residual_source.device, dtype=residual_source.dtype)
+        return residual_source + self.init_noise_sigma * noise
+
+    def step(
+        self,
+        model_output: torch.Tensor,
+        timestep,
+        sample: torch.Tensor,
+        generator: torch.Generator | None = None,
+        noise: torch.Tensor | None = None,
+        return_dict: bool = True,
+    ) -> ResidualShiftSchedulerOutput | tuple:
+        """Eqs. (4)-(5): draw x_{t-1} given x_t (``sample``) and the network's x̂0 (``model_output``).
+
+        Noise is drawn on the CPU from ``generator`` (or given as ``noise``), so a seed gives the same result on any
+        device; a list of generators draws batch item ``b`` from ``generator[b]`` (one seed per item).
+        """
+        t = int(timestep)
+        x0_hat = model_output
+        eta, eta_prev, alpha = (float(v[t]) for v in (self.etas, self.etas_prev, self.alphas))
+        mean = (eta_prev / eta) * sample + (alpha / eta) * x0_hat
+        if t > 0:
+            if noise is None:
+                noise = _randn(sample.shape, generator)
+            noise = noise.to(device=sample.device, dtype=sample.dtype)
+            std = math.sqrt(self.config.kappa**2 * (eta_prev / eta) * alpha)
+            prev = mean + std * noise
+        else:
+            prev = mean
+        if not return_dict:
+            return (prev, x0_hat)
+        return ResidualShiftSchedulerOutput(prev_sample=prev, pred_original_sample=x0_hat)
+
+    def __len__(self) -> int:
+        return self.config.num_train_timesteps

@@ -1,0 +1,1 @@
+"""Tasks: small pipelines over the shared sampler, each returning a result dataclass (arrays + provenance)."""

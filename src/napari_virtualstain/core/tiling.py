@@ -1,0 +1,136 @@
+"""Tiling, once for every task: pad -> overlapping tiles -> batched network calls -> smooth-window merge -> crop.
+
+Diffusion samplers call :meth:`TilePlan.apply` at *every* step on the x̂0 (or eps) prediction and then take the
+scheduler step on the whole canvas, so neighbouring tiles agree before noise is added and no seams build up.
+GPU/CPU memory for the network is bounded by ``tile_size`` and ``batch_size``; only the canvas itself (a few floats
+per pixel) grows with the image.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from .errors import VirtualStainError
+
+MIN_IMAGE_SIZE = 8
+
+
+def reflect_pad(x: torch.Tensor, bottom: int, right: int) -> torch.Tensor:
+    """Reflect-pad the last two axes at the bottom/right, repeating the reflection when the pad exceeds the size."""
+    while bottom > 0 or right > 0:
+        pb = min(bottom, x.shape[-2] - 1)
+        pr = min(right, x.shape[-1] - 1)
+        x = F.pad(x, (0, pr, 0, pb), mode="reflect")
+        bottom -= pb
+        right -= pr
+    return x
+
+
+def _starts(length: int, tile: int, overlap: int) -> list[int]:
+    if length <= tile:
+        return [0]
+    n = math.ceil((length - overlap) / (tile - overlap))
+    return sorted({round(i * (length - tile) / (n - 1)) for i in range(n)})
+
+
+def _ramp(n: int, overlap: int, taper_start: bool, taper_end: bool) -> torch.Tensor:
+    """1 in the middle, a sin^2 ramp over ``overlap`` pixels on sides that have a neighbouring tile."""
+    w = torch.ones(n, dtype=torch.float32)
+    if overlap > 0:
+        ramp = torch.sin((torch.arange(overlap, dtype=torch.float32) + 0.5) / overlap * math.pi / 2) ** 2
+        if taper_start:
+            w[:overlap] = ramp
+        if taper_end:
+            w[n - overlap :] = torch.minimum(w[n - overlap :], ramp.flip(0))
+    return w
+
+
+@dataclass(frozen=True)
+class Tile:
+    y: int
+    x: int
+    window: torch.Tensor  # (tile_h, tile_w)
+
+
+class TilePlan:
+    """How an (H, W) image is cut into tiles of ``tile_size`` with ``overlap`` for a network that downsamples by
+    ``multiple``; images smaller than a tile are reflect-padded up to it, and every size is padded to ``multiple``."""
+
+    def __init__(self, height: int, width: int, tile_size: int, overlap: int, multiple: int = 8):
+        if height < MIN_IMAGE_SIZE or width < MIN_IMAGE_SIZE:
+            raise VirtualStainError(
+                f"image is {height}x{width} pixels; at least {MIN_IMAGE_SIZE}x{MIN_IMAGE_SIZE} is needed"
+            )
+        if tile_size % multiple:
+            raise VirtualStainError(
+                f"tile size {tile_size} must be a multiple of {multiple} (the network's downsampling factor)"
+            )
+        if not 0 <= overlap < tile_size // 2 + 1:
+            raise VirtualStainError(f"tile overlap {overlap} must be between 0 and half the tile size ({tile_size // 2})")
+        self.height, self.width = height, width
+        self.tile_size, self.overlap, self.multiple = tile_size, overlap, multiple
+        ph = max(tile_size, math.ceil(height / multiple) * multiple) if height > tile_size else tile_size
+        pw = max(tile_size, math.ceil(width / multiple) * multiple) if width > tile_size else tile_size
+        self.padded_shape = (ph, pw)
+        ys, xs = _starts(ph, tile_size, overlap), _starts(pw, tile_size, overlap)
+        self.tiles: list[Tile] = []
+        for y in ys:
+            wy = _ramp(tile_size, overlap, y > 0, y + tile_size < ph)
+            for x in xs:
+                wx = _ramp(tile_size, overlap, x > 0, x + tile_size < pw)
+                self.tiles.append(Tile(y, x, wy[:, None] * wx[None, :]))
+
+    def __len__(self) -> int:
+        return len(self.tiles)
+
+    def describe(self) -> dict:
+        """Tile settings for provenance."""
+        return {
+            "tile_size": self.tile_size,
+            "tile_overlap": self.overlap,
+            "num_tiles": len(self.tiles),
+            "padded_shape": list(self.padded_shape),
+        }
+
+    def pad(self, x: torch.Tensor) -> torch.Tensor:
+        return reflect_pad(x, self.padded_shape[0] - self.height, self.padded_shape[1] - self.width)
+
+    def crop(self, x: torch.Tensor) -> torch.Tensor:
+        return x[..., : self.height, : self.width]
+
+    def apply(
+        self,
+        fn: Callable[[torch.Tensor], torch.Tensor],
+        inputs: torch.Tensor,
+        batch_size: int = 4,
+        on_tile: Callable[[int, int], None] | None = None,
+    ) -> torch.Tensor:
+        """Run ``fn`` over all tiles of ``inputs`` (B, C, H, W) and merge its outputs into (B, C_out, H, W).
+
+        ``batch_size`` counts network samples: the B images of a seed batch share it.
+        ``on_tile(done, total)`` is called after each network call.
+        """
+        padded = self.pad(inputs)
+        b = padded.shape[0]
+        per_call = max(1, batch_size // b)
+        out = weight = None
+        t = self.tile_size
+        for start in range(0, len(self.tiles), per_call):
+            chunk = self.tiles[start : start + per_call]
+            batch = torch.cat([padded[:, :, tl.y : tl.y + t, tl.x : tl.x + t] for tl in chunk], dim=0)
+            pred = fn(batch).float()
+            if out is None:
+                out = torch.zeros((b, pred.shape[1], *self.padded_shape), device=pred.device)
+                weight = torch.zeros(self.padded_shape, device=pred.device)
+            for i, tl in enumerate(chunk):
+                w = tl.window.to(pred.device)
+                out[:, :, tl.y : tl.y + t, tl.x : tl.x + t] += pred[i * b : (i + 1) * b] * w
+                weight[tl.y : tl.y + t, tl.x : tl.x + t] += w
+            if on_tile is not None:
+                on_tile(min(start + per_call, len(self.tiles)), len(self.tiles))
+        return self.crop(out / weight)

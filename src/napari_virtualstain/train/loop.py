@@ -1,0 +1,284 @@
+"""The training loop: random crops + flips/rot90, AdamW, EMA weights, validation PSNR/SSIM, resume, a bundle.
+
+Residual-shift objective (CellResDM / ResShift): t ~ U{0..T-1}, x_t = add_noise(x0, eps, t, y), the UNet sees the
+scaled x_t with the input channels concatenated and predicts x0; loss = MSE(x̂0, x0).
+Regression objective: the same UNet (timestep 0) maps the inputs to the targets in one pass; loss = MSE. It is the
+honest baseline that the diffusion model has to beat.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .. import __version__
+from ..core.bundle import BundleConfig, ChannelSpec, save_bundle
+from ..core.errors import VirtualStainError
+from ..core.metrics import image_metrics
+from ..core.model import Denoiser, build_unet, default_unet_config, downsample_factor, pick_device
+from ..core.normalize import FixedNorm, PercentileNorm, fit_fixed_norm
+from ..core.postprocess import boundary_target, foreground_target
+from ..core.sampling import SamplerHooks
+from ..core.schedulers import ResidualShiftScheduler
+from ..core.tasks.stain import encode_inputs, encode_targets, residual_source, run_stain_model
+from ..core.tiling import TilePlan, reflect_pad
+from .data import TrainingSpec, split_regions
+
+log = logging.getLogger(__name__)
+STATE_DIR = "training_state"
+
+
+@dataclass
+class TrainOptions:
+    objective: str = "residual_shift"
+    steps: int = 2000
+    batch_size: int = 8
+    crop_size: int = 128
+    lr: float = 2e-4
+    weight_decay: float = 1e-4
+    ema_decay: float = 0.999
+    val_every: int = 500
+    seed: int = 0
+    device: str | None = None
+    block_out_channels: tuple[int, ...] = (16, 32, 64, 128)
+    layers_per_block: int = 1
+    tile_size: int = 256
+    tile_overlap: int = 32
+    kappa: float = 2.0
+    num_timesteps: int = 15
+    max_val_size: int = 256
+    half_weights: bool = False
+    command: str = ""
+    extra: dict = field(default_factory=dict)
+
+
+def output_channels(spec: TrainingSpec, stain_norms: list[FixedNorm]) -> list[ChannelSpec]:
+    """Stains, then for each labels set a boundary channel and the foreground channel that masks its watershed."""
+    chans = [ChannelSpec(n, "stain", norm) for n, norm in zip(spec.stain_names, stain_norms)]
+    for lab in spec.label_names:
+        chans.append(ChannelSpec(f"{lab} boundary", "boundary", FixedNorm(0.0, 1.0), lab, f"{lab} foreground"))
+        chans.append(ChannelSpec(f"{lab} foreground", "foreground", FixedNorm(0.0, 1.0), lab))
+    return chans
+
+
+def build_config(spec: TrainingSpec, opts: TrainOptions, train_regions) -> BundleConfig:
+    if opts.objective not in ("residual_shift", "regression"):
+        raise VirtualStainError(f"unknown objective {opts.objective!r}; use residual_shift or regression")
+    stain_norms = [fit_fixed_norm([im.stains[c][:, xs] for im, xs in train_regions]) for c in range(len(spec.stain_names))]
+    outs = output_channels(spec, stain_norms)
+    n_in = len(spec.input_names) + (len(outs) if opts.objective == "residual_shift" else 0)
+    unet = default_unet_config(n_in, len(outs), opts.crop_size, tuple(opts.block_out_channels), opts.layers_per_block)
+    scheduler = None
+    if opts.objective == "residual_shift":
+        scheduler = dict(ResidualShiftScheduler(num_train_timesteps=opts.num_timesteps, kappa=opts.kappa).config)
+    factor = downsample_factor(unet)
+    if opts.crop_size % factor or opts.tile_size % factor:
+        raise VirtualStainError(f"crop size and tile size must be multiples of {factor}")
+    return BundleConfig(
+        name=spec.name, description=spec.description, task="stain", objective=opts.objective,
+        input_channels=[ChannelSpec(n, "input", PercentileNorm()) for n in spec.input_names],
+        output_channels=outs, unet=unet, scheduler=scheduler, tile_size=opts.tile_size,
+        tile_overlap=opts.tile_overlap, pixel_size_um=spec.pixel_size_um,
+    )
+
+
+def region_arrays(config: BundleConfig, spec: TrainingSpec, regions, min_size: int):
+    """Normalised (inputs, targets) float32 arrays per region, reflect-padded up to ``min_size``."""
+    arrays = []
+    for im, xs in regions:
+        cond = encode_inputs(config, im.inputs)[:, :, xs]
+        raw = [*im.stains]
+        for lab in spec.label_names:
+            raw += [boundary_target(im.labels[lab]), foreground_target(im.labels[lab])]
+        tgt = encode_targets(config, np.stack(raw))[:, :, xs]
+        t = torch.from_numpy(np.concatenate([cond, tgt]))
+        t = reflect_pad(t, max(0, min_size - t.shape[-2]), max(0, min_size - t.shape[-1]))
+        arrays.append((t[: cond.shape[0]].numpy(), t[cond.shape[0] :].numpy()))
+    return arrays
+
+
+def random_batch(arrays, batch_size: int, crop: int, rng: np.random.Generator):
+    """Random crops with random flips/rot90 (the same for input and target), regions weighted by area."""
+    areas = np.array([a[0].shape[1] * a[0].shape[2] for a in arrays], dtype=np.float64)
+    xs, ys = [], []
+    for r in rng.choice(len(arrays), size=batch_size, p=areas / areas.sum()):
+        cond, tgt = arrays[r]
+        y0 = rng.integers(0, cond.shape[1] - crop + 1)
+        x0 = rng.integers(0, cond.shape[2] - crop + 1)
+        both = np.concatenate([cond[:, y0 : y0 + crop, x0 : x0 + crop], tgt[:, y0 : y0 + crop, x0 : x0 + crop]])
+        both = np.rot90(both, k=int(rng.integers(4)), axes=(1, 2))
+        if rng.random() < 0.5:
+            both = both[:, :, ::-1]
+        xs.append(both[: cond.shape[0]])
+        ys.append(both[cond.shape[0] :])
+    return torch.from_numpy(np.ascontiguousarray(xs)), torch.from_numpy(np.ascontiguousarray(ys))
+
+
+def training_loss(unet, scheduler, cond, x0, generator: torch.Generator) -> torch.Tensor:
+    if scheduler is None:
+        pred = unet(cond, torch.zeros(cond.shape[0], device=cond.device, dtype=torch.long)).sample
+        return F.mse_loss(pred, x0)
+    b = x0.shape[0]
+    t = torch.randint(0, scheduler.config.num_train_timesteps, (b,), generator=generator).to(x0.device)
+    noise = torch.randn(x0.shape, generator=generator).to(x0.device)
+    y = cond.mean(dim=1, keepdim=True).expand_as(x0)
+    x_t = scheduler.add_noise(x0, noise, t, residual_source=y)
+    pred = unet(torch.cat([scheduler.scale_model_input(x_t, t), cond], dim=1), t).sample
+    return F.mse_loss(pred, x0)
+
+
+def validate(unet, config: BundleConfig, val_arrays, opts: TrainOptions, device) -> dict:
+    """Full sampling on the held-out regions (at most max_val_size^2 each); PSNR/SSIM per channel on [0, 1]."""
+    denoiser = Denoiser(unet)
+    scheduler = ResidualShiftScheduler.from_config(config.scheduler) if config.scheduler else None
+    factor = downsample_factor(config.unet)
+    per_channel: dict[str, list[dict]] = {n: [] for n in config.output_names}
+    for cond, tgt in val_arrays:
+        h, w = (min(s, opts.max_val_size) for s in cond.shape[1:])
+        cond_t = torch.from_numpy(np.ascontiguousarray(cond[:, :h, :w]))[None].to(device)
+        plan = TilePlan(h, w, opts.tile_size, opts.tile_overlap, factor)
+        out, _ = run_stain_model(denoiser, config, cond_t, plan, 0, 4, SamplerHooks(), scheduler)
+        pred = np.clip((out[0].cpu().numpy() + 1) / 2, 0, 1)
+        truth = np.clip((tgt[:, :h, :w] + 1) / 2, 0, 1)
+        for c, name in enumerate(config.output_names):
+            per_channel[name].append(image_metrics(pred[c], truth[c]))
+    return {n: {k: float(np.mean([m[k] for m in ms])) for k in ("psnr", "ssim", "pearson")}
+            for n, ms in per_channel.items() if ms}
+
+
+def _save_state(out: Path, step: int, unet, ema, opt, rng: np.random.Generator, gen: torch.Generator, history):
+    """Resume state without pickle: tensors in safetensors, the rest in JSON."""
+    from safetensors.torch import save_file
+
+    state_dir = out / STATE_DIR
+    state_dir.mkdir(parents=True, exist_ok=True)
+    tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in unet.state_dict().items()}
+    tensors |= {f"ema.{k}": v.detach().cpu().contiguous() for k, v in ema.state_dict().items()}
+    opt_sd = opt.state_dict()
+    for idx, st in opt_sd["state"].items():
+        for key, val in st.items():
+            tensors[f"opt.{idx}.{key}"] = torch.as_tensor(val).detach().cpu().contiguous()
+    tensors["torch_rng"] = gen.get_state()
+    save_file(tensors, str(state_dir / "state.safetensors"))
+    meta = {"step": step, "param_groups": opt_sd["param_groups"], "numpy_rng": rng.bit_generator.state, "history": history}
+    (state_dir / "state.json").write_text(json.dumps(meta, default=_jsonable))
+
+
+def _jsonable(o):
+    if isinstance(o, (np.integer,)):
+        return int(o)
+    if isinstance(o, tuple):
+        return list(o)
+    raise TypeError(type(o))
+
+
+def _load_state(out: Path, unet, ema, opt, rng: np.random.Generator, gen: torch.Generator):
+    from safetensors.torch import load_file
+
+    state_dir = out / STATE_DIR
+    if not (state_dir / "state.json").is_file():
+        raise VirtualStainError(f"nothing to resume: {state_dir} has no saved training state")
+    tensors = load_file(str(state_dir / "state.safetensors"))
+    meta = json.loads((state_dir / "state.json").read_text())
+    unet.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+    ema.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("ema.")})
+    opt_state: dict = {}
+    for k, v in tensors.items():
+        if k.startswith("opt."):
+            _, idx, key = k.split(".", 2)
+            opt_state.setdefault(int(idx), {})[key] = v
+    groups = meta["param_groups"]
+    for g in groups:
+        g["betas"] = tuple(g["betas"])
+    opt.load_state_dict({"state": opt_state, "param_groups": groups})
+    rng.bit_generator.state = meta["numpy_rng"]
+    gen.set_state(tensors["torch_rng"])
+    return meta["step"], meta["history"]
+
+
+def train(
+    spec: TrainingSpec,
+    out: str | Path,
+    opts: TrainOptions,
+    resume: bool = False,
+    on_step: Callable[[int, float], None] | None = None,
+):
+    """Train and write a bundle to ``out`` (and resume state to ``out/training_state``); returns (bundle, history)."""
+    out = Path(out)
+    train_regions, val_regions = split_regions(spec)
+    if not train_regions:
+        raise VirtualStainError("no training images: every image is marked split: val")
+    config = build_config(spec, opts, train_regions)
+    device = pick_device(opts.device)
+    torch.manual_seed(opts.seed)
+    rng = np.random.default_rng(opts.seed)
+    gen = torch.Generator().manual_seed(opts.seed)
+    train_arrays = region_arrays(config, spec, train_regions, opts.crop_size)
+    val_arrays = region_arrays(config, spec, val_regions, 0) if val_regions else []
+    unet = build_unet(config.unet).to(device)
+    ema = copy.deepcopy(unet).eval().requires_grad_(False)
+    opt = torch.optim.AdamW(unet.parameters(), lr=opts.lr, weight_decay=opts.weight_decay)
+    scheduler = ResidualShiftScheduler.from_config(config.scheduler) if config.scheduler else None
+    start, history = (0, [])
+    if resume:
+        start, history = _load_state(out, unet, ema, opt, rng, gen)
+        log.info("resuming at step %d", start)
+    config.training = {
+        "data": spec.source, "objective": opts.objective, "steps": opts.steps, "seed": opts.seed,
+        "package_version": __version__, "command": opts.command,
+        "options": {k: v for k, v in asdict(opts).items() if k not in ("command", "extra")},
+        "train_regions": [f"{im.name}[:, {xs.start}:{xs.stop}]" for im, xs in train_regions],
+        "val_regions": [f"{im.name}[:, {xs.start}:{xs.stop}]" for im, xs in val_regions], **opts.extra,
+    }
+    try:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=opts.steps, initial=start, desc=f"train {opts.objective}", unit="step", dynamic_ncols=True)
+    except ImportError:  # pragma: no cover
+        bar = None
+    unet.train()
+    t0, running = time.perf_counter(), None
+    for step in range(start, opts.steps):
+        cond, x0 = random_batch(train_arrays, opts.batch_size, opts.crop_size, rng)
+        loss = training_loss(unet, scheduler, cond.to(device), x0.to(device), gen)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+        opt.step()
+        decay = min(opts.ema_decay, (1 + step) / (10 + step))  # warm-up so early EMA is not stuck at init
+        with torch.no_grad():
+            for pe, p in zip(ema.parameters(), unet.parameters()):
+                pe.lerp_(p, 1 - decay)
+            for be, b in zip(ema.buffers(), unet.buffers()):
+                be.copy_(b)
+        running = loss.item() if running is None else 0.98 * running + 0.02 * loss.item()
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(loss=f"{running:.4f}")
+        if on_step is not None:
+            on_step(step + 1, loss.item())
+        done = step + 1
+        if done % opts.val_every == 0 or done == opts.steps:
+            record = {"step": done, "loss": running, "seconds": round(time.perf_counter() - t0, 1)}
+            if val_arrays:
+                record["val"] = validate(ema, config, val_arrays, opts, device)
+                log.info("step %d val %s", done, record["val"])
+            history.append(record)
+            _save_state(out, done, unet, ema, opt, rng, gen, history)
+            config.training["history"] = history
+            save_bundle(out, config, ema, half=opts.half_weights)
+    if bar is not None:
+        bar.close()
+    config.training["history"] = history
+    bundle = save_bundle(out, config, ema, half=opts.half_weights)
+    (out / "training_log.json").write_text(json.dumps(history, indent=2))
+    return bundle, history

@@ -1,0 +1,166 @@
+"""Boundary/foreground targets and instance labels from them (model-free)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from napari_virtualstain.core.bundle import BundleConfig, ChannelSpec
+from napari_virtualstain.core.errors import VirtualStainError
+from napari_virtualstain.core.model import default_unet_config
+from napari_virtualstain.core.normalize import FixedNorm, PercentileNorm
+from napari_virtualstain.core.postprocess import boundaries_to_labels, boundary_target, drop_small, foreground_target
+
+
+def two_touching_squares() -> np.ndarray:
+    lab = np.zeros((12, 16), np.int32)
+    lab[2:10, 2:8] = 1
+    lab[2:10, 8:14] = 2  # shares the edge between columns 7 and 8 with object 1
+    return lab
+
+
+def test_targets_of_two_touching_squares():
+    lab = two_touching_squares()
+    b = boundary_target(lab)
+    fg = foreground_target(lab)
+    assert b.dtype == np.float32 and fg.dtype == np.float32
+    assert set(np.unique(b)) == {0.0, 1.0}
+    np.testing.assert_array_equal(fg, (lab > 0).astype(np.float32))
+    # the line where the two squares touch is marked on both sides ...
+    assert (b[2:10, 7] == 1).all() and (b[2:10, 8] == 1).all()
+    # ... as are the outlines against the background, inside and outside
+    assert (b[2:10, 2] == 1).all() and (b[2:10, 1] == 1).all() and (b[2, 2:14] == 1).all()
+    # interiors and far background are not boundary
+    assert b[4:8, 4:6].sum() == 0 and b[4:8, 10:12].sum() == 0
+    assert b[0, :].sum() == 0 and b[:, 15].sum() == 0
+    # a single object: no internal line
+    single = boundary_target((lab > 0).astype(np.int32))
+    assert single[4:8, 7:9].sum() == 0
+
+
+def test_targets_accept_integer_floats_and_reject_others():
+    lab = two_touching_squares()
+    np.testing.assert_array_equal(boundary_target(lab.astype(np.float32)), boundary_target(lab))
+    with pytest.raises(VirtualStainError, match="integers"):
+        boundary_target(lab + 0.5)
+    with pytest.raises(VirtualStainError, match="2D"):
+        foreground_target(lab[None])
+
+
+def scene() -> np.ndarray:
+    """Separate and touching objects of different shapes and sizes."""
+    lab = np.zeros((64, 64), np.int32)
+    lab[4:16, 4:16] = 1  # separate square
+    yy, xx = np.mgrid[:64, :64]
+    lab[(yy - 10) ** 2 + (xx - 40) ** 2 < 49] = 2  # separate disc
+    lab[24:40, 4:20] = 3  # three touching rectangles
+    lab[24:40, 20:34] = 4
+    lab[40:52, 4:34] = 5
+    lab[(yy - 40) ** 2 + (xx - 50) ** 2 < 64] = 6  # touching disc pair
+    lab[((yy - 54) ** 2 + (xx - 50) ** 2 < 49) & (lab == 0)] = 7
+    return lab
+
+
+def match_iou(truth: np.ndarray, pred: np.ndarray) -> dict[int, float]:
+    """Best IoU of every true object against the predicted ones."""
+    out = {}
+    for t in np.unique(truth)[1:]:
+        m = truth == t
+        best = 0.0
+        for p in np.unique(pred[m]):
+            if p == 0:
+                continue
+            q = pred == p
+            best = max(best, (m & q).sum() / (m | q).sum())
+        out[int(t)] = best
+    return out
+
+
+@pytest.mark.parametrize("use_foreground", [True, False])
+def test_perfect_targets_recover_instances(use_foreground):
+    lab = scene()
+    assert len(np.unique(lab)) - 1 == 7
+    b, fg = boundary_target(lab), foreground_target(lab)
+    if use_foreground:
+        pred = boundaries_to_labels(b, fg)
+    else:
+        # without a foreground map the background is one more (large) region; drop it by its overlap with 0
+        pred = boundaries_to_labels(b, None)
+        bg_ids = set(np.unique(pred[lab == 0])) - {0}
+        pred = np.where(np.isin(pred, list(bg_ids)), 0, pred)
+    assert pred.dtype == np.uint32 and pred.shape == lab.shape
+    assert len(np.unique(pred)) - 1 == 7
+    ious = match_iou(lab, pred)
+    assert all(v > 0.8 for v in ious.values()), ious
+    # each predicted object lies (but for a pixel or two on the shared boundary) in one true object
+    for p in np.unique(pred)[1:]:
+        counts = np.bincount(lab[pred == p], minlength=8)[1:]
+        assert counts.max() >= 0.98 * counts.sum(), (p, counts)
+    if use_foreground:
+        assert (pred[lab == 0] == 0).all()
+        assert list(np.unique(pred)) == list(range(8))  # relabelled 1..n
+
+
+def test_noisy_soft_targets_still_recover_instances():
+    lab = scene()
+    rng = np.random.default_rng(0)
+    b = np.clip(boundary_target(lab) * 0.8 + 0.1 + rng.normal(0, 0.05, lab.shape), 0, 1)
+    fg = np.clip(foreground_target(lab) * 0.8 + 0.1 + rng.normal(0, 0.05, lab.shape), 0, 1)
+    pred = boundaries_to_labels(b, fg)
+    assert len(np.unique(pred)) - 1 == 7
+    assert min(match_iou(lab, pred).values()) > 0.8
+
+
+def test_min_area_drops_small_objects():
+    lab = scene()
+    lab[57:62, 2:7] = 8  # a 25-pixel speck
+    b, fg = boundary_target(lab), foreground_target(lab)
+    kept = boundaries_to_labels(b, fg, min_seed_area=1, min_area=16)
+    dropped = boundaries_to_labels(b, fg, min_seed_area=1, min_area=30)
+    assert kept[59, 4] > 0 and (kept == kept[59, 4]).sum() == 25
+    assert dropped[59, 4] == 0
+    assert len(np.unique(kept)) - 1 == 8 and len(np.unique(dropped)) - 1 == 7
+    # min_area above every object: nothing left
+    assert boundaries_to_labels(b, fg, min_area=10_000).max() == 0
+
+
+def test_drop_small():
+    lab = np.array([[1, 1, 0, 2], [1, 1, 0, 0], [0, 0, 0, 3], [3, 3, 3, 3]])
+    np.testing.assert_array_equal(drop_small(lab, 3), np.where(lab == 2, 0, lab))
+    np.testing.assert_array_equal(drop_small(lab, 1), lab)
+
+
+def test_thresholds_rerun_without_model(monkeypatch):
+    """labels_from_channels works on the predicted channels alone; other thresholds give other labels."""
+    import napari_virtualstain.core.model as model
+    from napari_virtualstain.core.tasks import stain
+
+    def no_model(*a, **k):
+        raise AssertionError("re-running the thresholds must not build or run a network")
+
+    monkeypatch.setattr(model, "build_unet", no_model)
+    monkeypatch.setattr(model.Denoiser, "forward", no_model)
+
+    cfg = BundleConfig(
+        name="t",
+        task="stain",
+        objective="residual_shift",
+        input_channels=[ChannelSpec("bf", "input", PercentileNorm())],
+        output_channels=[
+            ChannelSpec("b", "boundary", FixedNorm(0.0, 1.0), labels="cells", foreground="fg"),
+            ChannelSpec("fg", "foreground", FixedNorm(0.0, 1.0)),
+        ],
+        unet=default_unet_config(3, 2, block_out_channels=(8, 16)),
+        scheduler={},
+    )
+    lab = two_touching_squares()
+    b = boundary_target(lab)
+    # a weak boundary between the squares (0.4), strong against the background
+    b[2:10, 7:9] = 0.4
+    image = np.stack([b, foreground_target(lab)])
+    strict = stain.labels_from_channels(cfg, image, boundary_threshold=0.3, min_seed_area=1, min_area=1)
+    lenient = stain.labels_from_channels(cfg, image, boundary_threshold=0.5, min_seed_area=1, min_area=1)
+    assert set(strict) == {"cells"}
+    assert strict["cells"].max() == 2  # the weak line separates the squares
+    assert lenient["cells"].max() == 1  # ... unless it is below the threshold
+    assert strict["cells"][5, 4] != strict["cells"][5, 11]
