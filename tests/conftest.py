@@ -29,3 +29,40 @@ def shared_data() -> Path:
     if not path.is_dir():
         pytest.skip(f"shared data folder not found at {path} (expected ../shared/data beside the repo)")
     return path
+
+
+def make_tiny_config(objective: str = "residual_shift", tile: int = 32, n_inputs: int = 1):
+    """A tiny stain bundle config: Hoechst stain + nuclei boundary/foreground, widths (8, 16)."""
+    from napari_virtualstain.core.bundle import BundleConfig, ChannelSpec
+    from napari_virtualstain.core.model import default_unet_config
+    from napari_virtualstain.core.normalize import FixedNorm, PercentileNorm
+    from napari_virtualstain.core.schedulers import ResidualShiftScheduler
+
+    outs = [
+        ChannelSpec("Hoechst", "stain", FixedNorm(100.0, 1100.0)),
+        ChannelSpec("nuclei boundary", "boundary", FixedNorm(0.0, 1.0), "nuclei", "nuclei foreground"),
+        ChannelSpec("nuclei foreground", "foreground", FixedNorm(0.0, 1.0), "nuclei"),
+    ]
+    inputs = [ChannelSpec("brightfield" if n_inputs == 1 else f"z{i}", "input", PercentileNorm()) for i in range(n_inputs)]
+    n_in = n_inputs + (len(outs) if objective == "residual_shift" else 0)
+    sched = dict(ResidualShiftScheduler().config) if objective == "residual_shift" else None
+    return BundleConfig(
+        name="tiny", task="stain", objective=objective, input_channels=inputs, output_channels=outs,
+        unet=default_unet_config(n_in, len(outs), tile, (8, 16)), scheduler=sched, tile_size=tile, tile_overlap=8,
+        pixel_size_um=0.5, training={"data": "synthetic (tests)"},
+    )
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle_dir(tmp_path_factory) -> Path:
+    """A saved tiny (untrained) residual-shift bundle folder."""
+    import torch
+
+    from napari_virtualstain.core.bundle import save_bundle
+    from napari_virtualstain.core.model import build_unet
+
+    config = make_tiny_config()
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("bundles") / "tiny"
+    save_bundle(path, config, build_unet(config.unet))
+    return path

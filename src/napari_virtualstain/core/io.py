@@ -45,10 +45,13 @@ def list_images(folder: str | Path) -> list[Path]:
 
 def write_channels(path: str | Path, image: np.ndarray, channel_names: list[str], provenance: dict,
                    pixel_size_um: float | None = None) -> Path:
-    """(C, Y, X) float32 -> ImageJ hyperstack with channel names and provenance (JSON in ``Info``)."""
+    """(C, Y, X) or (T, C, Y, X) float32 -> ImageJ hyperstack with channel names and provenance (JSON in ``Info``).
+
+    A leading plane axis (``--all-planes``) is stored as ImageJ's T axis.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    metadata = {"axes": "CYX", "Labels": list(channel_names), "Info": json.dumps(provenance, default=str)}
+    metadata = {"axes": "TCYX" if image.ndim == 4 else "CYX", "Labels": list(channel_names), "Info": json.dumps(provenance, default=str)}
     kwargs = {}
     if pixel_size_um:
         kwargs["resolution"] = (1.0 / pixel_size_um, 1.0 / pixel_size_um)
