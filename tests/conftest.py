@@ -66,3 +66,14 @@ def tiny_bundle_dir(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("bundles") / "tiny"
     save_bundle(path, config, build_unet(config.unet))
     return path
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _single_torch_thread():
+    """Tiny test networks gain nothing from intra-op threads; on a busy 2-core machine they make them ~50x slower."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -12,13 +12,6 @@ from napari_virtualstain.core.schedulers import ResidualShiftScheduler
 from napari_virtualstain.core.tiling import TilePlan
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    """Tiny tensors gain nothing from intra-op threads, and on a busy 2-core machine they make them ~50x slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def oracle(n_out: int):

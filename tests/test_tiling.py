@@ -15,13 +15,6 @@ from napari_virtualstain.core.tasks.stain import predict_stain
 from napari_virtualstain.core.tiling import TilePlan, reflect_pad
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    """Tiny tensors gain nothing from intra-op threads, and on a busy 2-core machine they make them ~50x slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def smooth_image(h, w, c=1, seed=0, freq=0.3):

@@ -118,6 +118,8 @@ class BundleConfig:
         if not inputs or not outputs:
             raise BundleError("config.json: 'input_channels' and 'output_channels' must each name at least one channel")
         names = [c.name for c in outputs]
+        if len(set(names)) != len(names) or len(set(c.name for c in inputs)) != len(inputs):
+            raise BundleError(f"config.json: channel names must be unique; got outputs {names}")
         for c in outputs:
             if c.kind == "boundary" and c.foreground is not None and c.foreground not in names:
                 raise BundleError(
@@ -128,6 +130,8 @@ class BundleConfig:
         for key in ("in_channels", "out_channels", "block_out_channels"):
             if key not in unet:
                 raise BundleError(f"config.json: 'unet' is missing the key {key!r}")
+        if not isinstance(unet["block_out_channels"], list) or not unet["block_out_channels"]:
+            raise BundleError("config.json: 'unet.block_out_channels' must be a list of channel widths")
         expected_in = len(inputs) + (len(outputs) if objective == "residual_shift" else 0)
         if unet["in_channels"] != expected_in or unet["out_channels"] != len(outputs):
             raise BundleError(
@@ -145,6 +149,19 @@ class BundleConfig:
         pixel = d.get("pixel_size_um")
         if pixel is not None and not isinstance(pixel, (int, float)):
             raise BundleError("config.json: 'pixel_size_um' must be a number or null")
+        overlap = d.get("tile_overlap", tile // 8)
+        if not isinstance(overlap, int) or isinstance(overlap, bool) or not 0 <= overlap <= tile // 2:
+            raise BundleError(f"config.json: 'tile_overlap' must be an integer between 0 and tile_size/2 ({tile // 2})")
+        training = d.get("training", {})
+        if not isinstance(training, dict):
+            raise BundleError("config.json: 'training' must be an object (how the model was trained)")
+        if scheduler is not None:
+            try:
+                from .schedulers import ResidualShiftScheduler
+
+                ResidualShiftScheduler.from_config(scheduler)
+            except (TypeError, ValueError) as exc:
+                raise BundleError(f"config.json: bad 'scheduler': {exc}") from None
         return cls(
             name=_require(d, "name", str),
             description=d.get("description", ""),
@@ -155,10 +172,10 @@ class BundleConfig:
             unet=unet,
             scheduler=scheduler,
             tile_size=tile,
-            tile_overlap=int(d.get("tile_overlap", tile // 8)),
+            tile_overlap=overlap,
             pixel_size_um=pixel,
             residual_source=d.get("residual_source", "mean_input"),
-            training=d.get("training", {}),
+            training=training,
         )
 
 
@@ -176,11 +193,20 @@ def _channel(c, i: int, where: str, is_input: bool = False) -> ChannelSpec:
         raise BundleError(f"config.json: {where}[{i}] must be an object with a 'name'")
     if "normalization" not in c:
         raise BundleError(f"config.json: {where}[{i}] ({c['name']!r}) is missing the field 'normalization'")
+    bad_norm = f"config.json: {where}[{i}] ({c['name']!r}) has a bad 'normalization'"
+    if not isinstance(c["normalization"], dict):
+        raise BundleError(f"{bad_norm}: expected an object like {{\"method\": \"percentile\", \"low\": 1, \"high\": 99.8}}")
     try:
         norm = norm_from_dict(c["normalization"])
     except (KeyError, TypeError, ValueError) as exc:
-        raise BundleError(f"config.json: {where}[{i}] ({c['name']!r}) has a bad 'normalization': {exc}") from None
+        raise BundleError(f"{bad_norm}: {exc}") from None
+    if isinstance(norm, FixedNorm) and not norm.vmax > norm.vmin:
+        raise BundleError(f"{bad_norm}: vmax must be greater than vmin")
+    if isinstance(norm, PercentileNorm) and not 0 <= norm.low < norm.high <= 100:
+        raise BundleError(f"{bad_norm}: percentiles need 0 <= low < high <= 100")
     if is_input:
+        if not isinstance(norm, PercentileNorm):
+            raise BundleError(f"{bad_norm}: input channels are normalised per image ('percentile')")
         return ChannelSpec(c["name"], "input", norm)
     kind = c.get("kind")
     if kind not in KINDS:
@@ -202,6 +228,12 @@ def refuse_pickle(path: Path) -> None:
         raise BundleError(
             f"{path} is a file; a checkpoint is a folder holding config.json and {WEIGHTS_NAME}"
         )
+
+
+def _pickle_hint(folder: Path) -> str:
+    """Why the .pt/.ckpt files a user may have put in the folder are not used."""
+    others = sorted(p.name for p in folder.iterdir() if p.suffix.lower() in PICKLE_SUFFIXES)
+    return f" ({', '.join(others)} found: {_PICKLE_EXPLANATION})" if others else ""
 
 
 class Bundle:
@@ -279,7 +311,9 @@ def load_bundle(path: str | Path) -> Bundle:
     refuse_pickle(path)
     cfg_path = path / "config.json"
     if not cfg_path.is_file():
-        raise BundleError(f"{path} has no config.json; a checkpoint folder holds config.json and {WEIGHTS_NAME}")
+        raise BundleError(
+            f"{path} has no config.json; a checkpoint folder holds config.json and {WEIGHTS_NAME}{_pickle_hint(path)}"
+        )
     try:
         raw = json.loads(cfg_path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
@@ -289,9 +323,7 @@ def load_bundle(path: str | Path) -> Bundle:
     config = BundleConfig.from_dict(raw)
     weights = path / raw.get("weights", WEIGHTS_NAME)
     if not weights.is_file():
-        others = sorted(p.name for p in path.iterdir() if p.suffix.lower() in PICKLE_SUFFIXES)
-        hint = f" ({', '.join(others)} found: {_PICKLE_EXPLANATION})" if others else ""
-        raise BundleError(f"{path} has no {weights.name}{hint}")
+        raise BundleError(f"{path} has no {weights.name}{_pickle_hint(path)}")
     try:
         state = load_file(str(weights))
     except (SafetensorError, OSError, ValueError) as exc:

@@ -123,14 +123,14 @@ def random_batch(arrays, batch_size: int, crop: int, rng: np.random.Generator):
     return torch.from_numpy(np.ascontiguousarray(xs)), torch.from_numpy(np.ascontiguousarray(ys))
 
 
-def training_loss(unet, scheduler, cond, x0, generator: torch.Generator) -> torch.Tensor:
+def training_loss(unet, scheduler, config: BundleConfig, cond, x0, generator: torch.Generator) -> torch.Tensor:
     if scheduler is None:
         pred = unet(cond, torch.zeros(cond.shape[0], device=cond.device, dtype=torch.long)).sample
         return F.mse_loss(pred, x0)
     b = x0.shape[0]
     t = torch.randint(0, scheduler.config.num_train_timesteps, (b,), generator=generator).to(x0.device)
     noise = torch.randn(x0.shape, generator=generator).to(x0.device)
-    y = cond.mean(dim=1, keepdim=True).expand_as(x0)
+    y = residual_source(config, cond)
     x_t = scheduler.add_noise(x0, noise, t, residual_source=y)
     pred = unet(torch.cat([scheduler.scale_model_input(x_t, t), cond], dim=1), t).sample
     return F.mse_loss(pred, x0)
@@ -249,7 +249,7 @@ def train(
     t0, running = time.perf_counter(), None
     for step in range(start, opts.steps):
         cond, x0 = random_batch(train_arrays, opts.batch_size, opts.crop_size, rng)
-        loss = training_loss(unet, scheduler, cond.to(device), x0.to(device), gen)
+        loss = training_loss(unet, scheduler, config, cond.to(device), x0.to(device), gen)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)

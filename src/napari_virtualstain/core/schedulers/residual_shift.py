@@ -75,6 +75,10 @@ class ResidualShiftScheduler(ConfigMixin):
             raise ValueError("kappa must be positive")
         if not 0 < max_noise < 1:
             raise ValueError("max_noise (sqrt(eta_T)) must lie in (0, 1)")
+        if not 0 < min(min_noise / kappa, min_noise) < max_noise:
+            raise ValueError("min_noise must be positive and give sqrt(eta_1) = min(min_noise/kappa, min_noise) < max_noise")
+        if power <= 0:
+            raise ValueError("power must be positive")
         self.sqrt_etas = self._sqrt_eta_schedule(num_train_timesteps, kappa, power, min_noise, max_noise)
         self.etas = self.sqrt_etas**2
         # eta_{t-1} for every t; eta_0 = 0 makes the last step deterministic (eq. 5).
