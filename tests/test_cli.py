@@ -122,3 +122,13 @@ def test_bundled_demo_predicts_real_crop(shared_data, tmp_path):
     # the demo model has learned something real: its stain correlates with the held-out real Hoechst
     assert np.corrcoef(hoechst.ravel(), truth.ravel())[0, 1] > 0.5
     assert json.loads(json.dumps(read_provenance(tmp_path / "o" / "crop_virtualstain.tif")))["bundle_name"] == "demo-stain"
+
+
+@pytest.mark.skipif("demo-stain" not in bundled_checkpoints(), reason="demo checkpoint not bundled")
+def test_demo_command_runs_offline_on_sample_data(tmp_path, capsys):
+    pytest.importorskip("ndev_sampledata", reason="the demo reads ndev-sampledata (pip install .[data])")
+    assert main(["demo", "-o", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "Pearson r" in out
+    assert (tmp_path / "scratch_assay_virtualstain.tif").exists()
+    assert (tmp_path / "scratch_assay_nuclei_labels.tif").exists()
