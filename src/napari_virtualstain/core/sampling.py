@@ -51,13 +51,6 @@ def make_generators(seeds: Sequence[int]) -> list[torch.Generator]:
     return [torch.Generator("cpu").manual_seed(int(s)) for s in seeds]
 
 
-def randn_like_batch(shape: Sequence[int], generators: list[torch.Generator], device: torch.device) -> torch.Tensor:
-    """Standard normal noise of ``shape`` (B, ...), item b drawn from ``generators[b]`` on the CPU."""
-    if len(generators) != shape[0]:
-        raise ValueError(f"{len(generators)} generators for a batch of {shape[0]}")
-    return torch.stack([torch.randn(tuple(shape[1:]), generator=g) for g in generators]).to(device)
-
-
 def tiled_predict(
     denoiser: Callable[..., torch.Tensor],
     plan: TilePlan,
