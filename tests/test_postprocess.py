@@ -164,3 +164,62 @@ def test_thresholds_rerun_without_model(monkeypatch):
     assert strict["cells"].max() == 2  # the weak line separates the squares
     assert lenient["cells"].max() == 1  # ... unless it is below the threshold
     assert strict["cells"][5, 4] != strict["cells"][5, 11]
+
+
+def test_cells_seeded_by_nuclei_one_cell_per_nucleus():
+    """Touching cells with a faint (sub-threshold) boundary still come out one per nucleus when seeded."""
+    cells = np.zeros((40, 60), np.int32)
+    cells[5:35, 5:30] = 1
+    cells[5:35, 30:55] = 2
+    nuclei = np.zeros_like(cells)
+    nuclei[15:25, 12:20] = 1
+    nuclei[15:25, 40:48] = 2
+    faint = boundary_target(cells) * 0.3  # a blurry prediction: never above the 0.5 threshold
+    fg = foreground_target(cells)
+    unseeded = boundaries_to_labels(faint, fg)
+    seeded = boundaries_to_labels(faint, fg, seeds=nuclei)
+    assert unseeded.max() == 1  # merged without seeds
+    assert seeded.max() == 2
+    for i in (1, 2):
+        overlap = np.bincount(seeded[cells == i], minlength=3)
+        assert overlap.argmax() > 0 and overlap.max() / (cells == i).sum() > 0.9
+
+
+def test_labels_from_channels_seeds_cells_with_predicted_nuclei():
+    from napari_virtualstain.core.bundle import BundleConfig, ChannelSpec
+    from napari_virtualstain.core.normalize import FixedNorm, PercentileNorm
+    from napari_virtualstain.core.tasks.stain import labels_from_channels
+
+    unit = FixedNorm(0.0, 1.0)
+    outs = [
+        ChannelSpec("cells boundary", "boundary", unit, "cells", "cells foreground", "nuclei"),  # listed first on purpose
+        ChannelSpec("cells foreground", "foreground", unit, "cells"),
+        ChannelSpec("nuclei boundary", "boundary", unit, "nuclei", "nuclei foreground"),
+        ChannelSpec("nuclei foreground", "foreground", unit, "nuclei"),
+    ]
+    cfg = BundleConfig("t", "stain", "regression", [ChannelSpec("bf", "input", PercentileNorm())], outs,
+                       {"in_channels": 1, "out_channels": 4, "block_out_channels": [8, 16]}, None, 32, 8)
+    assert BundleConfig.from_dict(cfg.to_dict()).output_channels[0].seeds == "nuclei"
+    cells = np.zeros((40, 60), np.int32)
+    cells[5:35, 5:30], cells[5:35, 30:55] = 1, 2
+    nuclei = np.zeros_like(cells)
+    nuclei[15:25, 12:20], nuclei[15:25, 40:48] = 1, 2
+    image = np.stack([boundary_target(cells) * 0.3, foreground_target(cells), boundary_target(nuclei),
+                      foreground_target(nuclei)])
+    labels = labels_from_channels(cfg, image)
+    assert list(labels) == ["cells", "nuclei"]
+    assert labels["nuclei"].max() == 2 and labels["cells"].max() == 2
+
+
+def test_bundle_refuses_seeds_from_unknown_labels():
+    import pytest
+
+    from napari_virtualstain.core.bundle import BundleConfig, ChannelSpec
+    from napari_virtualstain.core.errors import BundleError
+    from napari_virtualstain.core.normalize import FixedNorm, PercentileNorm
+
+    outs = [ChannelSpec("cells boundary", "boundary", FixedNorm(0.0, 1.0), "cells", None, "nuclei")]
+    cfg = BundleConfig("t", "stain", "regression", [ChannelSpec("bf", "input", PercentileNorm())], outs,
+                       {"in_channels": 1, "out_channels": 1, "block_out_channels": [8, 16]}, None, 32, 8)
+    with pytest.raises(BundleError, match="seeds from 'nuclei'"):
+        BundleConfig.from_dict(cfg.to_dict())

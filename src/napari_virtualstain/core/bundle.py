@@ -38,6 +38,7 @@ class ChannelSpec:
     normalization: PercentileNorm | FixedNorm = field(default_factory=PercentileNorm)
     labels: str | None = None  # boundary/foreground: which instance labels they were made from
     foreground: str | None = None  # boundary: the foreground channel that masks its watershed
+    seeds: str | None = None  # boundary: another labels set whose instances seed the watershed (cells <- nuclei)
 
     def to_dict(self) -> dict:
         d = {"name": self.name, "kind": self.kind, "normalization": self.normalization.to_dict()}
@@ -45,6 +46,8 @@ class ChannelSpec:
             d["labels"] = self.labels
         if self.foreground is not None:
             d["foreground"] = self.foreground
+        if self.seeds is not None:
+            d["seeds"] = self.seeds
         return d
 
 
@@ -125,6 +128,13 @@ class BundleConfig:
                 raise BundleError(
                     f"config.json: output channel {c.name!r} names foreground {c.foreground!r}, "
                     f"which is not an output channel ({', '.join(names)})"
+                )
+        label_sets = [c.labels or c.name for c in outputs if c.kind == "boundary"]
+        for c in outputs:
+            if c.seeds is not None and (c.seeds not in label_sets or c.seeds == (c.labels or c.name)):
+                raise BundleError(
+                    f"config.json: output channel {c.name!r} takes seeds from {c.seeds!r}, which is not another "
+                    f"boundary channel's labels ({', '.join(label_sets)})"
                 )
         unet = _require(d, "unet", dict)
         for key in ("in_channels", "out_channels", "block_out_channels"):
@@ -213,7 +223,7 @@ def _channel(c, i: int, where: str, is_input: bool = False) -> ChannelSpec:
         raise BundleError(f"config.json: {where}[{i}] ({c['name']!r}) has kind {kind!r}; expected one of {', '.join(KINDS)}")
     if kind == "stain" and not isinstance(norm, FixedNorm):
         raise BundleError(f"config.json: {where}[{i}] ({c['name']!r}): stain channels need a 'fixed' normalisation")
-    return ChannelSpec(c["name"], kind, norm, c.get("labels"), c.get("foreground"))
+    return ChannelSpec(c["name"], kind, norm, c.get("labels"), c.get("foreground"), c.get("seeds"))
 
 
 def refuse_pickle(path: Path) -> None:

@@ -43,20 +43,29 @@ def boundaries_to_labels(
     foreground_threshold: float = 0.5,
     min_seed_area: int = 8,
     min_area: int = 16,
+    seeds: np.ndarray | None = None,
 ) -> np.ndarray:
     """Instance labels (uint32) from a predicted boundary probability map (+ an optional foreground map).
 
     Without a foreground map every pixel not on a boundary can be an object (fine for confluent cells).
+    ``seeds`` (instance labels, e.g. nuclei for cells) replace the seeds found from the boundary map: one object per
+    seed, grown over the boundary landscape inside the foreground, as CellProfiler's secondary objects.
     """
     boundary = np.asarray(boundary, dtype=np.float32)
     if foreground is None:
         mask = np.ones(boundary.shape, dtype=bool)
     else:
         mask = np.asarray(foreground) > foreground_threshold
-    interior = mask & (boundary < boundary_threshold)
-    interior = ndi.binary_opening(interior, iterations=1)
-    seeds, _ = ndi.label(interior)
-    seeds = drop_small(seeds, min_seed_area)
+    if seeds is None:
+        interior = mask & (boundary < boundary_threshold)
+        interior = ndi.binary_opening(interior, iterations=1)
+        seeds, _ = ndi.label(interior)
+        seeds = drop_small(seeds, min_seed_area)
+    else:
+        seeds = np.asarray(seeds)
+        if seeds.shape != boundary.shape:
+            raise VirtualStainError(f"seed labels of shape {seeds.shape} do not match the boundary map {boundary.shape}")
+        mask = mask | (seeds > 0)
     labels = watershed(boundary, seeds, mask=mask)
     labels = drop_small(labels, min_area)
     return relabel_sequential(labels)[0].astype(np.uint32)

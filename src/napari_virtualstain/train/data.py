@@ -5,7 +5,8 @@ Config (paths relative to the config file)::
     name: my-stain
     inputs: [brightfield]              # input channel names, in order
     stains: [Hoechst]                  # stain target channels
-    labels: [nuclei]                   # instance labels -> "nuclei boundary" + "nuclei foreground" channels
+    labels: [nuclei, {name: cells, seeds: nuclei}]   # instance labels -> "<name> boundary" + "<name> foreground";
+                                       # cells are split by watershed from the predicted nuclei
     pixel_size_um: 0.619
     val_fraction: 0.15                 # if no image has split: val, hold out the right-hand strip of every image
     images:
@@ -54,6 +55,7 @@ class TrainingSpec:
     val_fraction: float = 0.15
     description: str = ""
     source: str = ""  # what the data was, for the bundle's provenance
+    label_seeds: dict[str, str] = field(default_factory=dict)  # labels set -> labels set that seeds it
     extra: dict = field(default_factory=dict)
 
 
@@ -98,7 +100,7 @@ def load_config(path: str | Path) -> TrainingSpec:
     base = path.parent
     input_names = list(raw["inputs"])
     stain_names = list(raw.get("stains", []))
-    label_names = list(raw.get("labels", []))
+    label_names, label_seeds = _label_entries(raw.get("labels", []), path)
     if not stain_names and not label_names:
         raise VirtualStainError(f"{path}: name at least one target in 'stains' or 'labels'")
     images = []
@@ -119,8 +121,25 @@ def load_config(path: str | Path) -> TrainingSpec:
     return TrainingSpec(
         name=raw.get("name", path.stem), input_names=input_names, stain_names=stain_names, label_names=label_names,
         images=images, pixel_size_um=raw.get("pixel_size_um"), val_fraction=float(raw.get("val_fraction", 0.15)),
-        description=raw.get("description", ""), source=raw.get("source", str(path)),
+        description=raw.get("description", ""), source=raw.get("source", str(path)), label_seeds=label_seeds,
     )
+
+
+def _label_entries(entries, path: Path) -> tuple[list[str], dict[str, str]]:
+    names, seeds = [], {}
+    for e in entries:
+        if isinstance(e, str):
+            names.append(e)
+        elif isinstance(e, dict) and isinstance(e.get("name"), str):
+            names.append(e["name"])
+            if e.get("seeds") is not None:
+                seeds[e["name"]] = str(e["seeds"])
+        else:
+            raise VirtualStainError(f"{path}: each 'labels' entry is a name or {{name: ..., seeds: ...}}, got {e!r}")
+    for name, seed in seeds.items():
+        if seed not in names or seed == name:
+            raise VirtualStainError(f"{path}: labels {name!r} takes seeds from {seed!r}, which is not another labels set")
+    return names, seeds
 
 
 def _has(entry: dict, key: str, name: str, where: str) -> bool:

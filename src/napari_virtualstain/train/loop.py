@@ -65,7 +65,8 @@ def output_channels(spec: TrainingSpec, stain_norms: list[FixedNorm]) -> list[Ch
     """Stains, then for each labels set a boundary channel and the foreground channel that masks its watershed."""
     chans = [ChannelSpec(n, "stain", norm) for n, norm in zip(spec.stain_names, stain_norms)]
     for lab in spec.label_names:
-        chans.append(ChannelSpec(f"{lab} boundary", "boundary", FixedNorm(0.0, 1.0), lab, f"{lab} foreground"))
+        chans.append(ChannelSpec(f"{lab} boundary", "boundary", FixedNorm(0.0, 1.0), lab, f"{lab} foreground",
+                                 spec.label_seeds.get(lab)))
         chans.append(ChannelSpec(f"{lab} foreground", "foreground", FixedNorm(0.0, 1.0), lab))
     return chans
 

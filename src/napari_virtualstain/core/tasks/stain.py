@@ -74,15 +74,19 @@ def residual_source(config: BundleConfig, cond: torch.Tensor) -> torch.Tensor:
 
 
 def labels_from_channels(config: BundleConfig, image: np.ndarray, **thresholds) -> dict[str, np.ndarray]:
-    """Instance labels for every boundary channel; re-run it with other thresholds without the network."""
+    """Instance labels for every boundary channel; re-run it with other thresholds without the network.
+
+    Channels that take their seeds from another labels set (cells from nuclei) are done after it.
+    """
     names = config.output_names
-    labels = {}
-    for c, spec in enumerate(config.output_channels):
-        if spec.kind != "boundary":
-            continue
+    todo = [(c, s) for c, s in enumerate(config.output_channels) if s.kind == "boundary"]
+    todo.sort(key=lambda cs: cs[1].seeds is not None)
+    labels: dict[str, np.ndarray] = {}
+    for c, spec in todo:
         fg = image[names.index(spec.foreground)] if spec.foreground in names else None
-        labels[spec.labels or spec.name] = boundaries_to_labels(image[c], fg, **thresholds)
-    return labels
+        seeds = labels.get(spec.seeds) if spec.seeds else None
+        labels[spec.labels or spec.name] = boundaries_to_labels(image[c], fg, seeds=seeds, **thresholds)
+    return {(s.labels or s.name): labels[s.labels or s.name] for _, s in sorted(todo)}
 
 
 def run_stain_model(denoiser, config: BundleConfig, cond: torch.Tensor, plan: TilePlan, seed: int, batch_size: int,
