@@ -70,7 +70,7 @@ def test_predict_folder_and_all_planes(tiny_bundle_dir, tmp_path):
     "make, expect",
     [
         (lambda p: tifffile.imwrite(p, np.stack([_image()] * 3), photometric="minisblack"), "--plane"),
-        (lambda p: tifffile.imwrite(p, np.zeros((2, 3, 40, 56), np.uint16)), "--plane"),
+        (lambda p: tifffile.imwrite(p, np.zeros((2, 3, 40, 56), np.uint16), photometric="minisblack"), "--plane"),
         (lambda p: tifffile.imwrite(p, np.where(_image() > 3000, np.nan, 1.0).astype(np.float32)), "NaN"),
         (lambda p: tifffile.imwrite(p, np.full((40, 56), 7, np.uint16)), "constant"),
         (lambda p: tifffile.imwrite(p, np.stack([_image()] * 3, axis=-1).astype(np.uint8)), "RGB"),

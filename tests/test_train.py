@@ -104,7 +104,7 @@ def test_regression_objective_learns_a_simple_mapping(tmp_path):
 
 def test_config_with_index_sources_and_explicit_val(tmp_path):
     stack = np.stack([np.stack(_synthetic_field(t)) for t in range(3)], axis=1)  # (C=3, T=3, Y, X)
-    tifffile.imwrite(tmp_path / "ctyx.tif", stack)
+    tifffile.imwrite(tmp_path / "ctyx.tif", stack, photometric="minisblack")
     images = [
         {"name": f"t{t}", "split": "val" if t == 2 else "train", "input": {"path": "ctyx.tif", "index": [0, t]},
          "stains": {"Hoechst": {"path": "ctyx.tif", "index": [1, t]}},
