@@ -327,3 +327,15 @@ def test_input_with_fixed_normalisation_loads_and_predicts_or_is_refused(copy):
         return
     out = predict_stain(b, IMAGE, make_labels=False)  # must not crash with an AttributeError
     assert np.isfinite(out.image).all()
+from napari_virtualstain.core.errors import BundleError
+
+
+def test_weights_field_pointing_to_pickle_is_refused(tiny_bundle_dir, tmp_path):
+    folder = tmp_path / "b"
+    folder.mkdir()
+    cfg = json.loads((tiny_bundle_dir / "config.json").read_text())
+    cfg["weights"] = "model.pt"
+    (folder / "config.json").write_text(json.dumps(cfg))
+    torch.save({"x": torch.zeros(1)}, folder / "model.pt")
+    with pytest.raises(BundleError, match="safetensors"):
+        load_bundle(folder)

@@ -331,7 +331,9 @@ def load_bundle(path: str | Path) -> Bundle:
     if not isinstance(raw, dict):
         raise BundleError(f"{cfg_path} must hold a JSON object")
     config = BundleConfig.from_dict(raw)
-    weights = path / raw.get("weights", WEIGHTS_NAME)
+    weights = path / str(raw.get("weights", WEIGHTS_NAME))
+    if weights.suffix.lower() != ".safetensors":
+        raise BundleError(f"config.json: 'weights' is {weights.name!r}; weights load only from .safetensors. {_PICKLE_EXPLANATION}")
     if not weights.is_file():
         raise BundleError(f"{path} has no {weights.name}{_pickle_hint(path)}")
     try:
