@@ -140,3 +140,19 @@ def test_bad_training_config_clear_error(tmp_path, images, match):
     (tmp_path / "t.yaml").write_text(yaml.safe_dump({"inputs": ["bf"], "stains": ["Hoechst"], "images": images}))
     with pytest.raises(VirtualStainError, match=match):
         load_config(tmp_path / "t.yaml")
+
+
+def test_config_region_keeps_only_that_rectangle(tmp_path):
+    bf, stain, labels = _synthetic_field(0)
+    for name, arr in (("bf.tif", bf), ("st.tif", stain), ("lab.tif", labels)):
+        tifffile.imwrite(tmp_path / name, arr)
+    entry = {"input": "bf.tif", "stains": {"Hoechst": "st.tif"}, "labels": {"nuclei": "lab.tif"}, "region": [0, 32, 40, 80]}
+    (tmp_path / "t.yaml").write_text(yaml.safe_dump({"inputs": ["bf"], "stains": ["Hoechst"], "labels": ["nuclei"],
+                                                     "images": [entry]}))
+    im = load_config(tmp_path / "t.yaml").images[0]
+    np.testing.assert_array_equal(im.inputs[0], bf[:32, 40:80])
+    np.testing.assert_array_equal(im.labels["nuclei"], labels[:32, 40:80])
+    entry["region"] = [0, 32, 40, 200]
+    (tmp_path / "t.yaml").write_text(yaml.safe_dump({"inputs": ["bf"], "stains": ["Hoechst"], "images": [entry]}))
+    with pytest.raises(VirtualStainError, match="outside"):
+        load_config(tmp_path / "t.yaml")

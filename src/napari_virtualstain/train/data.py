@@ -14,6 +14,7 @@ Config (paths relative to the config file)::
         stains: {Hoechst: {path: scratch.tiff, index: [0, 0]}}
         labels: {nuclei: {path: scratch.tiff, index: [2, 0]}}
         split: train                   # or val
+        region: [0, 512, 0, 512]       # optional: only this rectangle [y0, y1, x0, x1] of the sources
 
 A *source* is a path, or ``{path, index}`` where ``index`` picks leading axes (e.g. C then T of a CTYX file) so
 the result is 2D. Folder layout: ``DIR/input/NAME``, ``DIR/target/NAME`` (2D or channels-first CYX), optional
@@ -116,8 +117,9 @@ def load_config(path: str | Path) -> TrainingSpec:
         labels = {n: np.asarray(_read_source(entry.get("labels", {})[n], base, f"{where} labels {n!r}"))
                   for n in label_names if _has(entry, "labels", n, where)}
         stains_arr = np.stack(stains) if stains else np.zeros((0, *inputs.shape[1:]), np.float32)
-        images.append(_checked(TrainingImage(entry.get("name", f"image{i}"), inputs, stains_arr, labels,
-                                             entry.get("split", "train")), where))
+        img = _checked(TrainingImage(entry.get("name", f"image{i}"), inputs, stains_arr, labels,
+                                     entry.get("split", "train")), where)
+        images.append(_crop_region(img, entry.get("region"), where))
     return TrainingSpec(
         name=raw.get("name", path.stem), input_names=input_names, stain_names=stain_names, label_names=label_names,
         images=images, pixel_size_um=raw.get("pixel_size_um"), val_fraction=float(raw.get("val_fraction", 0.15)),
@@ -140,6 +142,22 @@ def _label_entries(entries, path: Path) -> tuple[list[str], dict[str, str]]:
         if seed not in names or seed == name:
             raise VirtualStainError(f"{path}: labels {name!r} takes seeds from {seed!r}, which is not another labels set")
     return names, seeds
+
+
+def _crop_region(img: TrainingImage, region, where: str) -> TrainingImage:
+    """``region: [y0, y1, x0, x1]`` keeps only that rectangle (e.g. three quadrants for training, one held out)."""
+    if region is None:
+        return img
+    h, w = img.inputs.shape[1:]
+    try:
+        y0, y1, x0, x1 = (int(v) for v in region)
+    except (TypeError, ValueError):
+        raise VirtualStainError(f"{where}: region must be [y0, y1, x0, x1], got {region!r}") from None
+    if not (0 <= y0 < y1 <= h and 0 <= x0 < x1 <= w):
+        raise VirtualStainError(f"{where}: region {region} lies outside the {h}x{w} image")
+    ys, xs = slice(y0, y1), slice(x0, x1)
+    return TrainingImage(img.name, img.inputs[:, ys, xs], img.stains[:, ys, xs],
+                         {k: v[ys, xs] for k, v in img.labels.items()}, img.split)
 
 
 def _has(entry: dict, key: str, name: str, where: str) -> bool:
