@@ -354,6 +354,7 @@ def save_bundle(path: str | Path, config: BundleConfig, unet: torch.nn.Module, h
     dtype = torch.float16 if half else torch.float32
     state = {k: v.detach().to("cpu", dtype).contiguous() for k, v in unet.state_dict().items()}
     save_file(state, str(path / WEIGHTS_NAME), metadata={"format": FORMAT})
+    (path / WEIGHTS_NAME).chmod(0o644)  # safetensors writes 0600; a lab shares its checkpoints
     (path / "config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
     return load_bundle(path)
 
