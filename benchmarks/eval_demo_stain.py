@@ -39,18 +39,21 @@ def main(argv=None) -> int:
         tifffile.imwrite(work / "truth" / f"{stem}.tif", data[0, t])
         tifffile.imwrite(work / "nuclei" / f"{stem}.tif", data[2, t])
         tifffile.imwrite(work / "cells" / f"{stem}.tif", data[3, t])
+    return predict_and_evaluate(args.bundles, work, args.seed, args.output, [
+        "--truth", str(work / "truth"), "--truth-channels", "Hoechst", "--labels", f"nuclei={work / 'nuclei'}",
+        "--labels", f"cells={work / 'cells'}"])
+
+
+def predict_and_evaluate(bundles: list[str], work: Path, seed: int, output: str, truth_args: list[str]) -> int:
+    """``virtualstain predict`` every bundle on ``work/input``, then one ``virtualstain evaluate`` report."""
     preds = []
-    for bundle in args.bundles:
+    for bundle in bundles:
         name = Path(bundle).name
-        rc = virtualstain(["predict", "-c", bundle, str(work / "input"), "-o", str(work / name), "--seed",
-                           str(args.seed), "-q"])
+        rc = virtualstain(["predict", "-c", bundle, str(work / "input"), "-o", str(work / name), "--seed", str(seed), "-q"])
         if rc:
             return rc
         preds += ["--pred", f"{name}={work / name}"]
-    return virtualstain(["evaluate", *preds, "--truth", str(work / "truth"), "--truth-channels", "Hoechst",
-                         "--labels", f"nuclei={work / 'nuclei'}", "--labels", f"cells={work / 'cells'}",
-                         "--input", str(work / "input"), "-o", args.output])
-
+    return virtualstain(["evaluate", *preds, *truth_args, "--input", str(work / "input"), "-o", output])
 
 if __name__ == "__main__":
     sys.exit(main())
