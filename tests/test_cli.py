@@ -138,3 +138,21 @@ def test_demo_command_runs_offline_on_sample_data(tmp_path, capsys):
     assert r > 0.2, out  # the held-out time point; measured 0.38 for the shipped demo
     assert (tmp_path / "scratch_assay_virtualstain.tif").exists()
     assert (tmp_path / "scratch_assay_nuclei_labels.tif").exists()
+
+
+@pytest.mark.parametrize("name, min_r", [("demo-isl", 0.6), ("demo-isl-regression", 0.7)])
+def test_isl_checkpoints_predict_held_out_quadrant(shared_data, tmp_path, name, min_r):
+    """13 phase-contrast planes (channels first) -> MAP2 on a crop of the held-out quadrant (measured r 0.81 / 0.90)."""
+    if name not in bundled_checkpoints():
+        pytest.skip(f"{name} not bundled")
+    from napari_virtualstain.core.io import read_image
+
+    d = shared_data / "isl_condition_b"
+    crop = (slice(640, 768), slice(640, 896))
+    planes = np.stack([read_image(d / f"phase_z{z:02d}.png")[crop] for z in range(13)])
+    tifffile.imwrite(tmp_path / "field.tif", planes, photometric="minisblack")
+    assert main(["predict", "-c", name, str(tmp_path / "field.tif"), "-o", str(tmp_path / "o"), "-q"]) == 0
+    pred = tifffile.imread(tmp_path / "o" / "field_virtualstain.tif")
+    assert read_channel_names(tmp_path / "o" / "field_virtualstain.tif") == ["DAPI", "MAP2", "NFH"]
+    truth = read_image(d / "map2.png")[crop].astype(np.float64)
+    assert np.corrcoef(pred[1].ravel(), truth.ravel())[0, 1] > min_r
