@@ -327,7 +327,6 @@ def test_input_with_fixed_normalisation_loads_and_predicts_or_is_refused(copy):
         return
     out = predict_stain(b, IMAGE, make_labels=False)  # must not crash with an AttributeError
     assert np.isfinite(out.image).all()
-from napari_virtualstain.core.errors import BundleError
 
 
 def test_weights_field_pointing_to_pickle_is_refused(tiny_bundle_dir, tmp_path):

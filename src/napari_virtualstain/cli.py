@@ -168,7 +168,7 @@ def cmd_demo(args) -> int:
     """Predict the bundled demo on the scratch-assay time point it never saw, and say how close it is."""
     from .core.bundle import load_bundle
     from .core.io import read_image, write_channels, write_labels
-    from .core.metrics import image_metrics
+    from .core.metrics import image_metrics, normalize_pair
     from .core.tasks.stain import predict_stain
     from ._sample_data import scratch_assay_path
 
@@ -188,10 +188,8 @@ def cmd_demo(args) -> int:
         written.append(write_labels(out / f"scratch_assay_{name}_labels.tif", lab, res.provenance | {"labels": name}))
     print("\n".join(f"wrote {p}" for p in written))
     if "Hoechst" in res.channel_names:
-        truth = data[0, t].astype(np.float32)
-        pred = res.channel("Hoechst")
-        lo, hi = np.percentile(truth, [1, 99.8])
-        m = image_metrics(np.clip((pred - lo) / (hi - lo), 0, 1), np.clip((truth - lo) / (hi - lo), 0, 1))
+        pred, truth, _ = normalize_pair(res.channel("Hoechst"), data[0, t])
+        m = image_metrics(pred, truth)
         print(f"Hoechst vs the real stain (held-out t={t}): Pearson r {m['pearson']:.3f}, SSIM {m['ssim']:.3f}, "
               f"PSNR {m['psnr']:.1f} dB")
     return 0
