@@ -36,7 +36,7 @@ def make_tiny_config(objective: str = "residual_shift", tile: int = 32, n_inputs
     from napari_virtualstain.core.bundle import BundleConfig, ChannelSpec
     from napari_virtualstain.core.model import default_unet_config
     from napari_virtualstain.core.normalize import FixedNorm, PercentileNorm
-    from napari_virtualstain.core.schedulers import ResidualShiftScheduler
+    from napari_virtualstain.core.schedulers import ResidualShiftScheduler, default_ddpm_config
 
     outs = [
         ChannelSpec("Hoechst", "stain", FixedNorm(100.0, 1100.0)),
@@ -44,8 +44,9 @@ def make_tiny_config(objective: str = "residual_shift", tile: int = 32, n_inputs
         ChannelSpec("nuclei foreground", "foreground", FixedNorm(0.0, 1.0), "nuclei"),
     ]
     inputs = [ChannelSpec("brightfield" if n_inputs == 1 else f"z{i}", "input", PercentileNorm()) for i in range(n_inputs)]
-    n_in = n_inputs + (len(outs) if objective == "residual_shift" else 0)
-    sched = dict(ResidualShiftScheduler().config) if objective == "residual_shift" else None
+    n_in = n_inputs + (len(outs) if objective != "regression" else 0)
+    sched = {"residual_shift": lambda: dict(ResidualShiftScheduler().config),
+             "ddpm": lambda: default_ddpm_config(num_train_timesteps=100)}.get(objective, lambda: None)()
     return BundleConfig(
         name="tiny", task="stain", objective=objective, input_channels=inputs, output_channels=outs,
         unet=default_unet_config(n_in, len(outs), tile, (8, 16)), scheduler=sched, tile_size=tile, tile_overlap=8,
@@ -64,6 +65,21 @@ def tiny_bundle_dir(tmp_path_factory) -> Path:
     config = make_tiny_config()
     torch.manual_seed(0)
     path = tmp_path_factory.mktemp("bundles") / "tiny"
+    save_bundle(path, config, build_unet(config.unet))
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_ddpm_bundle_dir(tmp_path_factory) -> Path:
+    """A saved tiny (untrained) epsilon-DDPM bundle folder (100 training timesteps)."""
+    import torch
+
+    from napari_virtualstain.core.bundle import save_bundle
+    from napari_virtualstain.core.model import build_unet
+
+    config = make_tiny_config("ddpm")
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("bundles") / "tiny-ddpm"
     save_bundle(path, config, build_unet(config.unet))
     return path
 

@@ -265,7 +265,8 @@ def build_parser() -> argparse.ArgumentParser:
     tr = sub.add_parser("train", help="train a bundle on your own images")
     tr.add_argument("data", help="folder (input/, target/, labels/NAME/) or YAML/JSON training config")
     tr.add_argument("--output", "-o", required=True, help="bundle folder to write (and resume from)")
-    tr.add_argument("--objective", choices=["residual_shift", "regression"], default="residual_shift")
+    tr.add_argument("--objective", choices=["residual_shift", "ddpm", "regression"], default="residual_shift",
+                    help="residual_shift: 15-step CellResDM model; ddpm: epsilon DDPM (DDIM/DDPM sampling, uncertainty maps); regression: one-pass baseline")
     tr.add_argument("--steps", type=int, default=2000)
     tr.add_argument("--batch-size", type=int, default=8)
     tr.add_argument("--crop-size", type=int, default=128)

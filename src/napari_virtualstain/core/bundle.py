@@ -21,7 +21,8 @@ FORMAT = "napari-virtualstain-bundle"
 FORMAT_VERSION = 1
 WEIGHTS_NAME = "model.safetensors"
 TASKS = ("stain",)
-OBJECTIVES = ("residual_shift", "regression")
+OBJECTIVES = ("residual_shift", "regression", "ddpm")
+DIFFUSION_OBJECTIVES = ("residual_shift", "ddpm")
 KINDS = ("stain", "boundary", "foreground")
 PICKLE_SUFFIXES = (".pt", ".pth", ".ckpt", ".pkl", ".pickle", ".bin", ".tar")
 _PICKLE_EXPLANATION = (
@@ -142,7 +143,7 @@ class BundleConfig:
                 raise BundleError(f"config.json: 'unet' is missing the key {key!r}")
         if not isinstance(unet["block_out_channels"], list) or not unet["block_out_channels"]:
             raise BundleError("config.json: 'unet.block_out_channels' must be a list of channel widths")
-        expected_in = len(inputs) + (len(outputs) if objective == "residual_shift" else 0)
+        expected_in = len(inputs) + (len(outputs) if objective in DIFFUSION_OBJECTIVES else 0)
         if unet["in_channels"] != expected_in or unet["out_channels"] != len(outputs):
             raise BundleError(
                 f"config.json: 'unet' has in_channels={unet['in_channels']}, out_channels={unet['out_channels']} but "
@@ -150,8 +151,11 @@ class BundleConfig:
                 f"in_channels={expected_in}, out_channels={len(outputs)}"
             )
         scheduler = d.get("scheduler")
-        if objective == "residual_shift" and not isinstance(scheduler, dict):
-            raise BundleError("config.json: a residual_shift bundle needs a 'scheduler' object (ResidualShiftScheduler config)")
+        if objective in DIFFUSION_OBJECTIVES and not isinstance(scheduler, dict):
+            raise BundleError(
+                f"config.json: a {objective} bundle needs a 'scheduler' object "
+                f"({'ResidualShiftScheduler' if objective == 'residual_shift' else 'diffusers DDPMScheduler'} config)"
+            )
         tile = _require(d, "tile_size", int)
         factor = 2 ** (len(unet["block_out_channels"]) - 1)
         if tile <= 0 or tile % factor:
@@ -165,13 +169,8 @@ class BundleConfig:
         training = d.get("training", {})
         if not isinstance(training, dict):
             raise BundleError("config.json: 'training' must be an object (how the model was trained)")
-        if scheduler is not None:
-            try:
-                from .schedulers import ResidualShiftScheduler
-
-                ResidualShiftScheduler.from_config(scheduler)
-            except (TypeError, ValueError) as exc:
-                raise BundleError(f"config.json: bad 'scheduler': {exc}") from None
+        if scheduler is not None and objective in DIFFUSION_OBJECTIVES:
+            _check_scheduler(objective, scheduler)
         return cls(
             name=_require(d, "name", str),
             description=d.get("description", ""),
@@ -187,6 +186,22 @@ class BundleConfig:
             residual_source=d.get("residual_source", "mean_input"),
             training=training,
         )
+
+
+def _check_scheduler(objective: str, scheduler: dict) -> None:
+    try:
+        if objective == "residual_shift":
+            from .schedulers import ResidualShiftScheduler
+
+            ResidualShiftScheduler.from_config(scheduler)
+        else:
+            from diffusers import DDPMScheduler
+
+            sched = DDPMScheduler.from_config(scheduler)
+            if sched.config.prediction_type not in ("epsilon", "v_prediction"):
+                raise ValueError(f"prediction_type {sched.config.prediction_type!r} (expected epsilon or v_prediction)")
+    except (TypeError, ValueError, NotImplementedError) as exc:
+        raise BundleError(f"config.json: bad 'scheduler': {exc}") from None
 
 
 def _require(d: dict, key: str, typ):
@@ -270,15 +285,11 @@ class Bundle:
         unet.eval().requires_grad_(False)
         return unet
 
-    def make_scheduler(self):
-        if self.config.objective != "residual_shift":
-            return None
-        from .schedulers import ResidualShiftScheduler
+    def make_scheduler(self, sampler: str | None = None, steps: int | None = None):
+        """The bundle's sampler with timesteps set (None for regression); see ``schedulers.make_scheduler``."""
+        from .schedulers import make_scheduler
 
-        try:
-            return ResidualShiftScheduler.from_config(self.config.scheduler)
-        except (TypeError, ValueError) as exc:
-            raise BundleError(f"config.json: bad 'scheduler': {exc}") from None
+        return make_scheduler(self.config.objective, self.config.scheduler, sampler, steps)
 
     @property
     def short_id(self) -> str:

@@ -2,6 +2,9 @@
 
 Residual-shift objective (CellResDM / ResShift): t ~ U{0..T-1}, x_t = add_noise(x0, eps, t, y), the UNet sees the
 scaled x_t with the input channels concatenated and predicts x0; loss = MSE(x̂0, x0).
+DDPM objective (DM4ISL-style label-free prediction): t ~ U{0..999}, x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps,
+the UNet sees x_t with the inputs concatenated and predicts eps; loss = MSE(eps_hat, eps). Sampled with diffusers'
+DDIM (few steps) or DDPM (all steps); its x̂0 trajectory feeds the uncertainty maps.
 Regression objective: the same UNet (timestep 0) maps the inputs to the targets in one pass; loss = MSE. It is the
 honest baseline that the diffusion model has to beat.
 """
@@ -21,14 +24,14 @@ import torch
 import torch.nn.functional as F
 
 from .. import __version__
-from ..core.bundle import BundleConfig, ChannelSpec, save_bundle
+from ..core.bundle import DIFFUSION_OBJECTIVES, OBJECTIVES, BundleConfig, ChannelSpec, save_bundle
 from ..core.errors import VirtualStainError
 from ..core.metrics import image_metrics
 from ..core.model import Denoiser, build_unet, default_unet_config, downsample_factor, pick_device
 from ..core.normalize import FixedNorm, PercentileNorm, fit_fixed_norm
 from ..core.postprocess import boundary_target, foreground_target
 from ..core.sampling import SamplerHooks
-from ..core.schedulers import ResidualShiftScheduler
+from ..core.schedulers import ResidualShiftScheduler, default_ddpm_config, make_scheduler
 from ..core.tasks.stain import encode_inputs, encode_targets, residual_source, run_stain_model
 from ..core.tiling import TilePlan, reflect_pad
 from .data import TrainingSpec, split_regions
@@ -56,6 +59,7 @@ class TrainOptions:
     kappa: float = 2.0
     num_timesteps: int = 15
     max_val_size: int = 256
+    val_steps: int | None = None  # DDIM steps for validating a ddpm model (default 50)
     half_weights: bool = False
     command: str = ""
     extra: dict = field(default_factory=dict)
@@ -72,15 +76,17 @@ def output_channels(spec: TrainingSpec, stain_norms: list[FixedNorm]) -> list[Ch
 
 
 def build_config(spec: TrainingSpec, opts: TrainOptions, train_regions) -> BundleConfig:
-    if opts.objective not in ("residual_shift", "regression"):
-        raise VirtualStainError(f"unknown objective {opts.objective!r}; use residual_shift or regression")
+    if opts.objective not in OBJECTIVES:
+        raise VirtualStainError(f"unknown objective {opts.objective!r}; use one of {', '.join(OBJECTIVES)}")
     stain_norms = [fit_fixed_norm([im.stains[c][:, xs] for im, xs in train_regions]) for c in range(len(spec.stain_names))]
     outs = output_channels(spec, stain_norms)
-    n_in = len(spec.input_names) + (len(outs) if opts.objective == "residual_shift" else 0)
+    n_in = len(spec.input_names) + (len(outs) if opts.objective in DIFFUSION_OBJECTIVES else 0)
     unet = default_unet_config(n_in, len(outs), opts.crop_size, tuple(opts.block_out_channels), opts.layers_per_block)
     scheduler = None
     if opts.objective == "residual_shift":
         scheduler = dict(ResidualShiftScheduler(num_train_timesteps=opts.num_timesteps, kappa=opts.kappa).config)
+    elif opts.objective == "ddpm":
+        scheduler = default_ddpm_config()
     factor = downsample_factor(unet)
     if opts.crop_size % factor or opts.tile_size % factor:
         raise VirtualStainError(f"crop size and tile size must be multiples of {factor}")
@@ -124,6 +130,17 @@ def random_batch(arrays, batch_size: int, crop: int, rng: np.random.Generator):
     return torch.from_numpy(np.ascontiguousarray(xs)), torch.from_numpy(np.ascontiguousarray(ys))
 
 
+def training_scheduler(config: BundleConfig):
+    """The training-time noise schedule (all timesteps), or None for regression."""
+    if config.objective == "residual_shift":
+        return ResidualShiftScheduler.from_config(config.scheduler)
+    if config.objective == "ddpm":
+        from diffusers import DDPMScheduler
+
+        return DDPMScheduler.from_config(config.scheduler)
+    return None
+
+
 def training_loss(unet, scheduler, config: BundleConfig, cond, x0, generator: torch.Generator) -> torch.Tensor:
     if scheduler is None:
         pred = unet(cond, torch.zeros(cond.shape[0], device=cond.device, dtype=torch.long)).sample
@@ -131,6 +148,11 @@ def training_loss(unet, scheduler, config: BundleConfig, cond, x0, generator: to
     b = x0.shape[0]
     t = torch.randint(0, scheduler.config.num_train_timesteps, (b,), generator=generator).to(x0.device)
     noise = torch.randn(x0.shape, generator=generator).to(x0.device)
+    if config.objective == "ddpm":
+        x_t = scheduler.add_noise(x0, noise, t)
+        pred = unet(torch.cat([x_t, cond], dim=1), t).sample
+        target = noise if scheduler.config.prediction_type == "epsilon" else scheduler.get_velocity(x0, noise, t)
+        return F.mse_loss(pred, target)
     y = residual_source(config, cond)
     x_t = scheduler.add_noise(x0, noise, t, residual_source=y)
     pred = unet(torch.cat([scheduler.scale_model_input(x_t, t), cond], dim=1), t).sample
@@ -140,7 +162,7 @@ def training_loss(unet, scheduler, config: BundleConfig, cond, x0, generator: to
 def validate(unet, config: BundleConfig, val_arrays, opts: TrainOptions, device) -> dict:
     """Full sampling on the held-out regions (at most max_val_size^2 each); PSNR/SSIM per channel on [0, 1]."""
     denoiser = Denoiser(unet)
-    scheduler = ResidualShiftScheduler.from_config(config.scheduler) if config.scheduler else None
+    scheduler = make_scheduler(config.objective, config.scheduler, steps=opts.val_steps)
     factor = downsample_factor(config.unet)
     per_channel: dict[str, list[dict]] = {n: [] for n in config.output_names}
     for cond, tgt in val_arrays:
@@ -228,7 +250,7 @@ def train(
     unet = build_unet(config.unet).to(device)
     ema = copy.deepcopy(unet).eval().requires_grad_(False)
     opt = torch.optim.AdamW(unet.parameters(), lr=opts.lr, weight_decay=opts.weight_decay)
-    scheduler = ResidualShiftScheduler.from_config(config.scheduler) if config.scheduler else None
+    scheduler = training_scheduler(config)
     start, history = (0, [])
     if resume:
         start, history = _load_state(out, unet, ema, opt, rng, gen)

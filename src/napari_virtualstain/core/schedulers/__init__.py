@@ -1,5 +1,83 @@
-"""Schedulers: the residual-shift one written here; DDPM/DDIM come from diffusers."""
+"""Schedulers: the residual-shift one written here; DDPM/DDIM/DDIMInverse come from diffusers.
 
-from .residual_shift import ResidualShiftScheduler, ResidualShiftSchedulerOutput
+``make_scheduler`` is the one place that turns a bundle's objective + stored scheduler config into a ready-to-step
+scheduler, so predict, validation, uncertainty and translation all sample the same way.
+"""
 
-__all__ = ["ResidualShiftScheduler", "ResidualShiftSchedulerOutput"]
+from __future__ import annotations
+
+from .residual_shift import ResidualShiftScheduler, ResidualShiftSchedulerOutput, randn_per_item
+
+__all__ = [
+    "DIFFUSION_SAMPLERS",
+    "ResidualShiftScheduler",
+    "ResidualShiftSchedulerOutput",
+    "default_ddpm_config",
+    "make_scheduler",
+    "randn_per_item",
+]
+
+#: samplers a DDPM-trained (epsilon) bundle can use; residual shift has exactly one
+DIFFUSION_SAMPLERS = ("ddim", "ddpm")
+DEFAULT_DDIM_STEPS = 50
+
+
+def default_ddpm_config(num_train_timesteps: int = 1000, prediction_type: str = "epsilon", **overrides) -> dict:
+    """DDPM training schedule: cosine betas (better than linear for small images), x̂0 clipped to [-1, 1],
+    trailing timestep spacing so a short DDIM schedule starts at the noisiest step."""
+    from diffusers import DDPMScheduler
+
+    sched = DDPMScheduler(
+        num_train_timesteps=num_train_timesteps, beta_schedule="squaredcos_cap_v2", prediction_type=prediction_type,
+        clip_sample=True, timestep_spacing="trailing", **overrides,
+    )
+    return {k: v for k, v in sched.config.items() if not k.startswith("_")}
+
+
+def make_scheduler(objective: str, config: dict | None, sampler: str | None = None, steps: int | None = None):
+    """A scheduler with its timesteps set, or None for a one-pass regression model.
+
+    residual_shift: always its full short chain (``steps`` must be None or equal to it).
+    ddpm: ``sampler`` "ddim" (default, ``steps`` default 50, eta 0) or "ddpm" (``steps`` default: every training step).
+    """
+    from ..errors import VirtualStainError
+
+    if objective == "regression":
+        if sampler not in (None, "") or steps is not None:
+            raise VirtualStainError("a regression checkpoint predicts in one pass: it takes no --sampler or --steps")
+        return None
+    if objective == "residual_shift":
+        if sampler not in (None, "", "residual_shift"):
+            raise VirtualStainError(
+                f"sampler {sampler!r} does not apply to a residual-shift checkpoint (it has its own {config.get('num_train_timesteps')}-step chain)"
+            )
+        sched = _from_config(ResidualShiftScheduler, config)
+        try:
+            sched.set_timesteps(steps)
+        except ValueError as exc:
+            raise VirtualStainError(str(exc)) from None
+        return sched
+    if objective in ("ddpm",):
+        from diffusers import DDIMScheduler, DDPMScheduler
+
+        sampler = sampler or "ddim"
+        if sampler not in DIFFUSION_SAMPLERS:
+            raise VirtualStainError(f"unknown sampler {sampler!r}; use one of {', '.join(DIFFUSION_SAMPLERS)}")
+        cls = DDIMScheduler if sampler == "ddim" else DDPMScheduler
+        sched = _from_config(cls, config)
+        total = sched.config.num_train_timesteps
+        n = steps if steps is not None else (DEFAULT_DDIM_STEPS if sampler == "ddim" else total)
+        if not isinstance(n, int) or not 1 <= n <= total:
+            raise VirtualStainError(f"steps must be between 1 and {total} (the model's training steps); got {n}")
+        sched.set_timesteps(n)
+        return sched
+    raise VirtualStainError(f"unknown objective {objective!r}")
+
+
+def _from_config(cls, config):
+    from ..errors import BundleError
+
+    try:
+        return cls.from_config(config)
+    except (TypeError, ValueError, NotImplementedError) as exc:
+        raise BundleError(f"config.json: bad 'scheduler': {exc}") from None

@@ -30,7 +30,7 @@ import torch
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.utils import BaseOutput
 
-__all__ = ["ResidualShiftScheduler", "ResidualShiftSchedulerOutput"]
+__all__ = ["ResidualShiftScheduler", "ResidualShiftSchedulerOutput", "randn_per_item"]
 
 
 @dataclass
@@ -45,7 +45,7 @@ class ResidualShiftSchedulerOutput(BaseOutput):
     pred_original_sample: torch.Tensor
 
 
-def _randn(shape, generator) -> torch.Tensor:
+def randn_per_item(shape, generator) -> torch.Tensor:
     """CPU standard normal noise; with a list of generators, one per batch item (as diffusers' ``randn_tensor``)."""
     if isinstance(generator, (list, tuple)):
         if len(generator) != shape[0]:
@@ -136,7 +136,7 @@ class ResidualShiftScheduler(ConfigMixin):
     ) -> torch.Tensor:
         """x_T = y + kappa * sqrt(eta_T) * eps: where sampling starts."""
         if noise is None:
-            noise = _randn(residual_source.shape, generator)
+            noise = randn_per_item(residual_source.shape, generator)
         noise = noise.to(device=residual_source.device, dtype=residual_source.dtype)
         return residual_source + self.init_noise_sigma * noise
 
@@ -160,7 +160,7 @@ class ResidualShiftScheduler(ConfigMixin):
         mean = (eta_prev / eta) * sample + (alpha / eta) * x0_hat
         if t > 0:
             if noise is None:
-                noise = _randn(sample.shape, generator)
+                noise = randn_per_item(sample.shape, generator)
             noise = noise.to(device=sample.device, dtype=sample.dtype)
             std = math.sqrt(self.config.kappa**2 * (eta_prev / eta) * alpha)
             prev = mean + std * noise

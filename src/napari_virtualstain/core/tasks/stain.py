@@ -8,7 +8,7 @@ always sees the full input (every plane) as extra channels, concatenated to the 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -21,6 +21,7 @@ from ..inputs import prepare_input
 from ..model import Denoiser, downsample_factor, pick_device
 from ..normalize import FixedNorm, fixed_denormalize, fixed_normalize, percentile_normalize
 from ..postprocess import boundaries_to_labels
+from ..schedulers import randn_per_item
 from ..sampling import Progress, SamplerHooks, make_generators, sample, tiled_predict
 from ..tiling import TilePlan
 
@@ -89,12 +90,23 @@ def labels_from_channels(config: BundleConfig, image: np.ndarray, **thresholds) 
     return {(s.labels or s.name): labels[s.labels or s.name] for _, s in sorted(todo)}
 
 
-def run_stain_model(denoiser, config: BundleConfig, cond: torch.Tensor, plan: TilePlan, seed: int, batch_size: int,
-                    hooks: SamplerHooks, scheduler=None) -> tuple[torch.Tensor, int]:
-    """Normalised inputs (1, C_in, H, W) -> normalised outputs (1, C_out, H, W); shared by predict and validation."""
+def initial_sample(config: BundleConfig, scheduler, cond: torch.Tensor, generators: list[torch.Generator]) -> torch.Tensor:
+    """x_T for one chain per generator: residual shift starts at y + noise, DDPM/DDIM at pure noise."""
+    b = len(generators)
     if config.objective == "residual_shift":
-        generators = make_generators([seed])
-        x_start = scheduler.prior_sample(residual_source(config, cond), generator=generators)
+        y = residual_source(config, cond).expand(b, -1, -1, -1)
+        return scheduler.prior_sample(y, generator=generators)
+    shape = (b, len(config.output_channels), *cond.shape[-2:])
+    return randn_per_item(shape, generators).to(cond.device) * scheduler.init_noise_sigma
+
+
+def run_stain_model(denoiser, config: BundleConfig, cond: torch.Tensor, plan: TilePlan, seed: int | Sequence[int],
+                    batch_size: int, hooks: SamplerHooks, scheduler=None) -> tuple[torch.Tensor, int]:
+    """Normalised inputs (1, C_in, H, W) -> normalised outputs (B, C_out, H, W), one chain per seed (B = number of
+    seeds, run as one batch); shared by predict, uncertainty and validation. Regression ignores seeds (B = 1)."""
+    if scheduler is not None:
+        generators = make_generators([seed] if isinstance(seed, int) else list(seed))
+        x_start = initial_sample(config, scheduler, cond, generators)
         out = sample(denoiser, scheduler, x_start, plan, generators, condition=cond, batch_size=batch_size, hooks=hooks)
         return out, len(scheduler.timesteps)
     hooks.check_cancel()
@@ -102,6 +114,12 @@ def run_stain_model(denoiser, config: BundleConfig, cond: torch.Tensor, plan: Ti
     out = tiled_predict(denoiser, plan, cond, 0, batch_size, lambda d, n: progress and progress(Progress(0, 1, d, n)))
     hooks.check_cancel()
     return out, 1
+
+
+def sampler_name(config: BundleConfig, scheduler) -> str:
+    if scheduler is None:
+        return "one pass"
+    return "residual_shift" if config.objective == "residual_shift" else type(scheduler).__name__.replace("Scheduler", "").lower()
 
 
 def predict_stain(
@@ -119,6 +137,8 @@ def predict_stain(
     should_cancel: Callable[[], bool] | None = None,
     make_labels: bool = True,
     input_name: str | None = None,
+    sampler: str | None = None,
+    steps: int | None = None,
 ) -> StainResult:
     """Predict every output channel of ``bundle`` for one 2D image (any size; tiled when larger than a tile)."""
     config = bundle.config
@@ -134,11 +154,13 @@ def predict_stain(
     cond = torch.from_numpy(cond_np)[None].to(dev)
     hooks = SamplerHooks(progress=progress, should_cancel=should_cancel)
     started = time.perf_counter()
-    out, steps = run_stain_model(denoiser, config, cond, plan, seed, batch_size, hooks, bundle.make_scheduler())
+    scheduler = bundle.make_scheduler(sampler, steps)
+    out, steps = run_stain_model(denoiser, config, cond, plan, seed, batch_size, hooks, scheduler)
     result_img = decode_outputs(config, out[0].cpu().numpy())
     provenance = {
         **bundle.provenance(),
-        "seed": int(seed) if config.objective == "residual_shift" else None,
+        "seed": int(seed) if scheduler is not None else None,
+        "sampler": sampler_name(config, scheduler),
         "steps": steps,
         **plan.describe(),
         "batch_size": batch_size,

@@ -1,0 +1,309 @@
+"""Where a diffusion prediction can't be trusted: DDPMavg, step-std and seed-std maps, and flagged regions (DM4ISL).
+
+During sampling every step yields the network's estimate x̂0,t of the clean image. For the steps whose timestep lies
+in a window of the schedule we keep a running mean and variance per pixel (Welford; no stack of step images):
+
+- ``avg``       mean of x̂0,t over the window (DDPMavg; closer to the truth than the final sample in DM4ISL);
+- ``std_steps`` std of the same x̂0,t set (how much the estimate moves while the chain settles);
+- ``std_seeds`` std of ``avg`` across k seeds, the seeds run as one batch (how much the answer depends on the noise).
+
+The window is given as fractions of the training schedule, ``t / T`` in ``[low, high)`` (DM4ISL used t = 300..800 of
+1000, i.e. (0.3, 0.8)), so it means the same for a 1000-step DDPM, a 50-step DDIM or the 15-step residual shift.
+
+Normalisation, stated: maps are in the units of the prediction itself — a stain channel in the training stain's
+intensity units (the checkpoint's fixed scale), a boundary/foreground channel in probability units — and are never
+rescaled by statistics of other images in a batch (DM4ISL min–max normalised over the batch, which makes one image's
+map depend on its neighbours). std is the population std (ddof = 0).
+
+Flags are a separate, cheap function of a cached map, so a threshold can be moved without running the model.
+"""
+
+from __future__ import annotations
+
+import csv
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .bundle import Bundle
+from .errors import VirtualStainError
+from .inputs import prepare_input
+from .model import Denoiser, downsample_factor, pick_device
+from .normalize import FixedNorm
+from .sampling import Progress, SamplerHooks
+from .tasks.stain import StainResult, decode_outputs, encode_inputs, labels_from_channels, run_stain_model, sampler_name
+from .tiling import TilePlan
+
+MODES = ("steps", "seeds", "both")
+DEFAULT_WINDOW = (0.3, 0.8)
+MAP_NAMES = ("avg", "std_steps", "std_seeds")
+
+
+class RunningStats:
+    """Per-element running mean and variance (Welford), so no stack of step images is kept."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.mean: torch.Tensor | None = None
+        self._m2: torch.Tensor | None = None
+
+    def add(self, x: torch.Tensor) -> None:
+        x = x.detach().to(torch.float64)
+        self.count += 1
+        if self.mean is None:
+            self.mean = x.clone()
+            self._m2 = torch.zeros_like(x)
+            return
+        delta = x - self.mean
+        self.mean += delta / self.count
+        self._m2 += delta * (x - self.mean)
+
+    @property
+    def var(self) -> torch.Tensor:
+        if self.count == 0:
+            raise ValueError("no values were added")
+        return self._m2 / self.count
+
+
+def window_mask(timesteps: Sequence[int], num_train_timesteps: int, window: tuple[float, float]) -> list[bool]:
+    """Which steps of a schedule fall in ``window`` (fractions t / T in [low, high)); refuses an empty window."""
+    low, high = (float(v) for v in window)
+    if not 0.0 <= low < high <= 1.0:
+        raise VirtualStainError(
+            f"step window {low:g}..{high:g} is outside the schedule: give fractions 0 <= low < high <= 1 "
+            f"(DM4ISL's steps 300-800 of 1000 are 0.3,0.8)"
+        )
+    mask = [low <= int(t) / num_train_timesteps < high for t in timesteps]
+    if not any(mask):
+        ts = ", ".join(str(int(t)) for t in timesteps)
+        raise VirtualStainError(
+            f"step window {low:g}..{high:g} contains no step of this {len(mask)}-step schedule "
+            f"(timesteps {ts} of {num_train_timesteps}); widen the window or use more steps"
+        )
+    return mask
+
+
+@dataclass
+class UncertaintyResult:
+    """The prediction (final sample of the first seed) plus maps (C, Y, X) in output units, keyed by map name."""
+
+    stain: StainResult
+    maps: dict[str, np.ndarray]
+    provenance: dict = field(default_factory=dict)
+
+    def map_channel(self, map_name: str, channel: str) -> np.ndarray:
+        return self.maps[map_name][self.stain.channel_names.index(channel)]
+
+
+def _output_scale(config) -> np.ndarray:
+    """Normalised units -> output units for a spread (half the fixed range per channel; 0.5 for probabilities)."""
+    scale = []
+    for spec in config.output_channels:
+        n = spec.normalization if isinstance(spec.normalization, FixedNorm) else FixedNorm(0.0, 1.0)
+        scale.append((n.vmax - n.vmin) / 2.0)
+    return np.asarray(scale, dtype=np.float32)[:, None, None]
+
+
+def check_seeds(mode: str, seeds: Sequence[int]) -> list[int]:
+    if mode not in MODES:
+        raise VirtualStainError(f"uncertainty mode {mode!r}: use one of {', '.join(MODES)}")
+    seeds = [int(s) for s in seeds]
+    if not seeds:
+        raise VirtualStainError("give at least one seed")
+    if len(set(seeds)) != len(seeds):
+        raise VirtualStainError(f"seeds must differ (got {seeds}); repeated seeds give identical chains")
+    if mode == "steps":
+        return seeds[:1]
+    if len(seeds) < 2:
+        raise VirtualStainError(
+            f"a seed-std map needs at least 2 seeds (got {len(seeds)}); use --seeds 4, or --uncertainty steps"
+        )
+    return seeds
+
+
+def predict_uncertainty(
+    bundle: Bundle,
+    image: np.ndarray,
+    *,
+    mode: str = "steps",
+    seeds: Sequence[int] = (0, 1, 2, 3),
+    window: tuple[float, float] = DEFAULT_WINDOW,
+    channel_axis: int | None = None,
+    tile_size: int | None = None,
+    tile_overlap: int | None = None,
+    batch_size: int = 4,
+    device: str | None = None,
+    half: bool | None = None,
+    sampler: str | None = None,
+    steps: int | None = None,
+    progress: Callable[[Progress], None] | None = None,
+    should_cancel: Callable[[], bool] | None = None,
+    make_labels: bool = True,
+    input_name: str | None = None,
+) -> UncertaintyResult:
+    """Sample ``bundle`` once per seed (as one batch) and return the prediction with its uncertainty maps.
+
+    mode "steps": one seed, ``avg`` + ``std_steps``; "seeds": k >= 2 seeds, ``avg`` (mean over seeds) +
+    ``std_seeds``; "both": all three (``std_steps`` is the root-mean-square of the per-seed step-stds).
+    """
+    config = bundle.config
+    if config.task != "stain":
+        raise VirtualStainError(f"checkpoint {config.name!r} is a {config.task!r} model; uncertainty maps need a "
+                                "virtual-stain model")
+    if config.objective == "regression":
+        raise VirtualStainError(
+            f"checkpoint {config.name!r} is a one-pass regression model: it has no sampling steps or seeds to measure "
+            "uncertainty from; use a residual_shift or ddpm checkpoint"
+        )
+    seeds = check_seeds(mode, seeds)
+    scheduler = bundle.make_scheduler(sampler, steps)
+    in_window = window_mask(scheduler.timesteps, scheduler.config.num_train_timesteps, window)
+
+    chw = prepare_input(image, config.input_names, channel_axis, what=input_name or "image")
+    cond_np = encode_inputs(config, chw)
+    dev = pick_device(device)
+    tile = int(tile_size or config.tile_size)
+    overlap = int(config.tile_overlap if tile_overlap is None else tile_overlap)
+    plan = TilePlan(chw.shape[1], chw.shape[2], tile, overlap, downsample_factor(config.unet))
+    denoiser = Denoiser(bundle.unet.to(dev), half=half)
+    cond = torch.from_numpy(cond_np)[None].to(dev)
+
+    stats = RunningStats()
+
+    def on_step(i: int, t: int, x0_hat: torch.Tensor) -> None:
+        if in_window[i]:
+            stats.add(x0_hat)
+
+    hooks = SamplerHooks(progress=progress, should_cancel=should_cancel, on_step=on_step)
+    started = time.perf_counter()
+    out, n_steps = run_stain_model(denoiser, config, cond, plan, seeds, batch_size, hooks, scheduler)
+
+    per_seed_avg = stats.mean  # (k, C, H, W), normalised units
+    scale = _output_scale(config)
+    maps: dict[str, np.ndarray] = {}
+    maps["avg"] = decode_outputs(config, per_seed_avg.mean(dim=0).float().cpu().numpy())
+    if mode in ("steps", "both"):
+        maps["std_steps"] = (stats.var.mean(dim=0).sqrt().float().cpu().numpy() * scale).astype(np.float32)
+    if mode in ("seeds", "both"):
+        maps["std_seeds"] = (per_seed_avg.std(dim=0, unbiased=False).float().cpu().numpy() * scale).astype(np.float32)
+
+    final = decode_outputs(config, out[0].cpu().numpy())
+    provenance = {
+        **bundle.provenance(),
+        "seed": seeds[0],
+        "seeds": seeds,
+        "sampler": sampler_name(config, scheduler),
+        "steps": n_steps,
+        "uncertainty": mode,
+        "window": [float(window[0]), float(window[1])],
+        "window_steps": int(sum(in_window)),
+        "window_timesteps": [int(t) for t, m in zip(scheduler.timesteps, in_window) if m],
+        "map_units": "output units (stain: the checkpoint's stain intensity scale; boundary/foreground: probability); "
+                     "population std; no per-batch rescaling",
+        **plan.describe(),
+        "batch_size": batch_size,
+        "device": str(dev),
+        "input": input_name,
+        "input_shape": list(np.shape(image)),
+        "seconds": round(time.perf_counter() - started, 3),
+    }
+    labels = labels_from_channels(config, final) if make_labels else {}
+    stain = StainResult(final, config.output_names, [s.kind for s in config.output_channels], labels, dict(provenance))
+    return UncertaintyResult(stain, maps, provenance)
+
+
+# -- flags ---------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class FlagResult:
+    """Flagged regions of one std map: instance labels (Y, X), one table row per region, the threshold used."""
+
+    labels: np.ndarray
+    table: list[dict]
+    threshold: float
+    settings: dict = field(default_factory=dict)
+
+
+def flag_regions(
+    std_map: np.ndarray,
+    threshold: float | None = None,
+    *,
+    otsu: bool = False,
+    median_size: int = 3,
+    min_area: int = 16,
+    fill_holes: bool = True,
+) -> FlagResult:
+    """Threshold a std map into reviewable regions: median filter -> threshold (Otsu of the map when none is given;
+    with ``otsu``, Otsu again among the values above ``threshold``) -> fill holes -> drop regions under ``min_area``.
+
+    Pure numpy/scikit-image on the cached map: moving the threshold never runs the model.
+    """
+    from scipy import ndimage as ndi
+    from skimage.filters import threshold_otsu
+    from skimage.measure import label, regionprops
+
+    m = np.asarray(std_map)
+    if m.ndim != 2:
+        raise VirtualStainError(f"flags are made from one 2D std map; got an array of shape {m.shape}")
+    if not np.issubdtype(m.dtype, np.number) or not np.all(np.isfinite(m)):
+        raise VirtualStainError("the std map has NaN/inf or non-numeric values; recompute it")
+    if median_size < 0 or min_area < 0:
+        raise VirtualStainError("median size and minimum area must be 0 or more")
+    m = m.astype(np.float32)
+    smooth = ndi.median_filter(m, size=median_size) if median_size > 1 else m
+    lo, hi = float(smooth.min()), float(smooth.max())
+    if threshold is None:
+        used = float(threshold_otsu(smooth)) if hi > lo else hi
+    else:
+        used = float(threshold)
+        if not np.isfinite(used) or not lo <= used < hi:
+            raise VirtualStainError(
+                f"threshold {used:g} is outside the map's range [{lo:.4g}, {hi:.4g}) (after the median filter): "
+                "nothing or everything would be flagged"
+            )
+        if otsu:
+            above = smooth[smooth > used]
+            if above.size > 1 and above.max() > above.min():
+                used = float(threshold_otsu(above))
+    mask = smooth > used
+    if fill_holes:
+        mask = ndi.binary_fill_holes(mask)
+    lab = label(mask, connectivity=2).astype(np.int32)
+    if min_area > 1 and lab.max():
+        areas = np.bincount(lab.ravel())
+        small = areas < min_area
+        small[0] = False
+        lab[small[lab]] = 0
+        lab = label(lab > 0, connectivity=2).astype(np.int32)
+    table = []
+    for r in regionprops(lab, intensity_image=m):
+        vals = m[tuple(r.coords.T)]
+        table.append({
+            "id": int(r.label), "area": int(r.area),
+            "centroid_y": round(float(r.centroid[0]), 2), "centroid_x": round(float(r.centroid[1]), 2),
+            "mean_std": float(vals.mean()), "max_std": float(vals.max()),
+        })
+    settings = {"threshold": used, "otsu": bool(otsu or threshold is None), "median_size": int(median_size),
+                "min_area": int(min_area), "fill_holes": bool(fill_holes)}
+    return FlagResult(lab, table, used, settings)
+
+
+FLAG_COLUMNS = ("id", "area", "centroid_y", "centroid_x", "mean_std", "max_std")
+
+
+def write_flag_table(path: str | Path, table: list[dict], extra: dict | None = None) -> Path:
+    """One CSV row per flagged region (``extra`` columns, e.g. the channel, are prepended to every row)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    extra = extra or {}
+    with open(path, "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=[*extra, *FLAG_COLUMNS])
+        w.writeheader()
+        for row in table:
+            w.writerow({**extra, **{k: row[k] for k in FLAG_COLUMNS}})
+    return path

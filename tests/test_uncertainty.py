@@ -1,0 +1,196 @@
+"""Uncertainty maps (DDPMavg, step-std, seed-std) and flags: running stats, windows, batching, flagging."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from napari_virtualstain.core.bundle import load_bundle, save_bundle
+from napari_virtualstain.core.errors import VirtualStainError
+from napari_virtualstain.core.model import Denoiser, build_unet
+from napari_virtualstain.core.schedulers import make_scheduler
+from napari_virtualstain.core.tasks.stain import predict_stain
+from napari_virtualstain.core.uncertainty import (
+    RunningStats,
+    flag_regions,
+    predict_uncertainty,
+    window_mask,
+    write_flag_table,
+)
+
+from conftest import make_tiny_config
+
+
+@pytest.fixture(scope="module")
+def image():
+    rng = np.random.default_rng(3)
+    yy, xx = np.mgrid[:40, :56]
+    return (1000 + 300 * np.sin(yy / 5) * np.cos(xx / 7) + 50 * rng.standard_normal((40, 56))).astype(np.uint16)
+
+
+@pytest.fixture(scope="module")
+def ddpm(tiny_ddpm_bundle_dir):
+    return load_bundle(tiny_ddpm_bundle_dir)
+
+
+def test_running_stats_match_a_stored_stack():
+    g = torch.Generator().manual_seed(0)
+    stack = torch.randn(9, 2, 3, 5, 7, generator=g) * 3 + 1
+    rs = RunningStats()
+    for x in stack:
+        rs.add(x)
+    assert rs.count == 9
+    np.testing.assert_allclose(rs.mean.numpy(), stack.double().mean(0).numpy(), rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(rs.var.sqrt().numpy(), stack.double().std(0, unbiased=False).numpy(), rtol=1e-9)
+
+
+def test_window_is_a_fraction_of_the_schedule():
+    ddim = make_scheduler("ddpm", make_tiny_config("ddpm").scheduler, "ddim", 20)  # T = 100, t = 99, 94, ...
+    mask = window_mask(ddim.timesteps, 100, (0.3, 0.8))
+    chosen = [int(t) for t, m in zip(ddim.timesteps, mask) if m]
+    assert chosen and all(30 <= t < 80 for t in chosen)
+    assert len(chosen) == sum(30 <= int(t) < 80 for t in ddim.timesteps)
+    rs = make_scheduler("residual_shift", make_tiny_config().scheduler)
+    assert [int(t) for t, m in zip(rs.timesteps, window_mask(rs.timesteps, 15, (0.3, 0.8))) if m] == list(range(11, 4, -1))
+
+
+@pytest.mark.parametrize("window", [(0.8, 0.3), (-0.1, 0.5), (0.2, 1.5)])
+def test_window_outside_the_schedule_is_refused(window):
+    with pytest.raises(VirtualStainError, match="outside the schedule"):
+        window_mask(range(99, -1, -1), 100, window)
+
+
+def test_window_without_steps_is_refused():
+    with pytest.raises(VirtualStainError, match="contains no step"):
+        window_mask([99, 49], 100, (0.6, 0.9))
+
+
+def test_maps_equal_the_stack_of_step_estimates(ddpm, image, monkeypatch):
+    """The running maps equal mean/std over a stored stack of the in-window x̂0 (captured from the same run)."""
+    import napari_virtualstain.core.uncertainty as unc
+
+    captured = []
+    real_add = unc.RunningStats.add
+
+    def spy(self, x):
+        captured.append(x.detach().clone())
+        real_add(self, x)
+
+    monkeypatch.setattr(unc.RunningStats, "add", spy)
+    res = predict_uncertainty(ddpm, image, mode="steps", seeds=[5], steps=12, window=(0.2, 0.9), make_labels=False)
+    steps_in_window = sum(20 <= t < 90 for t in res.provenance["window_timesteps"])
+    assert len(captured) == res.provenance["window_steps"] == steps_in_window
+    stack = torch.stack(captured)[:, 0].double()  # (n_steps, C, H, W), normalised units
+    vmin, vmax = 100.0, 1100.0  # Hoechst's fixed scale in the tiny config
+    avg = ((stack.mean(0)[0] + 1) / 2 * (vmax - vmin) + vmin).numpy()
+    std = (stack.std(0, unbiased=False)[0] * (vmax - vmin) / 2).numpy()
+    np.testing.assert_allclose(res.map_channel("avg", "Hoechst"), avg, rtol=1e-5, atol=1e-3)
+    np.testing.assert_allclose(res.map_channel("std_steps", "Hoechst"), std, rtol=1e-5, atol=1e-3)
+    assert res.maps["std_steps"].shape == (3, 40, 56) and "std_seeds" not in res.maps
+    assert (res.maps["std_steps"][0] > 0).mean() > 0.5  # (x̂0 clipped at the range ends can sit still)
+
+
+def test_seeds_batched_equal_seeds_one_by_one(ddpm, image):
+    seeds = [0, 1, 2]
+    both = predict_uncertainty(ddpm, image, mode="both", seeds=seeds, steps=8, make_labels=False, batch_size=4)
+    singles = [predict_uncertainty(ddpm, image, mode="steps", seeds=[s], steps=8, make_labels=False) for s in seeds]
+    avgs = np.stack([r.maps["avg"] for r in singles])
+    np.testing.assert_allclose(both.maps["avg"], avgs.mean(0), rtol=1e-4, atol=0.25)  # Hoechst range 1000: batch-order float noise
+    np.testing.assert_allclose(both.maps["std_seeds"], avgs.std(0), rtol=1e-3, atol=0.25)
+    rms = np.sqrt(np.mean([r.maps["std_steps"] ** 2 for r in singles], axis=0))
+    np.testing.assert_allclose(both.maps["std_steps"], rms, rtol=1e-3, atol=0.25)
+    assert both.maps["std_seeds"].max() > 1.0  # different seeds really differ (Hoechst units)
+    # the prediction is the first seed's final sample, exactly what plain prediction gives for that seed
+    plain = predict_stain(ddpm, image, seed=0, steps=8, make_labels=False)
+    np.testing.assert_allclose(both.stain.image, plain.image, rtol=1e-4, atol=0.25)  # Hoechst range 1000: batch-order float noise
+    assert both.provenance["seeds"] == seeds and both.provenance["sampler"] == "ddim"
+
+
+def test_residual_shift_has_seed_std_too(tiny_bundle_dir, image):
+    rs = load_bundle(tiny_bundle_dir)
+    res = predict_uncertainty(rs, image, mode="seeds", seeds=[0, 1], make_labels=False)
+    assert set(res.maps) == {"avg", "std_seeds"}
+    assert res.maps["std_seeds"].shape == (3, 40, 56) and res.maps["std_seeds"].max() > 0
+    assert res.provenance["sampler"] == "residual_shift" and res.provenance["window_steps"] == 7
+
+
+def test_bad_requests_are_refused(tmp_path, ddpm, image):
+    with pytest.raises(VirtualStainError, match="at least 2 seeds"):
+        predict_uncertainty(ddpm, image, mode="seeds", seeds=[0])
+    with pytest.raises(VirtualStainError, match="seeds must differ"):
+        predict_uncertainty(ddpm, image, mode="seeds", seeds=[1, 1])
+    with pytest.raises(VirtualStainError, match="mode"):
+        predict_uncertainty(ddpm, image, mode="everything")
+    config = make_tiny_config("regression")
+    reg = save_bundle(tmp_path / "reg", config, build_unet(config.unet))
+    with pytest.raises(VirtualStainError, match="regression model"):
+        predict_uncertainty(reg, image)
+    with pytest.raises(VirtualStainError, match="steps must be between"):
+        predict_uncertainty(ddpm, image, steps=0)
+
+
+def _blobs():
+    m = np.full((64, 64), 0.1, np.float32)
+    m[5:25, 5:25] = 1.0  # a large region (400 px) with a hole
+    m[12:16, 12:16] = 0.1
+    m[40:43, 40:43] = 1.0  # a small one (9 px)
+    m[50:60, 30:40] = 0.6  # a moderate one
+    return m
+
+
+def test_flags_respect_min_area_and_fill_holes():
+    m = _blobs()
+    res = flag_regions(m, 0.5, median_size=1, min_area=16)
+    areas = sorted(r["area"] for r in res.table)
+    assert areas == [100, 400]  # the 9-px blob is dropped, the hole filled
+    assert res.labels.max() == 2 and (res.labels > 0).sum() == 500
+    big = max(res.table, key=lambda r: r["area"])
+    assert big["max_std"] == pytest.approx(1.0) and 0.9 < big["mean_std"] <= 1.0
+    assert abs(big["centroid_y"] - 14.5) < 0.01 and abs(big["centroid_x"] - 14.5) < 0.01
+    kept_small = flag_regions(m, 0.5, median_size=1, min_area=4)
+    assert len(kept_small.table) == 3
+    holes = flag_regions(m, 0.5, median_size=1, min_area=1, fill_holes=False)
+    assert (holes.labels > 0).sum() == 400 - 16 + 9 + 100
+
+
+def test_otsu_within_the_above_threshold_values():
+    m = _blobs()
+    res = flag_regions(m, 0.3, otsu=True, median_size=1, min_area=16)
+    assert 0.6 <= res.threshold < 1.0
+    assert [r["area"] for r in res.table] == [400]
+    auto = flag_regions(m, None, median_size=1)
+    assert auto.settings["otsu"] and auto.threshold < 1.0
+
+
+@pytest.mark.parametrize("threshold", [2.0, 0.05, float("nan")])
+def test_threshold_outside_the_map_range_is_refused(threshold):
+    with pytest.raises(VirtualStainError, match="outside the map's range"):
+        flag_regions(_blobs(), threshold, median_size=1)
+
+
+def test_reflagging_needs_no_model_call(ddpm, image, monkeypatch, tmp_path):
+    res = predict_uncertainty(ddpm, image, mode="steps", seeds=[0], steps=6, make_labels=False)
+
+    def forbidden(*a, **k):
+        raise AssertionError("the model ran while re-flagging")
+
+    monkeypatch.setattr(Denoiser, "forward", forbidden)
+    std = res.map_channel("std_steps", "Hoechst")
+    lo, hi = np.percentile(std, [50, 99])
+    loose = flag_regions(std, float(lo), min_area=4)
+    strict = flag_regions(std, float(hi), min_area=4)
+    assert (loose.labels > 0).sum() > (strict.labels > 0).sum()
+    path = write_flag_table(tmp_path / "flags.csv", loose.table, {"channel": "Hoechst"})
+    lines = path.read_text().splitlines()
+    assert lines[0] == "channel,id,area,centroid_y,centroid_x,mean_std,max_std"
+    assert len(lines) == 1 + len(loose.table)
+
+
+def test_nan_and_3d_maps_are_refused():
+    m = _blobs()
+    m[0, 0] = np.nan
+    with pytest.raises(VirtualStainError, match="NaN"):
+        flag_regions(m)
+    with pytest.raises(VirtualStainError, match="2D"):
+        flag_regions(np.zeros((2, 8, 8)))
