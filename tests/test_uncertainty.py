@@ -194,3 +194,51 @@ def test_nan_and_3d_maps_are_refused():
         flag_regions(m)
     with pytest.raises(VirtualStainError, match="2D"):
         flag_regions(np.zeros((2, 8, 8)))
+
+
+def test_cli_writes_maps_flags_and_provenance(tiny_ddpm_bundle_dir, image, tmp_path, capsys):
+    import csv
+    import json
+
+    import tifffile
+
+    from napari_virtualstain.cli import main
+
+    tifffile.imwrite(tmp_path / "bf.tif", image)
+    out = tmp_path / "out"
+    rc = main(["predict", str(tmp_path / "bf.tif"), "-c", str(tiny_ddpm_bundle_dir), "-o", str(out), "-q",
+               "--uncertainty", "both", "--seeds", "2", "--steps", "6", "--window", "0.1,0.9", "--flag-min-area", "4"])
+    assert rc == 0
+    names = {p.name for p in out.iterdir()}
+    assert {"bf_virtualstain.tif", "bf_uncertainty.tif", "bf_flags_Hoechst.tif", "bf_flags.csv"} <= names
+    with tifffile.TiffFile(out / "bf_uncertainty.tif") as tf:
+        labels = tf.imagej_metadata["Labels"]
+        maps = tf.asarray()
+        prov = json.loads(tf.imagej_metadata["Info"])
+    assert maps.shape == (9, 40, 56) and labels[0] == "Hoechst avg" and "Hoechst std_seeds" in labels
+    assert prov["seeds"] == [0, 1] and prov["uncertainty"] == "both" and prov["steps"] == 6
+    assert prov["bundle_id"] == load_bundle(tiny_ddpm_bundle_dir).id
+    flags = tifffile.imread(out / "bf_flags_Hoechst.tif")
+    with open(out / "bf_flags.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    assert flags.shape == (40, 56) and len(rows) == flags.max()
+    assert all(r["channel"] == "Hoechst" and r["map"] == "std_seeds" for r in rows)
+    assert all(int(r["area"]) >= 4 for r in rows)
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--uncertainty", "seeds"], "at least 2 seeds"),
+    (["--uncertainty", "steps", "--window", "0.95,0.99", "--steps", "4"], "contains no step"),
+    (["--uncertainty", "steps", "--window", "0.3"], "--window takes two fractions"),
+    (["--seeds", "3"], "--seeds is for --uncertainty"),
+])
+def test_cli_refuses_bad_uncertainty_options(tiny_ddpm_bundle_dir, image, tmp_path, capsys, extra, message):
+    import tifffile
+
+    from napari_virtualstain.cli import main
+
+    tifffile.imwrite(tmp_path / "bf.tif", image)
+    rc = main(["predict", str(tmp_path / "bf.tif"), "-c", str(tiny_ddpm_bundle_dir), "-o", str(tmp_path / "o"), *extra])
+    assert rc == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()

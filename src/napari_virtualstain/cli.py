@@ -63,45 +63,109 @@ def iter_planes(image: np.ndarray, plane: tuple[int, ...] | None, all_planes: bo
         yield (*(plane or ()), *idx), image[idx]
 
 
+def _parse_window(text: str) -> tuple[float, float]:
+    try:
+        low, high = (float(v) for v in text.split(","))
+    except ValueError:
+        raise VirtualStainError(f"--window takes two fractions LOW,HIGH of the schedule (e.g. 0.3,0.8), got {text!r}") from None
+    return low, high
+
+
 def cmd_predict(args) -> int:
     from .core.bundle import load_bundle
     from .core.io import read_image, write_channels, write_labels
-    from .core.tasks.stain import predict_stain
+    from .core.tasks.stain import labels_from_channels, predict_stain
+    from .core.uncertainty import check_seeds, predict_uncertainty, window_mask
 
     bundle = load_bundle(args.checkpoint)
-    images = expand_inputs(args.images)
     out = Path(args.output)
     plane = _parse_plane(args.plane)
     n_in = len(bundle.config.input_channels)
     plane_ndim = 2 if n_in == 1 and args.channel_axis is None else 3
     thresholds = {"boundary_threshold": args.boundary_threshold, "foreground_threshold": args.foreground_threshold}
+    uncertainty = args.uncertainty
+    seeds = [args.seed + k for k in range(args.seeds)]
+    if uncertainty:  # refuse bad settings before any image is read
+        check_seeds(uncertainty, seeds)
+        if bundle.config.objective == "regression":
+            raise VirtualStainError(f"--uncertainty needs a diffusion checkpoint; {bundle.config.name!r} is a one-pass "
+                                    "regression model (no steps or seeds to measure spread over)")
+        sched = bundle.make_scheduler(args.sampler, args.steps)
+        window_mask(sched.timesteps, sched.config.num_train_timesteps, _parse_window(args.window))
+    elif args.seeds != 1:
+        raise VirtualStainError("--seeds is for --uncertainty seeds|both")
+    images = expand_inputs(args.images)
     for path in images:
         image = read_image(path)
-        results = []
+        results, maps = [], []
         for idx, arr in iter_planes(image, plane, args.all_planes, plane_ndim):
             what = f"{path.name}" + (f" plane {idx}" if idx else "")
             log.info("predicting %s %s", what, arr.shape)
-            res = predict_stain(
-                bundle, arr, channel_axis=args.channel_axis, seed=args.seed, tile_size=args.tile_size,
-                tile_overlap=args.tile_overlap, batch_size=args.batch_size, device=args.device,
+            common = dict(
+                channel_axis=args.channel_axis, tile_size=args.tile_size, tile_overlap=args.tile_overlap,
+                batch_size=args.batch_size, device=args.device, sampler=args.sampler, steps=args.steps,
                 progress=_progress_printer(what) if not args.quiet else None, make_labels=False, input_name=what,
             )
+            if uncertainty:
+                unc = predict_uncertainty(bundle, arr, mode=uncertainty, seeds=seeds, window=_parse_window(args.window),
+                                          **common)
+                res = unc.stain
+                maps.append(unc.maps)
+            else:
+                res = predict_stain(bundle, arr, seed=args.seed, **common)
             if not args.no_labels:
-                from .core.tasks.stain import labels_from_channels
-
                 res.labels = labels_from_channels(bundle.config, res.image, **thresholds)
             res.provenance.update({"plane": list(idx), "input_file": str(path), **thresholds})
             results.append((idx, res))
         stem = path.name.split(".")[0]
         prov = results[0][1].provenance | {"planes": [list(i) for i, _ in results]}
-        stack = np.stack([r.image for _, r in results]) if len(results) > 1 else results[0][1].image
-        written = [write_channels(out / f"{stem}_virtualstain.tif", stack, results[0][1].channel_names, prov,
-                                  bundle.config.pixel_size_um)]
-        for name in results[0][1].labels:
-            lab = np.stack([r.labels[name] for _, r in results]) if len(results) > 1 else results[0][1].labels[name]
-            written.append(write_labels(out / f"{stem}_{name.replace(' ', '_')}_labels.tif", lab, prov | {"labels": name}))
+
+        def stacked(arrays):
+            return np.stack(arrays) if len(arrays) > 1 else arrays[0]
+
+        first = results[0][1]
+        written = [write_channels(out / f"{stem}_virtualstain.tif", stacked([r.image for _, r in results]),
+                                  first.channel_names, prov, bundle.config.pixel_size_um)]
+        for name in first.labels:
+            written.append(write_labels(out / f"{stem}_{name.replace(' ', '_')}_labels.tif",
+                                        stacked([r.labels[name] for _, r in results]), prov | {"labels": name}))
+        if uncertainty:
+            written += _write_uncertainty(out, stem, bundle.config, first.channel_names, maps, prov, args)
         print("\n".join(f"wrote {p}" for p in written))
     return 0
+
+
+def _write_uncertainty(out: Path, stem: str, config, channel_names, maps: list[dict], prov: dict, args) -> list[Path]:
+    """Maps as one ImageJ file (channels '<name> <map>'); flags of each stain channel as labels + one CSV."""
+    from .core.io import write_channels, write_labels
+    from .core.uncertainty import flag_regions, write_flag_table
+
+    map_names = list(maps[0])
+    arrays = [np.concatenate([m[k] for k in map_names]) for m in maps]  # per plane: (maps * C, Y, X)
+    names = [f"{c} {k}" for k in map_names for c in channel_names]
+    stack = np.stack(arrays) if len(arrays) > 1 else arrays[0]
+    written = [write_channels(out / f"{stem}_uncertainty.tif", stack, names, prov, config.pixel_size_um)]
+    flag_map = args.flag_map or ("std_seeds" if "std_seeds" in maps[0] else "std_steps")
+    if flag_map not in maps[0]:
+        raise VirtualStainError(f"--flag-map {flag_map} was not computed with --uncertainty {args.uncertainty}")
+    kinds = [s.kind for s in config.output_channels]
+    flagged = [c for c, k in zip(channel_names, kinds) if k == "stain"] or list(channel_names)
+    rows_path = out / f"{stem}_flags.csv"
+    rows = []
+    for ch in flagged:
+        c = channel_names.index(ch)
+        labs = []
+        for p, m in enumerate(maps):
+            fr = flag_regions(m[flag_map][c], args.flag_threshold, otsu=args.flag_otsu, min_area=args.flag_min_area)
+            labs.append(fr.labels)
+            plane = prov["planes"][p] if len(maps) > 1 else None
+            rows += [{"channel": ch, "plane": plane, "map": flag_map, "threshold": fr.threshold, **r} for r in fr.table]
+        settings = fr.settings | {"map": flag_map, "channel": ch}
+        lab = np.stack(labs) if len(labs) > 1 else labs[0]
+        written.append(write_labels(out / f"{stem}_flags_{ch.replace(' ', '_')}.tif", lab, prov | {"flags": settings}))
+    write_flag_table(rows_path, rows, extra_columns=["channel", "plane", "map", "threshold"])
+    written.append(rows_path)
+    return written
 
 
 def _progress_printer(what: str):
@@ -259,6 +323,20 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--no-labels", action="store_true", help="skip instance labels from boundary channels")
     pr.add_argument("--boundary-threshold", type=float, default=0.5)
     pr.add_argument("--foreground-threshold", type=float, default=0.5)
+    pr.add_argument("--sampler", choices=["ddim", "ddpm"], default=None,
+                    help="ddpm checkpoints: ddim (default, --steps 50) or ddpm (every training step)")
+    pr.add_argument("--steps", type=int, default=None, help="ddpm checkpoints: sampling steps")
+    pr.add_argument("--uncertainty", choices=["steps", "seeds", "both"], default=None,
+                    help="also write DDPMavg + std maps (<stem>_uncertainty.tif) and flagged regions (<stem>_flags_*)")
+    pr.add_argument("--seeds", type=int, default=1, help="--uncertainty seeds|both: number of seeds (>= 2), batched")
+    pr.add_argument("--window", default="0.3,0.8",
+                    help="x̂0 averaging window as fractions of the schedule t/T in [LOW,HIGH) (DM4ISL: 0.3,0.8)")
+    pr.add_argument("--flag-map", choices=["std_steps", "std_seeds"], default=None,
+                    help="map to flag (default: std_seeds if computed, else std_steps)")
+    pr.add_argument("--flag-threshold", type=float, default=None,
+                    help="flag pixels above this std (in the channel's units); default: Otsu threshold of the map")
+    pr.add_argument("--flag-otsu", action="store_true", help="Otsu again among the values above --flag-threshold")
+    pr.add_argument("--flag-min-area", type=int, default=16, help="drop flagged regions smaller than this (pixels)")
     pr.add_argument("--quiet", "-q", action="store_true")
     pr.set_defaults(func=cmd_predict)
 

@@ -296,14 +296,17 @@ def flag_regions(
 FLAG_COLUMNS = ("id", "area", "centroid_y", "centroid_x", "mean_std", "max_std")
 
 
-def write_flag_table(path: str | Path, table: list[dict], extra: dict | None = None) -> Path:
-    """One CSV row per flagged region (``extra`` columns, e.g. the channel, are prepended to every row)."""
+def write_flag_table(path: str | Path, table: list[dict], extra: dict | None = None,
+                     extra_columns: Sequence[str] = ()) -> Path:
+    """One CSV row per flagged region. ``extra`` values (e.g. the channel) are prepended to every row; rows may also
+    carry their own ``extra_columns`` (e.g. channel and plane when several maps share one table)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     extra = extra or {}
+    columns = [*extra, *(c for c in extra_columns if c not in extra), *FLAG_COLUMNS]
     with open(path, "w", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=[*extra, *FLAG_COLUMNS])
+        w = csv.DictWriter(fh, fieldnames=columns, extrasaction="ignore")
         w.writeheader()
         for row in table:
-            w.writerow({**extra, **{k: row[k] for k in FLAG_COLUMNS}})
+            w.writerow({**row, **extra})
     return path
