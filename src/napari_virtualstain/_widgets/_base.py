@@ -1,0 +1,198 @@
+"""The skeleton every widget shares: controls, task options, Run / Cancel, progress; subclasses only build a Job.
+
+A subclass sets ``run_text``/``tasks``, adds its own rows in ``build_options`` and returns a :class:`Job` from
+``make_job``; everything about threads, one-run-at-a-time, cancel, errors and progress lives here and in
+``_runner.py``.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+from qtpy.QtWidgets import (
+    QFormLayout,
+    QHBoxLayout,
+    QLabel,
+    QProgressBar,
+    QPushButton,
+    QSizePolicy,
+    QVBoxLayout,
+    QWidget,
+)
+
+from ..core.errors import VirtualStainError
+from ._controls import ModelControls, RunSettings
+from ._layers import InputSelection, select_input
+from ._notify import notify_error, notify_info, notify_warning
+from ._runner import Job, ProgressFn, Runner
+
+PROGRESS_MAX = 1000
+
+
+def describe_progress(p, plane: int = 0, n_planes: int = 1) -> str:
+    """'plane 2/5 · step 3/15 · tile 4/6' for a core ``Progress``."""
+    step = min(p.step + 1, p.num_steps)
+    text = f"step {step}/{p.num_steps} · tile {p.tile}/{p.num_tiles}"
+    return f"plane {plane + 1}/{n_planes} · {text}" if n_planes > 1 else text
+
+
+def per_plane(sel: InputSelection, predict: Callable, progress: ProgressFn, should_cancel) -> list:
+    """Call ``predict(array, progress_cb)`` for every selected plane, mapping core progress onto one bar."""
+    n = len(sel.arrays)
+    results = []
+    for i, array in enumerate(sel.arrays):
+
+        def cb(p, i=i):
+            progress((i + p.fraction) / n, describe_progress(p, i, n))
+
+        results.append(predict(array, cb))
+    return results
+
+
+class TaskWidget(QWidget):
+    """Dock widget base: ``ModelControls`` + options + Run/Cancel + progress bar, driving one :class:`Runner`."""
+
+    run_text = "Run"
+    tasks: tuple[str, ...] = ("stain",)
+    needs_input = True
+    allow_all_planes = True
+    show_tiles = True
+
+    def __init__(self, napari_viewer, parent: QWidget | None = None):
+        super().__init__(parent)
+        self.viewer = napari_viewer
+        self.controls = ModelControls(
+            napari_viewer, tasks=self.tasks, needs_input=self.needs_input,
+            allow_all_planes=self.allow_all_planes, show_tiles=self.show_tiles,
+        )
+        self.options = QFormLayout()
+        self.run_button = QPushButton(self.run_text)
+        self.run_button.setToolTip("Runs in the background; napari stays usable")
+        self.cancel_button = QPushButton("Cancel")
+        self.cancel_button.setToolTip("Stop after the current diffusion step; nothing is added")
+        self.cancel_button.setEnabled(False)
+        self.progress_bar = QProgressBar()
+        self.progress_bar.setRange(0, PROGRESS_MAX)
+        self.progress_bar.setValue(0)
+        self.progress_bar.setTextVisible(True)
+        self.status = QLabel("")
+        self.status.setWordWrap(True)
+        self.status.setStyleSheet("font-size: 11px;")
+
+        buttons = QHBoxLayout()
+        buttons.addWidget(self.run_button)
+        buttons.addWidget(self.cancel_button)
+        layout = QVBoxLayout(self)
+        layout.addWidget(self.controls)
+        layout.addLayout(self.options)
+        layout.addLayout(buttons)
+        layout.addWidget(self.progress_bar)
+        layout.addWidget(self.status)
+        self.build_extra(layout)
+        layout.addStretch(1)
+        self.setSizePolicy(QSizePolicy.Policy.Preferred, QSizePolicy.Policy.Maximum)
+
+        self.runner = Runner(self)
+        self.runner.progress.connect(self._on_progress)
+        self.runner.finished.connect(self._on_finished)
+        self.run_button.clicked.connect(lambda: self.run())
+        self.cancel_button.clicked.connect(self.cancel)
+        self.build_options(self.options)
+        self.controls.bundle_changed.connect(self.on_bundle_changed)
+        self.on_bundle_changed(self.controls.bundle)
+
+    # -- for subclasses ----------------------------------------------------------------------------------------
+    def build_options(self, form: QFormLayout) -> None:
+        """Add task-specific rows."""
+
+    def build_extra(self, layout: QVBoxLayout) -> None:
+        """Add widgets below the progress bar (e.g. the uncertainty flags section)."""
+
+    def on_bundle_changed(self, bundle) -> None:
+        """Refresh task-specific options (class lists...) for a new checkpoint."""
+
+    def make_job(self, bundle, settings: RunSettings, layer) -> Job:
+        raise NotImplementedError
+
+    # -- helpers -----------------------------------------------------------------------------------------------
+    def select_input(self, bundle, settings: RunSettings, layer=None) -> InputSelection:
+        """The input plane(s) as copies; raises VirtualStainError with what to do when the layer does not fit."""
+        layer = layer if layer is not None else self.controls.input_layer()
+        names = bundle.config.input_names
+        if layer is None:
+            raise VirtualStainError(
+                f"No input layer: open an image with {len(names)} channel(s) ({', '.join(names)}) and pick it under "
+                "'Input layer' (File > Open Sample > Virtual Staining has a brightfield time-lapse)"
+            )
+        return select_input(layer, len(names), names, self.viewer.dims.point, settings.all_planes)
+
+    def warn_if_input_gone(self, sel: InputSelection) -> None:
+        if sel.layer_name not in self.viewer.layers:
+            notify_warning(
+                f"'{sel.layer_name}' was removed during the run; the results were added where it was."
+            )
+
+    # -- running -----------------------------------------------------------------------------------------------
+    def run(self, layer=None) -> bool:
+        """Start a run on ``layer`` (default: the picked input layer). Problems become notifications; returns
+        whether a run started."""
+        if self.runner.running:
+            notify_warning(f"{self.runner.title} is still running; wait for it or press Cancel")
+            return False
+        bundle = self.controls.bundle
+        if bundle is None:
+            notify_error("Choose a checkpoint first (a bundled demo or a checkpoint folder)")
+            return False
+        try:
+            job = self.make_job(bundle, self.controls.settings(), layer)
+        except VirtualStainError as exc:
+            notify_error(str(exc))
+            return False
+        refusal = self.runner.start(job)
+        if refusal is not None:
+            notify_warning(refusal)
+            return False
+        self._t0 = time.perf_counter()
+        self._set_running(True)
+        self.status.setText(f"{job.title}…")
+        return True
+
+    def cancel(self) -> None:
+        if self.runner.running:
+            self.runner.cancel()
+            self.cancel_button.setEnabled(False)
+            self.status.setText("Cancelling after the current step…")
+
+    def _set_running(self, running: bool) -> None:
+        self.run_button.setEnabled(not running)
+        self.cancel_button.setEnabled(running)
+        if running:
+            self.progress_bar.setValue(0)
+
+    def _on_progress(self, fraction: float, text: str) -> None:
+        self.progress_bar.setValue(int(round(min(max(fraction, 0.0), 1.0) * PROGRESS_MAX)))
+        self.progress_bar.setFormat(f"%p%  {text}")
+
+    def _on_finished(self, outcome: str, payload) -> None:
+        self._set_running(False)
+        seconds = time.perf_counter() - getattr(self, "_t0", time.perf_counter())
+        self.progress_bar.setFormat("%p%")
+        if outcome == "done":
+            self.progress_bar.setValue(PROGRESS_MAX)
+            self.status.setText(f"Done in {seconds:.1f} s")
+        elif outcome == "cancelled":
+            self.progress_bar.setValue(0)
+            self.status.setText("Cancelled; nothing was added")
+            notify_info("Cancelled; nothing was added")
+        elif outcome == "user_error":
+            self.progress_bar.setValue(0)
+            self.status.setText(f"Error: {payload}")
+            notify_error(str(payload))
+        else:
+            self.progress_bar.setValue(0)
+            self.status.setText(f"Failed: {type(payload).__name__}: {payload}")
+            notify_error(
+                f"Unexpected error ({type(payload).__name__}: {payload}). This is a bug in napari-virtualstain; "
+                "the traceback is in the terminal. Please report it."
+            )

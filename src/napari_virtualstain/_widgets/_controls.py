@@ -1,0 +1,367 @@
+"""The controls every widget shares (one class, configured per widget, never copied).
+
+Checkpoint (bundled demos by name + any folder), what it is (task, objective, channels, classes, training data),
+input layer (only Image layers that fit the checkpoint, with a note on the ones hidden and why), device (what is
+available here), steps (editable only where the scheduler allows), seed, tiles, batch size.
+"""
+
+from __future__ import annotations
+
+import json
+import weakref
+from dataclasses import dataclass
+from pathlib import Path
+
+from qtpy.QtCore import Qt, Signal
+from qtpy.QtGui import QStandardItemModel
+from qtpy.QtWidgets import (
+    QCheckBox,
+    QComboBox,
+    QFileDialog,
+    QFormLayout,
+    QHBoxLayout,
+    QLabel,
+    QPushButton,
+    QSizePolicy,
+    QSpinBox,
+    QVBoxLayout,
+    QWidget,
+)
+
+from ..core.bundle import Bundle, bundled_checkpoints, load_bundle, resolve_bundle_path
+from ..core.errors import VirtualStainError
+from ._layers import why_not_fit
+from ._notify import notify_error
+
+MAX_SEED = 2**31 - 1
+DEFAULT_CHECKPOINT = "demo-stain"  # fits the sample data (File > Open Sample)
+_BROWSE = "__browse__"
+
+_cache: dict[tuple[str, float], Bundle] = {}
+
+
+def get_bundle(name_or_path: str | Path) -> Bundle:
+    """Load a checkpoint once per (folder, weights mtime): the stain and uncertainty widgets share the weights."""
+    path = resolve_bundle_path(name_or_path).resolve()
+    weights = path / "model.safetensors"
+    key = (str(path), weights.stat().st_mtime if weights.is_file() else 0.0)
+    if key not in _cache:
+        _cache[key] = load_bundle(path)
+    return _cache[key]
+
+
+def _task_of(folder: Path) -> str | None:
+    try:
+        return json.loads((folder / "config.json").read_text()).get("task")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def scheduler_steps(bundle: Bundle) -> tuple[int, bool]:
+    """(default steps, whether the user may change them) for this checkpoint's sampler."""
+    try:
+        scheduler = bundle.make_scheduler()
+    except VirtualStainError:
+        return 1, False
+    if scheduler is None:
+        return 1, False  # one-pass regression model
+    from ..core.schedulers import ResidualShiftScheduler
+
+    if isinstance(scheduler, ResidualShiftScheduler):
+        return int(scheduler.config.num_train_timesteps), False  # the chain length is fixed by training
+    return 50, True
+
+
+def describe_bundle(bundle: Bundle) -> str:
+    """Compact rich-text card: what the checkpoint does, on which channels, trained on what."""
+    from html import escape
+
+    c = bundle.config
+    outs = ", ".join(escape(o.name) + ("" if o.kind == "stain" else f" <i>({o.kind})</i>") for o in c.output_channels)
+    lines = [
+        f"<b>{escape(c.name)}</b> · {escape(c.task)} · {escape(c.objective)} · id {bundle.short_id}",
+        f"in: {escape(', '.join(c.input_names))}",
+        f"out: {outs}",
+    ]
+    classes = getattr(c, "classes", None)
+    if classes:
+        lines.append(f"classes: {escape(', '.join(classes))}")
+    lines.append(f"trained on: {escape(str(c.training.get('data', 'unknown')))}")
+    return "<br>".join(lines)
+
+
+@dataclass
+class RunSettings:
+    """The shared options of one run, as the core functions take them."""
+
+    device: str | None
+    seed: int
+    steps: int | None  # None: the checkpoint's own (fixed) number
+    tile_size: int | None
+    tile_overlap: int | None
+    batch_size: int
+    all_planes: bool
+
+
+def _spin(lo: int, hi: int, value: int, tip: str, step: int = 1) -> QSpinBox:
+    s = QSpinBox()
+    s.setRange(lo, hi)
+    s.setSingleStep(step)
+    s.setValue(value)
+    s.setToolTip(tip)
+    return s
+
+
+class ModelControls(QWidget):
+    """Checkpoint, input layer and run options; emits ``bundle_changed(bundle or None)``.
+
+    ``tasks`` filters the bundled demos (and refuses a folder of another task); ``needs_input=False`` hides the
+    layer picker (synthesis); ``allow_all_planes`` shows the "every plane" box.
+    """
+
+    bundle_changed = Signal(object)
+
+    def __init__(self, viewer, *, tasks=("stain",), needs_input: bool = True, allow_all_planes: bool = True,
+                 show_tiles: bool = True, parent: QWidget | None = None):
+        super().__init__(parent)
+        self.viewer = viewer
+        self.tasks = tuple(tasks)
+        self.needs_input = needs_input
+        self.bundle: Bundle | None = None
+        self._steps_default = 1
+
+        form = QFormLayout()
+        form.setFieldGrowthPolicy(QFormLayout.FieldGrowthPolicy.AllNonFixedFieldsGrow)
+        self.checkpoint = QComboBox()
+        self.checkpoint.setToolTip("Bundled demo checkpoints, or 'Choose folder…' for your own (config.json + model.safetensors)")
+        self.checkpoint.setSizePolicy(QSizePolicy.Policy.Expanding, QSizePolicy.Policy.Fixed)
+        form.addRow("Checkpoint", self.checkpoint)
+        self.summary = QLabel()
+        self.summary.setWordWrap(True)
+        self.summary.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
+        self.summary.setStyleSheet("font-size: 11px;")
+        form.addRow(self.summary)
+
+        self.layer = QComboBox()
+        self.layer.setToolTip("Image layers whose channels fit the checkpoint")
+        self.layer_note = QLabel()
+        self.layer_note.setWordWrap(True)
+        self.layer_note.setStyleSheet("font-size: 11px; color: #b0b0b0;")
+        self.all_planes = QCheckBox("every plane (time/z), not just the current one")
+        self.all_planes.setToolTip("Off: predict the plane shown by the sliders. On: predict all planes and stack them.")
+        if needs_input:
+            form.addRow("Input layer", self.layer)
+            form.addRow(self.layer_note)
+            if allow_all_planes:
+                form.addRow(self.all_planes)
+        self._allow_all_planes = needs_input and allow_all_planes
+
+        self.device = QComboBox()
+        self._fill_devices()
+        form.addRow("Device", self.device)
+        self.steps = _spin(1, 1000, 15, "Diffusion steps")
+        form.addRow("Steps", self.steps)
+        self.seed = _spin(0, MAX_SEED, 0, "Noise seed: the same seed gives the same result on any device or tiling")
+        form.addRow("Seed", self.seed)
+        self.tile_size = _spin(8, 4096, 256, "Tile edge (pixels): larger is faster on a GPU, needs more memory")
+        self.tile_overlap = _spin(0, 2048, 32, "Overlap between tiles (pixels), blended smoothly")
+        tiles = QHBoxLayout()
+        tiles.addWidget(self.tile_size)
+        tiles.addWidget(QLabel("overlap"))
+        tiles.addWidget(self.tile_overlap)
+        self._tiles_row = QWidget()
+        self._tiles_row.setLayout(tiles)
+        tiles.setContentsMargins(0, 0, 0, 0)
+        self.batch_size = _spin(1, 256, 4, "Tiles per network call")
+        if show_tiles:
+            form.addRow("Tile size", self._tiles_row)
+        form.addRow("Batch size", self.batch_size)
+        self.tile_size.valueChanged.connect(lambda v: self.tile_overlap.setMaximum(max(0, v // 2)))
+
+        outer = QVBoxLayout(self)
+        outer.setContentsMargins(0, 0, 0, 0)
+        outer.addLayout(form)
+
+        self._fill_checkpoints()
+        self.checkpoint.activated.connect(self._on_checkpoint_activated)
+        if needs_input:
+            self._hook_layer_events(viewer)
+        self._select_first_checkpoint()
+        self.refresh_layers()
+
+    def _hook_layer_events(self, viewer) -> None:
+        """Follow the layer list through a callback that holds the widget weakly and unhooks itself once the widget
+        is gone (no ``destroyed`` handler: PyQt may crash running Python while the GC deletes a widget)."""
+        from ._runner import _is_deleted
+
+        ref = weakref.ref(self)
+        events = viewer.layers.events
+
+        def on_event(event):
+            widget = ref()
+            if widget is None or _is_deleted(widget):
+                events.disconnect(on_event)
+                return
+            widget._on_layers_event(event)
+
+        events.connect(on_event)
+
+    # -- checkpoints -------------------------------------------------------------------------------------------
+    def _fill_checkpoints(self) -> None:
+        self.checkpoint.clear()
+        for name, folder in bundled_checkpoints().items():
+            if _task_of(folder) in self.tasks:
+                self.checkpoint.addItem(name, str(folder))
+        self.checkpoint.addItem("Choose folder…", _BROWSE)
+
+    def _select_first_checkpoint(self) -> None:
+        if self.checkpoint.count() > 1:
+            i = max(self.checkpoint.findText(DEFAULT_CHECKPOINT), 0)
+            self.checkpoint.setCurrentIndex(i)
+            self.set_checkpoint(self.checkpoint.itemData(i))
+        else:
+            self._set_bundle(None, f"No bundled {' / '.join(self.tasks)} checkpoint: choose a checkpoint folder.")
+
+    def _on_checkpoint_activated(self, index: int) -> None:
+        data = self.checkpoint.itemData(index)
+        if data == _BROWSE:
+            folder = QFileDialog.getExistingDirectory(self, "Checkpoint folder (config.json + model.safetensors)")
+            if not folder:
+                self._restore_checkpoint_selection()
+                return
+            data = folder
+        self.set_checkpoint(data)
+
+    def _restore_checkpoint_selection(self) -> None:
+        path = str(self.bundle.path) if self.bundle is not None and self.bundle.path else None
+        i = self.checkpoint.findData(path) if path else -1
+        self.checkpoint.setCurrentIndex(max(i, 0) if i >= 0 or self.checkpoint.count() > 1 else 0)
+
+    def set_checkpoint(self, name_or_path: str | Path) -> Bundle | None:
+        """Load a bundled demo by name or a checkpoint folder; a bad one is reported, never raised."""
+        try:
+            bundle = get_bundle(name_or_path)
+            if bundle.config.task not in self.tasks:
+                raise VirtualStainError(
+                    f"checkpoint {bundle.config.name!r} is a {bundle.config.task!r} model; this widget needs "
+                    f"{' or '.join(repr(t) for t in self.tasks)}"
+                )
+        except (VirtualStainError, OSError) as exc:
+            notify_error(str(exc))
+            self._restore_checkpoint_selection()
+            return None
+        path = str(bundle.path)
+        i = self.checkpoint.findData(path)
+        if i < 0:
+            self.checkpoint.insertItem(self.checkpoint.count() - 1, f"{bundle.config.name} ({Path(path).name})", path)
+            i = self.checkpoint.findData(path)
+        self.checkpoint.setCurrentIndex(i)
+        self._set_bundle(bundle)
+        return bundle
+
+    def _set_bundle(self, bundle: Bundle | None, message: str = "") -> None:
+        self.bundle = bundle
+        if bundle is None:
+            self.summary.setText(message)
+        else:
+            c = bundle.config
+            self.summary.setText(describe_bundle(bundle))
+            self.summary.setToolTip(bundle.summary() + (f"\n\n{c.description}" if c.description else ""))
+            steps, editable = scheduler_steps(bundle)
+            self._steps_default = steps
+            self.steps.setValue(steps)
+            self.steps.setEnabled(editable)
+            self.steps.setToolTip("Diffusion steps" if editable else
+                                  f"This {c.objective} checkpoint always takes {steps} step{'s' if steps > 1 else ''}")
+            from ..core.model import downsample_factor
+
+            factor = downsample_factor(c.unet)
+            self.tile_size.setSingleStep(factor)
+            self.tile_size.setMinimum(factor)
+            self.tile_size.setValue(c.tile_size)
+            self.tile_overlap.setValue(c.tile_overlap)
+        self.refresh_layers()
+        self.bundle_changed.emit(bundle)
+
+    # -- devices -----------------------------------------------------------------------------------------------
+    def _fill_devices(self) -> None:
+        import torch
+
+        from ..core.model import pick_device
+
+        auto = pick_device(None).type
+        self.device.addItem(f"auto ({auto})", "auto")
+        model: QStandardItemModel = self.device.model()
+        available = {
+            "cpu": True,
+            "cuda": torch.cuda.is_available(),
+            "mps": bool(getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()),
+        }
+        for name in ("cuda", "mps", "cpu"):
+            ok = available[name]
+            label = name if ok else f"{name} (not available)"
+            if name == "cuda" and ok:
+                label = f"cuda ({torch.cuda.get_device_name(0)})"
+            self.device.addItem(label, name)
+            if not ok:
+                model.item(self.device.count() - 1).setEnabled(False)
+
+    # -- layers ------------------------------------------------------------------------------------------------
+    def _on_layers_event(self, event) -> None:
+        if event.type in ("inserted", "removed", "moved", "reordered", "changed", "name", "data", "rgb"):
+            self.refresh_layers()
+
+    def refresh_layers(self) -> None:
+        """Re-list the Image layers that fit the checkpoint; keep the current choice when it still fits."""
+        if not self.needs_input:
+            return
+        current = self.layer.currentText()
+        self.layer.blockSignals(True)
+        self.layer.clear()
+        n_in = len(self.bundle.config.input_channels) if self.bundle is not None else 1
+        hidden = []
+        for layer in reversed(self.viewer.layers):  # top of the layer list first, as napari shows it
+            reason = why_not_fit(layer, n_in)
+            if reason is None:
+                self.layer.addItem(layer.name)
+            elif type(layer).__name__ == "Image":
+                hidden.append(f"'{layer.name}' ({reason})")
+        i = self.layer.findText(current)
+        if i >= 0:
+            self.layer.setCurrentIndex(i)
+        self.layer.blockSignals(False)
+        if self.layer.count() == 0:
+            need = self.bundle.config.input_names if self.bundle is not None else ["brightfield"]
+            self.layer_note.setText(
+                f"No image layer fits: the checkpoint needs {len(need)} channel(s) ({', '.join(need)}). "
+                "Open one, or File > Open Sample > Virtual Staining."
+                + (f" Hidden: {', '.join(hidden)}." if hidden else "")
+            )
+        else:
+            self.layer_note.setText(f"Hidden: {', '.join(hidden)}." if hidden else "")
+        self.layer_note.setVisible(bool(self.layer_note.text()))
+
+    def input_layer(self):
+        """The chosen layer (or None); a layer chosen by name that was since removed is None too."""
+        name = self.layer.currentText()
+        return self.viewer.layers[name] if name and name in self.viewer.layers else None
+
+    def set_input_layer(self, layer_or_name) -> None:
+        name = getattr(layer_or_name, "name", layer_or_name)
+        i = self.layer.findText(name)
+        if i < 0:
+            raise ValueError(f"layer {name!r} is not offered (does it fit the checkpoint?)")
+        self.layer.setCurrentIndex(i)
+
+    # -- settings ----------------------------------------------------------------------------------------------
+    def settings(self) -> RunSettings:
+        device = self.device.currentData()
+        return RunSettings(
+            device=None if device == "auto" else device,
+            seed=int(self.seed.value()),
+            steps=int(self.steps.value()) if self.steps.isEnabled() else None,
+            tile_size=int(self.tile_size.value()),
+            tile_overlap=int(self.tile_overlap.value()),
+            batch_size=int(self.batch_size.value()),
+            all_planes=self._allow_all_planes and self.all_planes.isChecked(),
+        )

@@ -1,0 +1,253 @@
+"""Layers in, layers out: pick the plane(s) of an input layer, and turn core results into layers that overlay it.
+
+No Qt here (only napari's layer model), so the rules are easy to test: which layers fit a checkpoint, which plane
+is "the current one", how outputs get the input's scale/translate, and what names/colormaps/metadata they carry.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ..core.errors import VirtualStainError
+
+LayerTuple = tuple  # napari LayerDataTuple: (data, kwargs, layer_type)
+
+#: stain name (lower case, substring) -> colormap; anything else cycles through _PALETTE
+_STAIN_COLORS = {
+    "hoechst": "cyan", "dapi": "cyan", "nucle": "cyan", "dna": "cyan",
+    "map2": "magenta", "nfh": "yellow", "tubulin": "yellow", "actin": "green", "phalloidin": "green",
+    "gfp": "green", "mito": "red", "membrane": "magenta", "nfkb": "green", "nf-kb": "green",
+}
+_PALETTE = ("magenta", "yellow", "green", "cyan", "red", "blue")
+DIVERGING = "PiYG"
+HEATMAP = "inferno"
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """World placement shared by every output of a run, copied from the input layer's kept axes."""
+
+    scale: tuple[float, ...]
+    translate: tuple[float, ...]
+    units: tuple | None = None
+    axis_labels: tuple[str, ...] | None = None
+
+    def kwargs(self) -> dict:
+        kw = {"scale": self.scale, "translate": self.translate}
+        if self.units is not None:
+            kw["units"] = self.units
+        if self.axis_labels is not None:
+            kw["axis_labels"] = self.axis_labels
+        return kw
+
+    @property
+    def ndim(self) -> int:
+        return len(self.scale)
+
+
+@dataclass
+class InputSelection:
+    """The arrays a run will read (copies, so the input layer is never touched and may even be deleted mid-run)."""
+
+    layer_name: str
+    arrays: list[np.ndarray]  # one per plane: (Y, X), or (C, Y, X) for multi-channel checkpoints
+    planes: list[tuple[int, ...]]  # leading-axis index of each array in the input layer
+    lead_shape: tuple[int, ...]  # leading shape of the stacked outputs (all 1 for a single plane)
+    geometry: Geometry
+    channel_axis: int | None  # what the core's channel_axis must be for each array
+    contrast_limits: tuple[float, float] | None = None
+    colormap: str | None = None
+    metadata: dict = field(default_factory=dict)
+
+    @property
+    def plane_note(self) -> dict:
+        """What goes into provenance about the planes."""
+        if len(self.planes) == 1:
+            return {"plane": list(self.planes[0])} if self.planes[0] else {}
+        return {"planes": "all", "lead_shape": list(self.lead_shape)}
+
+
+def layer_kind(layer) -> str:
+    return type(layer).__name__
+
+
+def why_not_fit(layer, n_inputs: int) -> str | None:
+    """None if ``layer`` can feed a checkpoint with ``n_inputs`` input channels, else a short reason."""
+    from napari.layers import Image
+
+    if not isinstance(layer, Image):
+        return f"a {layer_kind(layer)} layer"
+    if layer.rgb:
+        return "RGB"
+    shape = _base_shape(layer)
+    if n_inputs == 1:
+        return None if len(shape) >= 2 else "not 2D"
+    if len(shape) < 3 or shape[-3] != n_inputs:
+        return f"needs {n_inputs} channels before Y, X"
+    return None
+
+
+def _base_shape(layer) -> tuple[int, ...]:
+    data = layer.data[0] if getattr(layer, "multiscale", False) else layer.data
+    return tuple(int(s) for s in data.shape)
+
+
+def select_input(layer, n_inputs: int, input_names: list[str], world_point=None, all_planes: bool = False
+                 ) -> InputSelection:
+    """Copy the plane at ``world_point`` (``viewer.dims.point``) or every plane of ``layer``; say clearly why not.
+
+    The last two axes are Y, X; a multi-channel checkpoint takes the axis before them as its channels; every other
+    leading axis (time, z, ...) is a plane axis.
+    """
+    from napari.layers import Image
+
+    name = getattr(layer, "name", "?")
+    need = f"the checkpoint expects {n_inputs} input channel{'s' if n_inputs > 1 else ''} ({', '.join(input_names)})"
+    if not isinstance(layer, Image):
+        raise VirtualStainError(f"'{name}' is a {layer_kind(layer)} layer; choose an Image layer ({need})")
+    if layer.rgb:
+        raise VirtualStainError(
+            f"'{name}' is an RGB image; {need}. Split it (right-click the layer > Split RGB) and pick the channel "
+            "that holds the transmitted light, or convert it to greyscale"
+        )
+    data = layer.data[0] if layer.multiscale else layer.data
+    shape = tuple(int(s) for s in data.shape)
+    n_chan_axes = 0 if n_inputs == 1 else 1
+    if len(shape) < 2 + n_chan_axes or (n_chan_axes and shape[-3] != n_inputs):
+        raise VirtualStainError(
+            f"'{name}' has shape {shape}; {need}"
+            + (" as the axis just before Y, X" if n_chan_axes else "")
+        )
+    n_lead = len(shape) - 2 - n_chan_axes
+    lead_full = shape[:n_lead]
+    if all_planes or n_lead == 0:
+        planes = list(np.ndindex(*lead_full)) if n_lead else [()]
+        lead_shape = lead_full
+    else:
+        pos = layer.world_to_data(np.asarray(world_point, dtype=float)) if world_point is not None else np.zeros(len(shape))
+        planes = [tuple(int(np.clip(np.round(pos[i]), 0, lead_full[i] - 1)) for i in range(n_lead))]
+        lead_shape = (1,) * n_lead
+    arrays = [np.array(data[idx], copy=True) for idx in planes]
+
+    keep = [*range(n_lead), len(shape) - 2, len(shape) - 1]  # the channel axis (if any) is dropped
+    scale = np.asarray(layer.scale, dtype=float)
+    translate = np.asarray(layer.translate, dtype=float).copy()
+    if not all_planes and n_lead:
+        translate[:n_lead] = translate[:n_lead] + np.asarray(planes[0]) * scale[:n_lead]
+    units = getattr(layer, "units", None)
+    labels = getattr(layer, "axis_labels", None)
+    geometry = Geometry(
+        tuple(float(scale[i]) for i in keep),
+        tuple(float(translate[i]) for i in keep),
+        tuple(units[i] for i in keep) if units is not None else None,
+        tuple(labels[i] for i in keep) if labels is not None else None,
+    )
+    cmap = getattr(layer.colormap, "name", None)
+    return InputSelection(
+        name, arrays, planes, lead_shape, geometry, 0 if n_chan_axes else None,
+        tuple(float(v) for v in layer.contrast_limits), cmap,
+    )
+
+
+def robust_limits(data: np.ndarray, low: float = 0.5, high: float = 99.8) -> tuple[float, float]:
+    """Contrast limits from the data itself (percentiles of the finite values), never an empty range."""
+    finite = np.asarray(data, dtype=np.float32)
+    finite = finite[np.isfinite(finite)]
+    if finite.size == 0:
+        return 0.0, 1.0
+    lo, hi = (float(v) for v in np.percentile(finite, (low, high)))
+    if not hi > lo:
+        hi = lo + max(abs(lo) * 1e-3, 1e-6)
+    return lo, hi
+
+
+def symmetric_limits(data: np.ndarray, high: float = 99.8) -> tuple[float, float]:
+    """(-m, m) so a diverging colormap puts 0 at its neutral centre."""
+    finite = np.abs(np.asarray(data, dtype=np.float32))
+    finite = finite[np.isfinite(finite)]
+    m = float(np.percentile(finite, high)) if finite.size else 0.0
+    m = m if m > 0 else 1e-6
+    return -m, m
+
+
+def stain_colormap(name: str, index: int) -> str:
+    low = name.lower()
+    for key, cmap in _STAIN_COLORS.items():
+        if key in low:
+            return cmap
+    return _PALETTE[index % len(_PALETTE)]
+
+
+def json_safe(d: dict) -> dict:
+    """Provenance as plain JSON types, so it can be saved with the layer and compared in tests."""
+    return json.loads(json.dumps(d, default=lambda o: o.tolist() if hasattr(o, "tolist") else str(o)))
+
+
+def stack_planes(arrays: Iterable[np.ndarray], lead_shape: tuple[int, ...]) -> np.ndarray:
+    """Per-plane results (each (..., Y, X)) -> one array of shape (*lead_shape, ..., Y, X)."""
+    arrays = list(arrays)
+    stacked = np.stack(arrays)
+    return stacked.reshape(*lead_shape, *arrays[0].shape) if lead_shape else stacked[0]
+
+
+def put_channel_last_two(stack: np.ndarray, c: int, n_lead: int) -> np.ndarray:
+    """(*lead, C, Y, X) -> channel ``c`` as (*lead, Y, X)."""
+    return stack[(slice(None),) * n_lead + (c,)]
+
+
+def stain_layer_tuples(
+    stack: np.ndarray,
+    channel_names: list[str],
+    channel_kinds: list[str],
+    labels: dict[str, np.ndarray],
+    provenance: dict,
+    geometry: Geometry,
+    *,
+    probabilities: bool = False,
+    suffix: str = "(virtual)",
+) -> list[LayerTuple]:
+    """Stain channels as additive Image layers, labels as Labels layers, boundary/foreground probabilities on request.
+
+    ``stack`` is (*lead, C, Y, X) with lead matching ``geometry.ndim - 2``; labels are (*lead, Y, X).
+    """
+    n_lead = geometry.ndim - 2
+    prov = json_safe(provenance)
+    out: list[LayerTuple] = []
+    n_stain = 0
+    for c, (name, kind) in enumerate(zip(channel_names, channel_kinds)):
+        data = np.ascontiguousarray(put_channel_last_two(stack, c, n_lead))
+        meta = {**prov, "channel": name, "kind": kind}
+        if kind == "stain":
+            out.append((data, {
+                "name": f"{name} {suffix}", "colormap": stain_colormap(name, n_stain), "blending": "additive",
+                "contrast_limits": robust_limits(data), "metadata": meta, **geometry.kwargs(),
+            }, "image"))
+            n_stain += 1
+        elif probabilities:
+            out.append((data, {
+                "name": f"{name} {suffix}", "colormap": "magma" if kind == "boundary" else "gray",
+                "blending": "additive", "contrast_limits": (0.0, 1.0), "visible": kind == "boundary",
+                "metadata": meta, **geometry.kwargs(),
+            }, "image"))
+    for name, lab in labels.items():
+        meta = {**prov, "channel": name, "kind": "labels"}
+        out.append((np.ascontiguousarray(lab), {
+            "name": f"{name} {suffix}", "opacity": 0.5, "metadata": meta, **geometry.kwargs(),
+        }, "labels"))
+    return out
+
+
+def add_layers(viewer, tuples: list[LayerTuple]) -> list:
+    """Add layer tuples to ``viewer`` (in order, on top) and return the layers."""
+    from napari.layers import Layer
+
+    layers = []
+    for data, kwargs, kind in tuples:
+        layer = Layer.create(data, dict(kwargs), kind)
+        viewer.layers.append(layer)
+        layers.append(layer)
+    return layers

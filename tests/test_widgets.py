@@ -1,0 +1,345 @@
+"""napari widgets on real data (a crop of the ndev scratch assay) with tiny untrained bundles, under pytest-xvfb.
+
+What they pin down: the widgets call the same core as the CLI (identical arrays for the same seed), outputs overlay
+the input (scale/translate), carry provenance, the input layer is never modified, Cancel adds nothing, one run at a
+time, and every bad input ends as a notification, never a traceback or a half-made layer.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+pytestmark = pytest.mark.gui
+
+SCALE = (1.0, 0.619, 0.619)
+
+
+@pytest.fixture(scope="module")
+def scratch(shared_data) -> np.ndarray:
+    """Brightfield (oblique transmitted light) of the scratch assay, (T=10, 210, 576) uint16."""
+    import tifffile
+
+    return tifffile.imread(shared_data / "ndev_scratch_assay" / "scratch-assay-labeled-10T-2Ch.tiff")[1]
+
+
+@pytest.fixture(scope="module")
+def crop(scratch) -> np.ndarray:
+    """(3, 48, 64): time points 7-9 of a 48x64 crop."""
+    return np.ascontiguousarray(scratch[7:10, 100:148, 200:264])
+
+
+@pytest.fixture(scope="module")
+def tiny_bundle(tiny_bundle_dir):
+    from napari_virtualstain._widgets._controls import get_bundle
+
+    return get_bundle(tiny_bundle_dir)
+
+
+@pytest.fixture
+def notes():
+    """Notifications raised during the test: a list of (severity, message)."""
+    from napari.utils.notifications import notification_manager
+
+    start = len(notification_manager.records)
+
+    class Notes:
+        def all(self):
+            return [(str(n.severity), str(n.message)) for n in notification_manager.records[start:]]
+
+        def errors(self):
+            return [m for s, m in self.all() if s.lower() == "error"]
+
+        def warnings(self):
+            return [m for s, m in self.all() if s.lower() == "warning"]
+
+    return Notes()
+
+
+@pytest.fixture(autouse=True)
+def _no_thread_left():
+    """Every test ends with no worker still running (a stray run would make the next test refuse to start)."""
+    yield
+    from napari_virtualstain._widgets._runner import wait_for_all
+
+    assert wait_for_all(30.0), "a worker thread did not stop"
+
+
+def wait_done(qtbot, widget, timeout=30000):
+    qtbot.waitUntil(lambda: not widget.runner.running, timeout=timeout)
+
+
+@pytest.fixture
+def stain_setup(make_napari_viewer, crop, tiny_bundle_dir):
+    from napari_virtualstain._widgets import StainWidget
+
+    viewer = make_napari_viewer()
+    layer = viewer.add_image(crop, name="Brightfield", scale=SCALE, translate=(10.0, 5.0, 20.0))
+    widget = StainWidget(viewer)
+    viewer.window.add_dock_widget(widget)
+    assert widget.controls.set_checkpoint(tiny_bundle_dir) is not None
+    widget.controls.set_input_layer(layer)
+    return viewer, layer, widget
+
+
+def layer_names(viewer):
+    return [layer.name for layer in viewer.layers]
+
+
+# -- virtual stain -----------------------------------------------------------------------------------------------
+
+
+def test_stain_predicts_current_plane_like_the_core(stain_setup, qtbot, crop, tiny_bundle, notes):
+    from napari.layers import Image, Labels
+
+    from napari_virtualstain.core.tasks.stain import predict_stain
+
+    viewer, layer, widget = stain_setup
+    before = np.array(layer.data, copy=True)
+    viewer.dims.set_point(0, 12.0)  # world time 12 -> data plane 2 (translate 10, scale 1)
+    widget.controls.seed.setValue(3)
+    assert widget.run()
+    assert not widget.run_button.isEnabled() and widget.cancel_button.isEnabled()
+    wait_done(qtbot, widget)
+    assert widget.runner.last_outcome == "done", notes.all()
+    assert widget.run_button.isEnabled() and not widget.cancel_button.isEnabled()
+    assert layer_names(viewer) == ["Brightfield", "Hoechst (virtual)", "nuclei (virtual)"]
+    assert np.array_equal(layer.data, before), "the input layer was modified"
+
+    hoechst, nuclei = viewer.layers["Hoechst (virtual)"], viewer.layers["nuclei (virtual)"]
+    assert isinstance(hoechst, Image) and isinstance(nuclei, Labels)
+    expected = predict_stain(tiny_bundle, crop[2], seed=3, tile_size=32, tile_overlap=8, batch_size=4)
+    for out in (hoechst, nuclei):
+        assert out.data.shape == (1, 48, 64)
+        np.testing.assert_allclose(out.scale, SCALE)
+        np.testing.assert_allclose(out.translate, (12.0, 5.0, 20.0))  # only on the plane it was predicted for
+        meta = out.metadata
+        assert meta["bundle_id"] == tiny_bundle.id and meta["seed"] == 3 and meta["steps"] == 15
+        assert meta["input"] == "Brightfield" and meta["plane"] == [2] and meta["num_tiles"] >= 2
+    np.testing.assert_allclose(hoechst.data[0], expected.channel("Hoechst"), rtol=1e-5, atol=1e-4)
+    assert np.array_equal(nuclei.data[0], expected.labels["nuclei"])
+    assert hoechst.blending == "additive" and hoechst.colormap.name == "cyan"
+    lo, hi = hoechst.contrast_limits
+    assert hoechst.data.min() <= lo < hi <= hoechst.data.max()
+    assert not notes.errors()
+
+
+def test_stain_all_planes_and_probabilities(stain_setup, qtbot, crop, tiny_bundle, notes):
+    from napari_virtualstain.core.tasks.stain import predict_stain
+
+    viewer, layer, widget = stain_setup
+    widget.controls.all_planes.setChecked(True)
+    widget.probabilities.setChecked(True)
+    assert widget.run()
+    wait_done(qtbot, widget)
+    assert widget.runner.last_outcome == "done", notes.all()
+    assert layer_names(viewer)[1:] == [
+        "Hoechst (virtual)", "nuclei boundary (virtual)", "nuclei foreground (virtual)", "nuclei (virtual)"
+    ]
+    for name in layer_names(viewer)[1:]:
+        out = viewer.layers[name]
+        assert out.data.shape == crop.shape
+        np.testing.assert_allclose(out.translate, (10.0, 5.0, 20.0))
+        assert out.metadata["planes"] == "all" and out.metadata["lead_shape"] == [3]
+    boundary = viewer.layers["nuclei boundary (virtual)"].data
+    assert 0.0 <= boundary.min() and boundary.max() <= 1.0
+    expected = predict_stain(tiny_bundle, crop[1], seed=0, tile_size=32, tile_overlap=8)
+    np.testing.assert_allclose(viewer.layers["Hoechst (virtual)"].data[1], expected.channel("Hoechst"),
+                               rtol=1e-5, atol=1e-4)
+
+
+def test_cancel_stops_between_steps_and_adds_nothing(make_napari_viewer, qtbot, scratch, tiny_bundle_dir, notes):
+    from napari_virtualstain._widgets import StainWidget
+
+    viewer = make_napari_viewer()
+    big = viewer.add_image(scratch[9, :128, :256], name="big")  # 15 steps x 45 tiles: several seconds
+    widget = StainWidget(viewer)
+    widget.controls.set_checkpoint(tiny_bundle_dir)
+    widget.controls.set_input_layer(big)
+    assert widget.run()
+    qtbot.waitUntil(lambda: widget.progress_bar.value() > 0, timeout=20000)
+    qtbot.mouseClick(widget.cancel_button, _left())
+    wait_done(qtbot, widget)
+    assert widget.runner.last_outcome == "cancelled"
+    assert layer_names(viewer) == ["big"]
+    assert widget.run_button.isEnabled() and widget.progress_bar.value() == 0
+    # it stopped at a step boundary, well before the end
+    assert widget.runner.finished_at - widget.runner.cancel_requested_at < 3.0
+    assert not notes.errors()
+
+
+def _left():
+    from qtpy.QtCore import Qt
+
+    return Qt.MouseButton.LeftButton
+
+
+def test_one_run_at_a_time(stain_setup, qtbot, notes):
+    from napari_virtualstain._widgets import StainWidget
+
+    viewer, layer, widget = stain_setup
+    other = StainWidget(viewer)
+    other.controls.set_checkpoint(widget.controls.bundle.path)
+    other.controls.set_input_layer(layer)
+    assert widget.run()
+    assert not widget.run()  # the button is disabled, and a direct call is refused too
+    assert not other.run()
+    assert any("still running" in m for m in notes.warnings())
+    wait_done(qtbot, widget)
+    assert widget.runner.last_outcome == "done"
+    assert other.run()  # free again
+    wait_done(qtbot, other)
+    assert layer_names(viewer).count("Hoechst (virtual)") == 1 and "Hoechst (virtual) [1]" in layer_names(viewer)
+
+
+def test_bad_layers_give_a_notification_and_no_layer(stain_setup, qtbot, crop, notes):
+    viewer, layer, widget = stain_setup
+    labels = viewer.add_labels(np.zeros((48, 64), np.int32), name="masks")
+    rgb = viewer.add_image(np.zeros((48, 64, 3), np.uint8), name="photo", rgb=True)
+    points = viewer.add_points(np.zeros((2, 2)), name="pts")
+    n = len(viewer.layers)
+    for bad, words in ((labels, "Labels layer"), (rgb, "RGB"), (points, "Points layer")):
+        assert not widget.run(bad)
+        assert any(words in m for m in notes.errors()), (words, notes.all())
+    assert len(viewer.layers) == n and not widget.runner.running
+    # neither the labels nor the RGB layer is offered, and the note says why the RGB one is hidden
+    offered = [widget.controls.layer.itemText(i) for i in range(widget.controls.layer.count())]
+    assert offered == ["Brightfield"]
+    assert "'photo' (RGB)" in widget.controls.layer_note.text()
+
+
+@pytest.mark.parametrize(
+    "make, words",
+    [
+        (lambda c: np.where(np.arange(c[0].size).reshape(c[0].shape) == 5, np.nan, c[0].astype(np.float32)), "NaN"),
+        (lambda c: c[0, :6, :6], "8"),
+        (lambda c: np.full((48, 64), 7, np.uint16), "constant"),
+    ],
+    ids=["nan", "tiny", "constant"],
+)
+def test_bad_images_give_a_notification_and_no_layer(stain_setup, qtbot, crop, notes, make, words):
+    viewer, _, widget = stain_setup
+    bad = viewer.add_image(make(crop), name="bad")
+    n = len(viewer.layers)
+    assert widget.run(bad)  # the core checks it in the worker
+    wait_done(qtbot, widget)
+    assert widget.runner.last_outcome == "user_error"
+    errors = notes.errors()
+    assert errors and words.lower() in errors[-1].lower(), notes.all()
+    assert len(viewer.layers) == n
+    assert widget.status.text().startswith("Error:")
+
+
+def test_wrong_channel_count(make_napari_viewer, qtbot, crop, tmp_path, notes):
+    import torch
+
+    from conftest import make_tiny_config
+    from napari_virtualstain._widgets import StainWidget
+    from napari_virtualstain.core.bundle import save_bundle
+    from napari_virtualstain.core.model import build_unet
+
+    config = make_tiny_config(n_inputs=2)
+    torch.manual_seed(0)
+    save_bundle(tmp_path / "two", config, build_unet(config.unet))
+    viewer = make_napari_viewer()
+    flat = viewer.add_image(crop[0], name="flat")
+    two = viewer.add_image(crop[:2], name="two planes")
+    widget = StainWidget(viewer)
+    widget.controls.set_checkpoint(tmp_path / "two")
+    offered = [widget.controls.layer.itemText(i) for i in range(widget.controls.layer.count())]
+    assert offered == ["two planes"]
+    assert not widget.run(flat)
+    assert "expects 2 input channels" in notes.errors()[-1]
+    assert widget.run(two)
+    wait_done(qtbot, widget)
+    assert widget.runner.last_outcome == "done"
+    assert viewer.layers["Hoechst (virtual)"].data.shape == (48, 64)  # the channel axis is consumed
+
+
+def test_input_layer_deleted_mid_run(stain_setup, qtbot, notes):
+    viewer, layer, widget = stain_setup
+    assert widget.run()
+    viewer.layers.remove(layer)
+    wait_done(qtbot, widget)
+    assert widget.runner.last_outcome == "done"
+    assert layer_names(viewer) == ["Hoechst (virtual)", "nuclei (virtual)"]
+    hoechst = viewer.layers["Hoechst (virtual)"]
+    np.testing.assert_allclose(hoechst.translate[1:], (5.0, 20.0))
+    assert any("removed during the run" in m for m in notes.warnings())
+
+
+def test_viewer_closed_mid_run(make_napari_viewer, qtbot, scratch, tiny_bundle_dir):
+    """Closing napari mid-run cancels the run (the widget is gone) without a crash or a late layer."""
+    import time
+
+    from napari_virtualstain._widgets import StainWidget
+    from napari_virtualstain._widgets._runner import active_run
+
+    viewer = make_napari_viewer()
+    viewer.add_image(scratch[9], name="full frame")  # ~15 s uncancelled
+    widget = StainWidget(viewer)
+    viewer.window.add_dock_widget(widget)
+    widget.controls.set_checkpoint(tiny_bundle_dir)
+    assert widget.run()
+    qtbot.waitUntil(lambda: widget.progress_bar.value() > 0, timeout=20000)
+    t0 = time.perf_counter()
+    viewer.close()
+    qtbot.waitUntil(lambda: active_run() is None, timeout=10000)
+    assert time.perf_counter() - t0 < 5.0
+
+
+def test_checkpoint_picker(make_napari_viewer, tmp_path, notes, tiny_bundle_dir):
+    from napari_virtualstain._widgets import StainWidget
+    from napari_virtualstain.core.bundle import bundled_checkpoints
+
+    viewer = make_napari_viewer()
+    widget = StainWidget(viewer)
+    controls = widget.controls
+    items = [controls.checkpoint.itemText(i) for i in range(controls.checkpoint.count())]
+    assert "demo-stain" in items and items[-1] == "Choose folder…"
+    assert set(items[:-1]) <= set(bundled_checkpoints())
+    assert controls.bundle.config.name == "demo-stain" and "Hoechst" in controls.summary.text()
+    assert not controls.steps.isEnabled() and controls.steps.value() == 15  # residual shift: fixed chain
+    (tmp_path / "empty").mkdir()
+    assert controls.set_checkpoint(tmp_path / "empty") is None
+    assert "config.json" in notes.errors()[-1]
+    assert controls.bundle.config.name == "demo-stain"  # a bad choice leaves the previous checkpoint
+    (tmp_path / "model.pt").write_bytes(b"\x80\x04junk")
+    assert controls.set_checkpoint(tmp_path / "model.pt") is None
+    assert "pickle" in notes.errors()[-1].lower()
+    controls.set_checkpoint(tiny_bundle_dir)
+    assert controls.bundle.config.name == "tiny" and controls.tile_size.value() == 32
+    # devices: auto first, unavailable ones shown but disabled
+    model = controls.device.model()
+    labels = [controls.device.itemText(i) for i in range(controls.device.count())]
+    assert labels[0].startswith("auto (") and any(t.startswith("cpu") for t in labels)
+    import torch
+
+    if not torch.cuda.is_available():
+        i = next(i for i, t in enumerate(labels) if t.startswith("cuda"))
+        assert not model.item(i).isEnabled()
+
+
+def test_layer_picker_follows_the_layer_list(stain_setup):
+    viewer, layer, widget = stain_setup
+    combo = widget.controls.layer
+    viewer.add_image(np.zeros((32, 32), np.float32), name="second")
+    assert {combo.itemText(i) for i in range(combo.count())} == {"Brightfield", "second"}
+    assert combo.currentText() == "Brightfield"  # a new layer does not steal the choice
+    layer.name = "renamed"
+    assert "renamed" in [combo.itemText(i) for i in range(combo.count())]
+    viewer.layers.remove("second")
+    assert [combo.itemText(i) for i in range(combo.count())] == ["renamed"]
+
+
+def test_manifest_widgets_open_in_napari(make_napari_viewer):
+    import npe2
+
+    from napari_virtualstain import _widgets
+
+    manifest = npe2.PluginManifest.from_file(__import__("pathlib").Path(__file__).parent.parent / "napari.yaml")
+    names = {w.display_name for w in manifest.contributions.widgets}
+    assert "Virtual stain" in names
+    viewer = make_napari_viewer()
+    dock, widget = viewer.window.add_plugin_dock_widget("napari-virtualstain", "Virtual stain")
+    assert isinstance(widget, _widgets.StainWidget)
