@@ -180,29 +180,56 @@ def _progress_printer(what: str):
     return report
 
 
-def cmd_train(args) -> int:
+def _load_training_spec(args):
+    """A paired-stain spec, or a class-conditional one (--task classcond, a 'task: classcond' config, or a CSV)."""
+    from .train.classcond_data import load_class_csv, load_class_folders, load_classcond_config
     from .train.data import load_config, load_folder
-    from .train.loop import TrainOptions, train
 
     src = Path(args.data)
+    names = _split_names(args.stain_names)
     if src.is_dir():
-        spec = load_folder(src, _split_names(args.input_names), _split_names(args.stain_names), args.channel_axis)
-    elif src.is_file():
-        spec = load_config(src)
-    else:
-        raise VirtualStainError(f"training data {src} is neither a folder nor a YAML/JSON config")
+        if args.task == "classcond":
+            return load_class_folders(src, names)
+        return load_folder(src, _split_names(args.input_names), names, args.channel_axis)
+    if not src.is_file():
+        raise VirtualStainError(f"training data {src} is neither a folder nor a YAML/JSON/CSV file")
+    if src.suffix.lower() == ".csv":
+        return load_class_csv(src, names)
+    raw = None
+    if src.suffix.lower() in (".yaml", ".yml", ".json"):
+        import yaml
+
+        try:
+            raw = yaml.safe_load(src.read_text())  # JSON is YAML
+        except yaml.YAMLError as exc:
+            raise VirtualStainError(f"{src} is not valid YAML/JSON: {exc}") from None
+    if isinstance(raw, dict) and (raw.get("task") == "classcond" or args.task == "classcond"):
+        return load_classcond_config(src, raw)
+    if args.task == "classcond":
+        raise VirtualStainError(f"{src}: --task classcond needs class folders, a CSV (image,class) or a classcond config")
+    return load_config(src)
+
+
+def cmd_train(args) -> int:
+    from .train.loop import TrainOptions, train
+
+    spec = _load_training_spec(args)
     if args.name:
         spec.name = args.name
     if args.pixel_size:
         spec.pixel_size_um = args.pixel_size
-    if args.val_fraction is not None:
+    if args.val_fraction is not None and hasattr(spec, "val_fraction"):
         spec.val_fraction = args.val_fraction
+    from .train.classcond_data import ClassCondSpec
+
+    classcond = isinstance(spec, ClassCondSpec)
     opts = TrainOptions(
-        objective=args.objective, steps=args.steps, batch_size=args.batch_size, crop_size=args.crop_size, lr=args.lr,
+        objective=args.objective or ("ddpm" if classcond else "residual_shift"), steps=args.steps, batch_size=args.batch_size, crop_size=args.crop_size, lr=args.lr,
         ema_decay=args.ema_decay, val_every=args.val_every, seed=args.seed, device=args.device,
         block_out_channels=tuple(int(v) for v in args.channels.split(",")), layers_per_block=args.layers_per_block,
         tile_size=args.tile_size, tile_overlap=args.tile_overlap, half_weights=args.half_weights,
         command="virtualstain " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
+        extra={"cond_dropout": args.cond_dropout} if args.cond_dropout is not None else {},
     )
     bundle, history = train(spec, args.output, opts, resume=args.resume)
     print(bundle.summary())
@@ -256,6 +283,65 @@ def cmd_demo(args) -> int:
         m = image_metrics(pred, truth)
         print(f"Hoechst vs the real stain (held-out t={t}): Pearson r {m['pearson']:.3f}, SSIM {m['ssim']:.3f}, "
               f"PSNR {m['psnr']:.1f} dB")
+    return 0
+
+
+def cmd_translate(args) -> int:
+    """Invert each image under --from, regenerate under --to; write translation, control and difference."""
+    from .core.bundle import load_bundle
+    from .core.io import read_image, write_channels
+    from .core.tasks.classcond import translate
+
+    bundle = load_bundle(args.checkpoint)
+    config = bundle.config
+    if config.task != "classcond":
+        raise VirtualStainError(f"checkpoint {config.name!r} is a {config.task!r} model without classes; translate "
+                                "needs a class-conditional checkpoint (see 'virtualstain info')")
+    config.class_index(args.source), config.class_index(args.target)
+    if args.source == args.target:
+        print(f"note: --from and --to are both {args.source!r}: the output is the reconstruction control "
+              "(inversion + regeneration error only)", file=sys.stderr)
+    out = Path(args.output)
+    plane = _parse_plane(args.plane)
+    diffs, written = [], []
+    for path in expand_inputs(args.images):
+        image = read_image(path)
+        plane_ndim = 2 if len(config.output_channels) == 1 and args.channel_axis is None else 3
+        for idx, arr in iter_planes(image, plane, False, plane_ndim):
+            what = path.name + (f" plane {idx}" if idx else "")
+            res = translate(bundle, arr, args.source, args.target, steps=args.steps, guidance=args.guidance,
+                            strength=args.strength, channel_axis=args.channel_axis, tile_size=args.tile_size,
+                            tile_overlap=args.tile_overlap, batch_size=args.batch_size, device=args.device,
+                            progress=_progress_printer(what) if not args.quiet else None, input_name=what)
+            prov = res.provenance | {"input_file": str(path), "plane": list(idx)}
+            stem = path.name.split(".")[0] + ("_" + "-".join(map(str, idx)) if idx else "")
+            for kind, arr_out in (("translated", res.translated), ("control", res.control), ("difference", res.difference)):
+                written.append(write_channels(out / f"{stem}_{kind}.tif", arr_out, res.channel_names,
+                                              prov | {"output": kind}, config.pixel_size_um))
+            diffs.append((stem, res))
+    shapes = {r.difference.shape for _, r in diffs}
+    if len(diffs) > 1 and len(shapes) == 1:
+        mean = np.mean([r.difference for _, r in diffs], axis=0)
+        prov = diffs[0][1].provenance | {"output": "mean difference", "images": [s for s, _ in diffs]}
+        written.append(write_channels(out / "mean_difference.tif", mean, diffs[0][1].channel_names, prov,
+                                      config.pixel_size_um))
+    print("\n".join(f"wrote {p}" for p in written))
+    return 0
+
+
+def cmd_synthesize(args) -> int:
+    from .core.bundle import load_bundle
+    from .core.io import write_channels
+    from .core.tasks.classcond import synthesize
+
+    bundle = load_bundle(args.checkpoint)
+    res = synthesize(bundle, args.class_name, args.n, seed=args.seed, steps=args.steps, guidance=args.guidance,
+                     size=args.size, batch_size=args.batch_size, device=args.device,
+                     progress=_progress_printer(f"{args.n} x {args.class_name}") if not args.quiet else None)
+    name = "".join(ch if ch.isalnum() or ch in "-_" else "_" for ch in args.class_name)
+    path = write_channels(Path(args.output) / f"{name}_samples.tif", res.images, res.channel_names, res.provenance,
+                          bundle.config.pixel_size_um)
+    print(f"wrote {path}")
     return 0
 
 
@@ -343,8 +429,13 @@ def build_parser() -> argparse.ArgumentParser:
     tr = sub.add_parser("train", help="train a bundle on your own images")
     tr.add_argument("data", help="folder (input/, target/, labels/NAME/) or YAML/JSON training config")
     tr.add_argument("--output", "-o", required=True, help="bundle folder to write (and resume from)")
-    tr.add_argument("--objective", choices=["residual_shift", "ddpm", "regression"], default="residual_shift",
-                    help="residual_shift: 15-step CellResDM model; ddpm: epsilon DDPM (DDIM/DDPM sampling, uncertainty maps); regression: one-pass baseline")
+    tr.add_argument("--objective", choices=["residual_shift", "ddpm", "regression"], default=None,
+                    help="residual_shift (default for stain): 15-step CellResDM model; ddpm (classcond: the only one): epsilon DDPM (DDIM/DDPM sampling, uncertainty maps); regression: one-pass baseline")
+    tr.add_argument("--task", choices=["stain", "classcond"], default=None,
+                    help="stain (default): paired input -> stain model; classcond: class-conditional DDPM for translate/"
+                         "synthesize (implied by a CSV or a config with task: classcond)")
+    tr.add_argument("--cond-dropout", type=float, default=None,
+                    help="classcond: fraction of labels replaced by the null class (default 0.1), for guidance")
     tr.add_argument("--steps", type=int, default=2000)
     tr.add_argument("--batch-size", type=int, default=8)
     tr.add_argument("--crop-size", type=int, default=128)
@@ -364,9 +455,43 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--name", default=None)
     tr.add_argument("--pixel-size", type=float, default=None, help="pixel size in um")
     tr.add_argument("--input-names", default=None, help="folder mode: comma-separated input channel names")
-    tr.add_argument("--stain-names", default=None, help="folder mode: comma-separated target channel names")
+    tr.add_argument("--stain-names", default=None,
+                    help="folder mode: comma-separated target channel names (classcond: the image channel names)")
     tr.add_argument("--channel-axis", type=int, default=0, help="folder mode: channel axis of multi-channel files")
     tr.set_defaults(func=cmd_train)
+
+    tl = sub.add_parser("translate", help="condition translation: invert under --from, regenerate under --to (+ control)")
+    tl.add_argument("images", nargs="+", help="images (channels as the checkpoint lists them) or folders")
+    tl.add_argument("--checkpoint", "-c", required=True, help="class-conditional bundle folder or demo name")
+    tl.add_argument("--from", dest="source", required=True, help="the images' own class")
+    tl.add_argument("--to", dest="target", required=True, help="class to translate to")
+    tl.add_argument("--output", "-o", required=True)
+    tl.add_argument("--steps", type=int, default=50, help="DDIM steps for inversion and for regeneration")
+    tl.add_argument("--guidance", type=float, default=1.0, help="classifier-free guidance scale (1 = none)")
+    tl.add_argument("--strength", type=float, default=1.0,
+                    help="how far to invert, as a fraction of the schedule (1 = to noise, as PhenDiff)")
+    tl.add_argument("--tile-size", type=int, default=None)
+    tl.add_argument("--tile-overlap", type=int, default=None)
+    tl.add_argument("--batch-size", type=int, default=4)
+    tl.add_argument("--device", default="auto")
+    tl.add_argument("--channel-axis", type=int, default=None)
+    tl.add_argument("--plane", default=None, help="indices of leading axes to pick (see predict)")
+    tl.add_argument("--quiet", "-q", action="store_true")
+    tl.set_defaults(func=cmd_translate)
+
+    sy = sub.add_parser("synthesize", help="generate samples of a class from a class-conditional checkpoint")
+    sy.add_argument("--checkpoint", "-c", required=True)
+    sy.add_argument("--class", dest="class_name", required=True)
+    sy.add_argument("-n", type=int, default=16, help="number of samples")
+    sy.add_argument("--output", "-o", required=True)
+    sy.add_argument("--seed", type=int, default=0, help="sample i uses seed SEED + i")
+    sy.add_argument("--steps", type=int, default=50)
+    sy.add_argument("--guidance", type=float, default=1.0)
+    sy.add_argument("--size", type=int, default=None, help="side in pixels (default: the training crop size)")
+    sy.add_argument("--batch-size", type=int, default=4)
+    sy.add_argument("--device", default="auto")
+    sy.add_argument("--quiet", "-q", action="store_true")
+    sy.set_defaults(func=cmd_synthesize)
 
     info = sub.add_parser("info", help="describe a checkpoint, or list the bundled ones")
     info.add_argument("checkpoint", nargs="?")

@@ -20,7 +20,7 @@ from .normalize import FixedNorm, PercentileNorm, norm_from_dict
 FORMAT = "napari-virtualstain-bundle"
 FORMAT_VERSION = 1
 WEIGHTS_NAME = "model.safetensors"
-TASKS = ("stain",)
+TASKS = ("stain", "classcond")  # classcond: class-conditional DDPM (translation, synthesis)
 OBJECTIVES = ("residual_shift", "regression", "ddpm")
 DIFFUSION_OBJECTIVES = ("residual_shift", "ddpm")
 KINDS = ("stain", "boundary", "foreground")
@@ -69,6 +69,22 @@ class BundleConfig:
     residual_source: str = "mean_input"
     training: dict = field(default_factory=dict)
     description: str = ""
+    classes: list[str] = field(default_factory=list)  # classcond: class names; embedding index len(classes) = null
+
+    @property
+    def null_class(self) -> int:
+        """The class index trained as 'no class' (condition dropout), used for classifier-free guidance."""
+        return len(self.classes)
+
+    def class_index(self, name: str) -> int:
+        from .errors import VirtualStainError
+
+        if not self.classes:
+            raise VirtualStainError(f"checkpoint {self.name!r} has no classes (task {self.task!r}); translation and "
+                                    "synthesis need a class-conditional checkpoint")
+        if name not in self.classes:
+            raise VirtualStainError(f"unknown class {name!r}; checkpoint {self.name!r} knows: {', '.join(self.classes)}")
+        return self.classes.index(name)
 
     @property
     def input_names(self) -> list[str]:
@@ -98,7 +114,7 @@ class BundleConfig:
             "scheduler": self.scheduler,
             "training": self.training,
             "weights": WEIGHTS_NAME,
-        }
+        } | ({"classes": list(self.classes)} if self.classes else {})
 
     @classmethod
     def from_dict(cls, d: dict) -> BundleConfig:
@@ -119,8 +135,19 @@ class BundleConfig:
             raise BundleError(f"config.json: 'objective' is {objective!r}; expected one of {', '.join(OBJECTIVES)}")
         inputs = [_channel(c, i, "input_channels", is_input=True) for i, c in enumerate(_require(d, "input_channels", list))]
         outputs = [_channel(c, i, "output_channels") for i, c in enumerate(_require(d, "output_channels", list))]
-        if not inputs or not outputs:
+        if (not inputs and task == "stain") or not outputs:
             raise BundleError("config.json: 'input_channels' and 'output_channels' must each name at least one channel")
+        classes = d.get("classes", [])
+        if task == "classcond":
+            if objective != "ddpm":
+                raise BundleError(f"config.json: a classcond bundle is a DDPM ('objective': 'ddpm'), not {objective!r}")
+            if inputs:
+                raise BundleError("config.json: a classcond bundle has no 'input_channels' (its images are its outputs)")
+            if (not isinstance(classes, list) or len(classes) < 1
+                    or not all(isinstance(c, str) and c for c in classes) or len(set(classes)) != len(classes)):
+                raise BundleError("config.json: 'classes' must be a list of unique, non-empty class names")
+        elif classes:
+            raise BundleError(f"config.json: 'classes' is only for classcond bundles, not task {task!r}")
         names = [c.name for c in outputs]
         if len(set(names)) != len(names) or len(set(c.name for c in inputs)) != len(inputs):
             raise BundleError(f"config.json: channel names must be unique; got outputs {names}")
@@ -144,6 +171,11 @@ class BundleConfig:
         if not isinstance(unet["block_out_channels"], list) or not unet["block_out_channels"]:
             raise BundleError("config.json: 'unet.block_out_channels' must be a list of channel widths")
         expected_in = len(inputs) + (len(outputs) if objective in DIFFUSION_OBJECTIVES else 0)
+        if task == "classcond" and unet.get("num_class_embeds") != len(classes) + 1:
+            raise BundleError(
+                f"config.json: 'unet.num_class_embeds' is {unet.get('num_class_embeds')}, but {len(classes)} classes "
+                f"need {len(classes) + 1} (one per class + the null class for guidance)"
+            )
         if unet["in_channels"] != expected_in or unet["out_channels"] != len(outputs):
             raise BundleError(
                 f"config.json: 'unet' has in_channels={unet['in_channels']}, out_channels={unet['out_channels']} but "
@@ -185,6 +217,7 @@ class BundleConfig:
             pixel_size_um=pixel,
             residual_source=d.get("residual_source", "mean_input"),
             training=training,
+            classes=list(classes),
         )
 
 
@@ -307,9 +340,11 @@ class Bundle:
     def summary(self) -> str:
         c = self.config
         outs = ", ".join(f"{o.name} ({o.kind})" for o in c.output_channels)
+        io = (f"  channels: {', '.join(c.output_names)}\n  classes: {', '.join(c.classes)}\n" if c.task == "classcond"
+              else f"  inputs: {', '.join(c.input_names)}\n  outputs: {outs}\n")
         return (
             f"{c.name} [{self.short_id}] task={c.task} objective={c.objective}\n"
-            f"  inputs: {', '.join(c.input_names)}\n  outputs: {outs}\n"
+            f"{io}"
             f"  tile {c.tile_size} overlap {c.tile_overlap}; pixel size {c.pixel_size_um} um\n"
             f"  trained on: {c.training.get('data', 'unknown')}"
         )

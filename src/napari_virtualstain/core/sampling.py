@@ -13,6 +13,7 @@ gives the same result whatever the device, tile size or batch composition.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -58,10 +59,25 @@ def tiled_predict(
     timestep,
     batch_size: int,
     on_tile: Callable[[int, int], None] | None = None,
+    class_labels: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """One network evaluation over the whole canvas (B, C, H, W), tile by tile."""
+    """One network evaluation over the whole canvas (B, C, H, W), tile by tile.
+
+    ``class_labels`` (B,) follow their images: a network call holds whole tiles, each with all B images in order.
+    """
+    b = inputs.shape[0]
+
+    def call(tiles: torch.Tensor) -> torch.Tensor:
+        if class_labels is None:
+            return denoiser(tiles, timestep)
+        return denoiser(tiles, timestep, class_labels=class_labels.repeat(tiles.shape[0] // b))
+
     with torch.inference_mode():
-        return plan.apply(lambda tiles: denoiser(tiles, timestep), inputs, batch_size=batch_size, on_tile=on_tile)
+        return plan.apply(call, inputs, batch_size=batch_size, on_tile=on_tile)
+
+
+def _takes_generator(scheduler) -> bool:
+    return "generator" in inspect.signature(scheduler.step).parameters
 
 
 def sample(
@@ -75,12 +91,16 @@ def sample(
     batch_size: int = 4,
     hooks: SamplerHooks | None = None,
     timesteps: Sequence[int] | None = None,
+    class_labels: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Run the reverse chain from ``x_start`` (B, C, H, W) and return the final sample.
+    """Run the scheduler's chain from ``x_start`` (B, C, H, W) and return the last sample.
 
-    ``condition`` (B or 1, C_cond, H, W) is concatenated to the scaled x_t as extra network input channels.
+    ``condition`` (B or 1, C_cond, H, W) is concatenated to the scaled x_t as extra network input channels;
+    ``class_labels`` (B,) go to a class-conditional network. The chain may also run forwards (DDIM inversion):
+    whatever direction the scheduler's timesteps and ``step`` go.
     """
     hooks = hooks or SamplerHooks()
+    noisy = _takes_generator(scheduler)
     timesteps = list(scheduler.timesteps if timesteps is None else timesteps)
     n = len(timesteps)
     x = x_start
@@ -96,11 +116,11 @@ def sample(
             if hooks.progress is not None:
                 hooks.progress(Progress(i, n, done, total))
 
-        model_output = tiled_predict(denoiser, plan, net_in, t, batch_size, on_tile)
+        model_output = tiled_predict(denoiser, plan, net_in, t, batch_size, on_tile, class_labels)
         # the step runs on the cropped canvas, so its noise has the image's size whatever the tiling
-        out = scheduler.step(model_output, t, x, generator=generators)
+        out = scheduler.step(model_output, t, x, **({"generator": generators} if noisy else {}))
         x = out.prev_sample
-        if hooks.on_step is not None:
+        if hooks.on_step is not None and getattr(out, "pred_original_sample", None) is not None:
             hooks.on_step(i, int(t), out.pred_original_sample)
     hooks.check_cancel()
     if hooks.progress is not None:

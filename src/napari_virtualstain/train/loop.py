@@ -228,25 +228,55 @@ def _load_state(out: Path, unet, ema, opt, rng: np.random.Generator, gen: torch.
     return meta["step"], meta["history"]
 
 
+@dataclass
+class TrainingJob:
+    """What differs between tasks; the loop (optimiser, EMA, resume, logging, saving) is shared."""
+
+    config: BundleConfig
+    next_batch: Callable[[np.random.Generator], tuple]  # -> tensors for ``loss``
+    loss: Callable[..., torch.Tensor]  # (unet, scheduler, batch on device, generator) -> scalar
+    validate: Callable[..., dict] | None  # (ema unet, device) -> metrics
+    train_regions: list[str]
+    val_regions: list[str]
+
+
+def stain_job(spec: TrainingSpec, opts: TrainOptions) -> TrainingJob:
+    train_regions, val_regions = split_regions(spec)
+    if not train_regions:
+        raise VirtualStainError("no training images: every image is marked split: val")
+    config = build_config(spec, opts, train_regions)
+    train_arrays = region_arrays(config, spec, train_regions, opts.crop_size)
+    val_arrays = region_arrays(config, spec, val_regions, 0) if val_regions else []
+    return TrainingJob(
+        config,
+        lambda rng: random_batch(train_arrays, opts.batch_size, opts.crop_size, rng),
+        lambda unet, sched, batch, gen: training_loss(unet, sched, config, batch[0], batch[1], gen),
+        (lambda ema, device: validate(ema, config, val_arrays, opts, device)) if val_arrays else None,
+        [f"{im.name}[:, {xs.start}:{xs.stop}]" for im, xs in train_regions],
+        [f"{im.name}[:, {xs.start}:{xs.stop}]" for im, xs in val_regions],
+    )
+
+
 def train(
-    spec: TrainingSpec,
+    spec,
     out: str | Path,
     opts: TrainOptions,
     resume: bool = False,
     on_step: Callable[[int, float], None] | None = None,
 ):
-    """Train and write a bundle to ``out`` (and resume state to ``out/training_state``); returns (bundle, history)."""
+    """Train and write a bundle to ``out`` (and resume state to ``out/training_state``); returns (bundle, history).
+
+    ``spec``: a paired-stain :class:`TrainingSpec` or a class-conditional ``ClassCondSpec``.
+    """
+    from .classcond import ClassCondSpec, classcond_job
+
     out = Path(out)
-    train_regions, val_regions = split_regions(spec)
-    if not train_regions:
-        raise VirtualStainError("no training images: every image is marked split: val")
-    config = build_config(spec, opts, train_regions)
+    job = classcond_job(spec, opts) if isinstance(spec, ClassCondSpec) else stain_job(spec, opts)
+    config = job.config
     device = pick_device(opts.device)
     torch.manual_seed(opts.seed)
     rng = np.random.default_rng(opts.seed)
     gen = torch.Generator().manual_seed(opts.seed)
-    train_arrays = region_arrays(config, spec, train_regions, opts.crop_size)
-    val_arrays = region_arrays(config, spec, val_regions, 0) if val_regions else []
     unet = build_unet(config.unet).to(device)
     ema = copy.deepcopy(unet).eval().requires_grad_(False)
     opt = torch.optim.AdamW(unet.parameters(), lr=opts.lr, weight_decay=opts.weight_decay)
@@ -256,23 +286,22 @@ def train(
         start, history = _load_state(out, unet, ema, opt, rng, gen)
         log.info("resuming at step %d", start)
     config.training = {
-        "data": spec.source, "objective": opts.objective, "steps": opts.steps, "seed": opts.seed,
+        "data": spec.source, "objective": config.objective, "steps": opts.steps, "seed": opts.seed,
         "package_version": __version__, "command": opts.command,
         "options": {k: v for k, v in asdict(opts).items() if k not in ("command", "extra")},
-        "train_regions": [f"{im.name}[:, {xs.start}:{xs.stop}]" for im, xs in train_regions],
-        "val_regions": [f"{im.name}[:, {xs.start}:{xs.stop}]" for im, xs in val_regions], **opts.extra,
+        "train_regions": job.train_regions, "val_regions": job.val_regions, **opts.extra,
     }
     try:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=opts.steps, initial=start, desc=f"train {opts.objective}", unit="step", dynamic_ncols=True)
+        bar = tqdm(total=opts.steps, initial=start, desc=f"train {config.task}/{config.objective}", unit="step", dynamic_ncols=True)
     except ImportError:  # pragma: no cover
         bar = None
     unet.train()
     t0, running = time.perf_counter(), None
     for step in range(start, opts.steps):
-        cond, x0 = random_batch(train_arrays, opts.batch_size, opts.crop_size, rng)
-        loss = training_loss(unet, scheduler, config, cond.to(device), x0.to(device), gen)
+        batch = tuple(t.to(device) for t in job.next_batch(rng))
+        loss = job.loss(unet, scheduler, batch, gen)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
@@ -292,8 +321,8 @@ def train(
         done = step + 1
         if done % opts.val_every == 0 or done == opts.steps:
             record = {"step": done, "loss": running, "seconds": round(time.perf_counter() - t0, 1)}
-            if val_arrays:
-                record["val"] = validate(ema, config, val_arrays, opts, device)
+            if job.validate is not None:
+                record["val"] = job.validate(ema, device)
                 log.info("step %d val %s", done, record["val"])
             history.append(record)
             _save_state(out, done, unet, ema, opt, rng, gen, history)

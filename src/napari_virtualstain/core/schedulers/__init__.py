@@ -38,7 +38,8 @@ def make_scheduler(objective: str, config: dict | None, sampler: str | None = No
     """A scheduler with its timesteps set, or None for a one-pass regression model.
 
     residual_shift: always its full short chain (``steps`` must be None or equal to it).
-    ddpm: ``sampler`` "ddim" (default, ``steps`` default 50, eta 0) or "ddpm" (``steps`` default: every training step).
+    ddpm: ``sampler`` "ddim" (default, ``steps`` default 50, eta 0) or "ddpm" (``steps`` default: every training step);
+    "ddim_inverse" runs DDIM forwards (image -> noise) on the same timesteps, for translation.
     """
     from ..errors import VirtualStainError
 
@@ -58,15 +59,16 @@ def make_scheduler(objective: str, config: dict | None, sampler: str | None = No
             raise VirtualStainError(str(exc)) from None
         return sched
     if objective in ("ddpm",):
-        from diffusers import DDIMScheduler, DDPMScheduler
+        from diffusers import DDIMInverseScheduler, DDIMScheduler, DDPMScheduler
 
         sampler = sampler or "ddim"
-        if sampler not in DIFFUSION_SAMPLERS:
+        classes = {"ddim": DDIMScheduler, "ddpm": DDPMScheduler, "ddim_inverse": DDIMInverseScheduler}
+        if sampler not in classes:
             raise VirtualStainError(f"unknown sampler {sampler!r}; use one of {', '.join(DIFFUSION_SAMPLERS)}")
-        cls = DDIMScheduler if sampler == "ddim" else DDPMScheduler
+        cls = classes[sampler]
         sched = _from_config(cls, config)
         total = sched.config.num_train_timesteps
-        n = steps if steps is not None else (DEFAULT_DDIM_STEPS if sampler == "ddim" else total)
+        n = steps if steps is not None else (total if sampler == "ddpm" else DEFAULT_DDIM_STEPS)
         if not isinstance(n, int) or not 1 <= n <= total:
             raise VirtualStainError(f"steps must be between 1 and {total} (the model's training steps); got {n}")
         sched.set_timesteps(n)
@@ -75,9 +77,13 @@ def make_scheduler(objective: str, config: dict | None, sampler: str | None = No
 
 
 def _from_config(cls, config):
+    """``cls.from_config`` with only the keys ``cls`` takes (a DDPM config feeds DDIM and DDIMInverse quietly)."""
+    import inspect
+
     from ..errors import BundleError
 
+    accepted = inspect.signature(cls.__init__).parameters
     try:
-        return cls.from_config(config)
+        return cls.from_config({k: v for k, v in config.items() if k in accepted})
     except (TypeError, ValueError, NotImplementedError) as exc:
         raise BundleError(f"config.json: bad 'scheduler': {exc}") from None

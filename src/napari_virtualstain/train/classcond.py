@@ -1,0 +1,85 @@
+"""Training a class-conditional DDPM (translation / synthesis): epsilon loss with class embeddings and ~10 % of the
+labels replaced by the null class (condition dropout), so one network also gives the unconditional eps that
+classifier-free guidance needs. Runs inside the shared loop in ``loop.train``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..core.bundle import BundleConfig, ChannelSpec
+from ..core.errors import VirtualStainError
+from ..core.model import default_unet_config, downsample_factor
+from ..core.normalize import fit_fixed_norm, fixed_normalize
+from ..core.schedulers import default_ddpm_config
+from ..core.tiling import reflect_pad
+from .classcond_data import ClassCondSpec
+
+__all__ = ["ClassCondSpec", "classcond_job", "build_classcond_config"]
+
+
+def build_classcond_config(spec: ClassCondSpec, opts) -> BundleConfig:
+    if opts.objective != "ddpm":
+        raise VirtualStainError(f"a class-conditional model is a DDPM; objective {opts.objective!r} does not apply")
+    if not spec.classes:
+        raise VirtualStainError("no classes in the training data")
+    n = len(spec.channel_names)
+    norms = [fit_fixed_norm([im.image[c] for im in spec.images]) for c in range(n)]
+    unet = default_unet_config(n, n, opts.crop_size, tuple(opts.block_out_channels), opts.layers_per_block)
+    unet["num_class_embeds"] = len(spec.classes) + 1
+    factor = downsample_factor(unet)
+    if opts.crop_size % factor or opts.tile_size % factor:
+        raise VirtualStainError(f"crop size and tile size must be multiples of {factor}")
+    return BundleConfig(
+        name=spec.name, description=spec.description, task="classcond", objective="ddpm", input_channels=[],
+        output_channels=[ChannelSpec(c, "stain", nm) for c, nm in zip(spec.channel_names, norms)],
+        unet=unet, scheduler=default_ddpm_config(), tile_size=opts.tile_size, tile_overlap=opts.tile_overlap,
+        pixel_size_um=spec.pixel_size_um, classes=list(spec.classes),
+    )
+
+
+def classcond_job(spec: ClassCondSpec, opts):
+    from .loop import TrainingJob
+
+    config = build_classcond_config(spec, opts)
+    norms = [c.normalization for c in config.output_channels]
+    arrays, labels = [], []
+    for im in spec.images:
+        t = torch.from_numpy(fixed_normalize(im.image, norms))
+        t = reflect_pad(t, max(0, opts.crop_size - t.shape[-2]), max(0, opts.crop_size - t.shape[-1]))
+        arrays.append(t.numpy())
+        labels.append(spec.classes.index(im.class_name))
+    labels = np.asarray(labels)
+    # every class equally often, whatever its image count/area; within a class, images weighted by area
+    areas = np.array([a.shape[1] * a.shape[2] for a in arrays], dtype=np.float64)
+    per_class = np.array([areas[labels == c].sum() for c in range(len(spec.classes))])
+    weights = areas / per_class[labels]
+    weights /= weights.sum()
+    dropout = float(opts.extra.get("cond_dropout", 0.1))
+
+    def next_batch(rng: np.random.Generator):
+        xs, ys = [], []
+        for r in rng.choice(len(arrays), size=opts.batch_size, p=weights):
+            a = arrays[r]
+            y0 = rng.integers(0, a.shape[1] - opts.crop_size + 1)
+            x0 = rng.integers(0, a.shape[2] - opts.crop_size + 1)
+            crop = np.rot90(a[:, y0 : y0 + opts.crop_size, x0 : x0 + opts.crop_size], k=int(rng.integers(4)), axes=(1, 2))
+            if rng.random() < 0.5:
+                crop = crop[:, :, ::-1]
+            xs.append(crop)
+            ys.append(config.null_class if rng.random() < dropout else labels[r])
+        return torch.from_numpy(np.ascontiguousarray(xs)), torch.as_tensor(ys, dtype=torch.long)
+
+    def loss(unet, scheduler, batch, gen: torch.Generator) -> torch.Tensor:
+        x0, cls = batch
+        t = torch.randint(0, scheduler.config.num_train_timesteps, (x0.shape[0],), generator=gen).to(x0.device)
+        noise = torch.randn(x0.shape, generator=gen).to(x0.device)
+        pred = unet(scheduler.add_noise(x0, noise, t), t, class_labels=cls).sample
+        return F.mse_loss(pred, noise)
+
+    counts = {c: int((labels == i).sum()) for i, c in enumerate(spec.classes)}
+    return TrainingJob(config, next_batch, loss, None,
+                       [f"{im.class_name}/{im.name} {tuple(im.image.shape)}" for im in spec.images],
+                       [f"none (held-out data are not read; images per class: {counts})"])
