@@ -175,16 +175,20 @@ def _left():
 
 
 def test_one_run_at_a_time(stain_setup, qtbot, notes):
-    from napari_virtualstain._widgets import StainWidget
+    """A second run, from the same widget or another one, is refused with a message while the first runs."""
+    from napari_virtualstain._widgets import StainWidget, UncertaintyWidget
 
     viewer, layer, widget = stain_setup
+    third = UncertaintyWidget(viewer)
+    third.controls.set_checkpoint(widget.controls.bundle.path)
     other = StainWidget(viewer)
     other.controls.set_checkpoint(widget.controls.bundle.path)
     other.controls.set_input_layer(layer)
     assert widget.run()
     assert not widget.run()  # the button is disabled, and a direct call is refused too
     assert not other.run()
-    assert any("still running" in m for m in notes.warnings())
+    assert not third.run(layer)
+    assert sum("still running" in m for m in notes.warnings()) == 3
     wait_done(qtbot, widget)
     assert widget.runner.last_outcome == "done"
     assert other.run()  # free again
@@ -205,29 +209,35 @@ def test_bad_layers_give_a_notification_and_no_layer(stain_setup, qtbot, crop, n
     # neither the labels nor the RGB layer is offered, and the note says why the RGB one is hidden
     offered = [widget.controls.layer.itemText(i) for i in range(widget.controls.layer.count())]
     assert offered == ["Brightfield"]
-    assert "'photo' (RGB)" in widget.controls.layer_note.text()
+    assert "'photo' (RGB)" in widget.controls.layer_note.toolTip()
+
+    # the picker follows the layer list: additions, renames, removals; a new layer does not steal the choice
+    combo = widget.controls.layer
+    viewer.add_image(np.zeros((32, 32), np.float32), name="second")
+    assert [combo.itemText(i) for i in range(combo.count())] == ["second", "Brightfield"]
+    assert combo.currentText() == "Brightfield"
+    layer.name = "renamed"
+    assert combo.currentText() == "renamed"
+    viewer.layers.remove("second")
+    assert [combo.itemText(i) for i in range(combo.count())] == ["renamed"]
 
 
-@pytest.mark.parametrize(
-    "make, words",
-    [
-        (lambda c: np.where(np.arange(c[0].size).reshape(c[0].shape) == 5, np.nan, c[0].astype(np.float32)), "NaN"),
-        (lambda c: c[0, :6, :6], "8"),
-        (lambda c: np.full((48, 64), 7, np.uint16), "constant"),
-    ],
-    ids=["nan", "tiny", "constant"],
-)
-def test_bad_images_give_a_notification_and_no_layer(stain_setup, qtbot, crop, notes, make, words):
+def test_bad_images_give_a_notification_and_no_layer(stain_setup, qtbot, crop, notes):
+    """NaN, too small, constant: the core refuses them in the worker; the user sees its message, nothing is added."""
     viewer, _, widget = stain_setup
-    bad = viewer.add_image(make(crop), name="bad")
-    n = len(viewer.layers)
-    assert widget.run(bad)  # the core checks it in the worker
-    wait_done(qtbot, widget)
-    assert widget.runner.last_outcome == "user_error"
-    errors = notes.errors()
-    assert errors and words.lower() in errors[-1].lower(), notes.all()
-    assert len(viewer.layers) == n
-    assert widget.status.text().startswith("Error:")
+    nan = crop[0].astype(np.float32)
+    nan[5, 7] = np.nan
+    cases = [(nan, "nan"), (crop[0, :6, :6], "8x8"), (np.full((48, 64), 7, np.uint16), "constant")]
+    for data, words in cases:
+        bad = viewer.add_image(data, name=f"bad {words}")
+        n = len(viewer.layers)
+        assert widget.run(bad)
+        wait_done(qtbot, widget)
+        assert widget.runner.last_outcome == "user_error"
+        errors = notes.errors()
+        assert errors and words in errors[-1].lower(), notes.all()
+        assert len(viewer.layers) == n
+        assert widget.status.text().startswith("Error:")
 
 
 def test_wrong_channel_count(make_napari_viewer, qtbot, crop, tmp_path, notes):
@@ -320,26 +330,223 @@ def test_checkpoint_picker(make_napari_viewer, tmp_path, notes, tiny_bundle_dir)
         assert not model.item(i).isEnabled()
 
 
-def test_layer_picker_follows_the_layer_list(stain_setup):
-    viewer, layer, widget = stain_setup
-    combo = widget.controls.layer
-    viewer.add_image(np.zeros((32, 32), np.float32), name="second")
-    assert {combo.itemText(i) for i in range(combo.count())} == {"Brightfield", "second"}
-    assert combo.currentText() == "Brightfield"  # a new layer does not steal the choice
-    layer.name = "renamed"
-    assert "renamed" in [combo.itemText(i) for i in range(combo.count())]
-    viewer.layers.remove("second")
-    assert [combo.itemText(i) for i in range(combo.count())] == ["renamed"]
-
-
 def test_manifest_widgets_open_in_napari(make_napari_viewer):
     import npe2
 
     from napari_virtualstain import _widgets
 
     manifest = npe2.PluginManifest.from_file(__import__("pathlib").Path(__file__).parent.parent / "napari.yaml")
-    names = {w.display_name for w in manifest.contributions.widgets}
-    assert "Virtual stain" in names
+    widgets = {w.display_name: w.command for w in manifest.contributions.widgets}
+    expected = {"Virtual stain": _widgets.StainWidget, "Uncertainty": _widgets.UncertaintyWidget,
+                "Translate condition": _widgets.TranslateWidget, "Synthesize": _widgets.SynthesizeWidget}
+    assert set(widgets) == set(expected)
+    assert manifest.contributions.sample_data  # the scratch-assay sample stays
     viewer = make_napari_viewer()
-    dock, widget = viewer.window.add_plugin_dock_widget("napari-virtualstain", "Virtual stain")
-    assert isinstance(widget, _widgets.StainWidget)
+    for name, cls in expected.items():
+        _, widget = viewer.window.add_plugin_dock_widget("napari-virtualstain", name)
+        assert isinstance(widget, cls)
+
+
+# -- uncertainty -------------------------------------------------------------------------------------------------
+
+
+def test_uncertainty_maps_flags_threshold_and_export(make_napari_viewer, qtbot, crop, tiny_bundle, tmp_path, notes,
+                                                     monkeypatch):
+    import csv
+
+    import tifffile
+
+    from napari_virtualstain._widgets import UncertaintyWidget
+    from napari_virtualstain.core import uncertainty as unc
+    from napari_virtualstain.core.io import read_provenance
+
+    viewer = make_napari_viewer()
+    layer = viewer.add_image(crop, name="Brightfield", scale=SCALE)
+    before = np.array(layer.data, copy=True)
+    viewer.dims.set_point(0, 1.0)
+    widget = UncertaintyWidget(viewer)
+    widget.controls.set_checkpoint(tiny_bundle.path)
+    widget.mode.setCurrentText("both")
+    widget.n_seeds.setValue(2)
+    widget.controls.seed.setValue(5)
+    assert not widget.flags_box.isEnabled()
+    assert widget.run()
+    wait_done(qtbot, widget)
+    assert widget.runner.last_outcome == "done", notes.all()
+    assert layer_names(viewer) == ["Brightfield", "Hoechst (virtual)", "nuclei (virtual)", "Hoechst avg",
+                                   "Hoechst std_steps", "Hoechst std_seeds", "flags"]
+    assert np.array_equal(layer.data, before)
+
+    expected = unc.predict_uncertainty(tiny_bundle, crop[1], mode="both", seeds=(5, 6), window=(0.3, 0.8),
+                                       tile_size=32, tile_overlap=8)
+    for key in ("avg", "std_steps", "std_seeds"):
+        out = viewer.layers[f"Hoechst {key}"]
+        assert out.data.shape == (1, 48, 64)
+        np.testing.assert_allclose(out.data[0], expected.map_channel(key, "Hoechst"), rtol=1e-4, atol=1e-3)
+        assert out.metadata["seeds"] == [5, 6] and out.metadata["map"] == key and out.metadata["plane"] == [1]
+        np.testing.assert_allclose(out.translate, (1.0, 0.0, 0.0))
+    assert viewer.layers["Hoechst std_seeds"].colormap.name == "inferno"
+    assert viewer.layers["Hoechst std_seeds"].contrast_limits[0] == 0.0
+
+    # default flags: the seed-std map of the stain channel, Otsu threshold, exactly what the core computes
+    std = expected.map_channel("std_seeds", "Hoechst")
+    flags = viewer.layers["flags"]
+    assert widget.flag_channel.currentText() == "Hoechst" and widget.flag_map.currentText() == "std_seeds"
+    otsu = unc.flag_regions(std, None, median_size=3, min_area=16)
+    assert np.array_equal(flags.data[0], otsu.labels) and flags.data[0].max() >= 1
+
+    # the slider re-flags the cached map instantly: the model must not run again
+    monkeypatch.setattr(unc, "predict_uncertainty", lambda *a, **k: pytest.fail("the model ran again"))
+    areas = []
+    for pos in (100, 500, 900):
+        widget.threshold.setValue(pos)
+        value = widget.threshold_value
+        assert np.array_equal(viewer.layers["flags"].data[0],
+                              unc.flag_regions(std, value, median_size=3, min_area=16).labels)
+        areas.append(int((viewer.layers["flags"].data > 0).sum()))
+    assert areas[0] >= areas[1] >= areas[2] and areas[0] > areas[2]
+
+    # export writes the layer as it is, hand edits included
+    widget.min_area.setValue(4)
+    for pos in range(50, 1000, 50):  # a threshold that splits the map into several regions
+        widget.threshold.setValue(pos)
+        data = viewer.layers["flags"].data.copy()
+        ids = [i for i in np.unique(data) if i]
+        if len(ids) >= 2:
+            break
+    assert len(ids) >= 2
+    data[data == ids[0]] = 0
+    viewer.layers["flags"].data = data
+    csv_path, tif_path = widget.export_flags(tmp_path / "review.csv")
+    rows = list(csv.DictReader(csv_path.read_text().splitlines()))
+    assert len(rows) == len(ids) - 1 and {r["channel"] for r in rows} == {"Hoechst"}
+    assert {int(r["id"]) for r in rows} == set(ids[1:])
+    assert np.array_equal(tifffile.imread(tif_path), data[0])
+    assert read_provenance(tif_path)["bundle_id"] == tiny_bundle.id
+    assert not notes.errors()
+
+
+# -- class-conditional: translate / synthesize --------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_classcond_dir(tmp_path_factory):
+    """A tiny (untrained) class-conditional DDPM over two channels (NF-kB, DNA) and two wells (A01, A12)."""
+    pytest.importorskip("napari_virtualstain.core.tasks.classcond")
+    import torch
+
+    from napari_virtualstain.core.bundle import BundleConfig, ChannelSpec, save_bundle
+    from napari_virtualstain.core.model import build_unet, default_unet_config
+    from napari_virtualstain.core.normalize import FixedNorm
+    from napari_virtualstain.core.schedulers import default_ddpm_config
+
+    unet = default_unet_config(2, 2, 32, (8, 16))
+    unet["num_class_embeds"] = 3
+    config = BundleConfig(
+        name="tiny-classcond", task="classcond", objective="ddpm", input_channels=[],
+        output_channels=[ChannelSpec("NF-kB", "stain", FixedNorm(0.0, 255.0)),
+                         ChannelSpec("DNA", "stain", FixedNorm(0.0, 255.0))],
+        unet=unet, scheduler=default_ddpm_config(100), tile_size=32, tile_overlap=8, classes=["A01", "A12"],
+        training={"data": "synthetic (tests)"},
+    )
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("bundles") / "tiny-classcond"
+    save_bundle(path, config, build_unet(config.unet))
+    return path
+
+
+@pytest.fixture(scope="module")
+def nfkb_crop(shared_data) -> np.ndarray:
+    """(2, 48, 64) uint8: NF-kB and DNA of the TNF-alpha stimulated well (BBBC014 A01), held-out rows."""
+    import tifffile
+
+    d = shared_data / "nfkb_translocation"
+    return np.stack([tifffile.imread(d / f"A01_{c}.tif")[800:848, 600:664] for c in ("nfkb", "dna")])
+
+
+def test_translate_layers_control_difference_and_side_by_side(make_napari_viewer, qtbot, nfkb_crop,
+                                                              tiny_classcond_dir, notes):
+    from napari_virtualstain._widgets import TranslateWidget
+    from napari_virtualstain._widgets._controls import get_bundle
+    from napari_virtualstain._widgets.translate import _grid
+    from napari_virtualstain.core.tasks.classcond import translate
+
+    viewer = make_napari_viewer()
+    layer = viewer.add_image(nfkb_crop, name="A01 well")
+    flat = viewer.add_image(nfkb_crop[0], name="NF-kB only")
+    before = layer.data.copy()
+    widget = TranslateWidget(viewer)
+    controls = widget.controls
+    assert controls.set_checkpoint(tiny_classcond_dir) is not None
+    assert [controls.layer.itemText(i) for i in range(controls.layer.count())] == ["A01 well"]
+    assert controls.steps.isEnabled() and controls.steps.value() == 50
+    assert (widget.source.currentText(), widget.target.currentText()) == ("A01", "A12")
+    assert not widget.run(flat) and "2 input channels" in notes.errors()[-1]
+
+    # cancel a long run: nothing is added
+    n = len(viewer.layers)
+    assert widget.run()
+    qtbot.waitUntil(lambda: widget.progress_bar.value() > 0, timeout=20000)
+    widget.cancel()
+    wait_done(qtbot, widget)
+    assert widget.runner.last_outcome == "cancelled" and len(viewer.layers) == n
+
+    controls.steps.setValue(4)
+    widget.guidance.setValue(2.0)
+    assert widget.run()
+    wait_done(qtbot, widget)
+    assert widget.runner.last_outcome == "done", notes.all()
+    assert np.array_equal(layer.data, before)
+    bundle = get_bundle(tiny_classcond_dir)
+    expected = translate(bundle, nfkb_crop, "A01", "A12", steps=4, guidance=2.0, channel_axis=0, tile_size=32,
+                         tile_overlap=8)
+    for c, ch in enumerate(["NF-kB", "DNA"]):
+        tr = viewer.layers[f"{ch} A01→A12 (translated)"]
+        ctl = viewer.layers[f"{ch} A01→A01 (control)"]
+        diff = viewer.layers[f"{ch} difference (A12 − A01)"]
+        assert tr.data.shape == ctl.data.shape == diff.data.shape == (48, 64)
+        np.testing.assert_allclose(tr.data, expected.translated[c], rtol=1e-4, atol=1e-2)
+        np.testing.assert_allclose(ctl.data, expected.control[c], rtol=1e-4, atol=1e-2)
+        np.testing.assert_allclose(diff.data, tr.data - ctl.data, atol=1e-3)
+        lo, hi = diff.contrast_limits
+        assert lo == pytest.approx(-hi) and hi > 0
+        assert diff.colormap.name == "PiYG"
+        assert tr.contrast_limits == ctl.contrast_limits  # comparable at a glance
+        meta = tr.metadata
+        assert (meta["source_class"], meta["target_class"], meta["steps"], meta["input"]) == ("A01", "A12", 4, "A01 well")
+        assert meta["bundle_id"] == bundle.id and meta["guidance_scale"] == 2.0
+
+    widget.side_by_side.setChecked(True)
+    grid = _grid(viewer)
+    assert grid.enabled and tuple(grid.shape) == (1, 3)
+    visible = [la.name for la in viewer.layers if la.visible]
+    assert visible == ["A01 well", "NF-kB A01→A12 (translated)", "NF-kB difference (A12 − A01)"]
+    widget.side_by_side.setChecked(False)
+    assert not grid.enabled and viewer.layers["DNA A01→A12 (translated)"].visible
+
+
+def test_synthesize_stack_per_channel(make_napari_viewer, qtbot, tiny_classcond_dir, notes):
+    from napari_virtualstain._widgets import SynthesizeWidget
+    from napari_virtualstain._widgets._controls import get_bundle
+    from napari_virtualstain.core.tasks.classcond import synthesize
+
+    viewer = make_napari_viewer()
+    widget = SynthesizeWidget(viewer)
+    widget.controls.set_checkpoint(tiny_classcond_dir)
+    widget.class_name.setCurrentText("A12")
+    widget.count.setValue(3)
+    widget.controls.steps.setValue(3)
+    widget.controls.seed.setValue(7)
+    widget.controls.batch_size.setValue(2)
+    assert widget.size.value() == 32
+    assert widget.run()
+    wait_done(qtbot, widget)
+    assert widget.runner.last_outcome == "done", notes.all()
+    assert layer_names(viewer) == ["NF-kB synthetic (A12)", "DNA synthetic (A12)"]
+    expected = synthesize(get_bundle(tiny_classcond_dir), "A12", 3, seed=7, steps=3, size=32, batch_size=4)
+    for c, name in enumerate(layer_names(viewer)):
+        out = viewer.layers[name]
+        assert out.data.shape == (3, 32, 32)
+        # sample i uses seed 7 + i whatever the batching (2 here, 4 in the reference)
+        np.testing.assert_allclose(out.data, expected.images[:, c], rtol=1e-4, atol=1e-2)
+        assert out.metadata["seeds"] == [7, 8, 9] and out.metadata["class"] == "A12"

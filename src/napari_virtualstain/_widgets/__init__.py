@@ -5,5 +5,8 @@ Shared pieces: ``_controls.ModelControls`` (checkpoint, input layer, device, ste
 """
 
 from .stain import StainWidget
+from .synthesize import SynthesizeWidget
+from .translate import TranslateWidget
+from .uncertainty import UncertaintyWidget
 
-__all__ = ["StainWidget"]
+__all__ = ["StainWidget", "SynthesizeWidget", "TranslateWidget", "UncertaintyWidget"]

@@ -16,13 +16,12 @@ from qtpy.QtWidgets import (
     QLabel,
     QProgressBar,
     QPushButton,
-    QSizePolicy,
     QVBoxLayout,
     QWidget,
 )
 
 from ..core.errors import VirtualStainError
-from ._controls import ModelControls, RunSettings
+from ._controls import ModelControls, RunSettings, image_channels
 from ._layers import InputSelection, select_input
 from ._notify import notify_error, notify_info, notify_warning
 from ._runner import Job, ProgressFn, Runner
@@ -58,13 +57,14 @@ class TaskWidget(QWidget):
     needs_input = True
     allow_all_planes = True
     show_tiles = True
+    show_sampler = True
 
     def __init__(self, napari_viewer, parent: QWidget | None = None):
         super().__init__(parent)
         self.viewer = napari_viewer
         self.controls = ModelControls(
             napari_viewer, tasks=self.tasks, needs_input=self.needs_input,
-            allow_all_planes=self.allow_all_planes, show_tiles=self.show_tiles,
+            allow_all_planes=self.allow_all_planes, show_tiles=self.show_tiles, show_sampler=self.show_sampler,
         )
         self.options = QFormLayout()
         self.run_button = QPushButton(self.run_text)
@@ -91,7 +91,6 @@ class TaskWidget(QWidget):
         layout.addWidget(self.status)
         self.build_extra(layout)
         layout.addStretch(1)
-        self.setSizePolicy(QSizePolicy.Policy.Preferred, QSizePolicy.Policy.Maximum)
 
         self.runner = Runner(self)
         self.runner.progress.connect(self._on_progress)
@@ -119,7 +118,7 @@ class TaskWidget(QWidget):
     def select_input(self, bundle, settings: RunSettings, layer=None) -> InputSelection:
         """The input plane(s) as copies; raises VirtualStainError with what to do when the layer does not fit."""
         layer = layer if layer is not None else self.controls.input_layer()
-        names = bundle.config.input_names
+        names = image_channels(bundle.config)
         if layer is None:
             raise VirtualStainError(
                 f"No input layer: open an image with {len(names)} channel(s) ({', '.join(names)}) and pick it under "

@@ -57,36 +57,56 @@ def _task_of(folder: Path) -> str | None:
         return None
 
 
-def scheduler_steps(bundle: Bundle) -> tuple[int, bool]:
-    """(default steps, whether the user may change them) for this checkpoint's sampler."""
-    try:
-        scheduler = bundle.make_scheduler()
-    except VirtualStainError:
-        return 1, False
-    if scheduler is None:
-        return 1, False  # one-pass regression model
-    from ..core.schedulers import ResidualShiftScheduler
+@dataclass(frozen=True)
+class Sampling:
+    """What a checkpoint lets the user choose: samplers (first = default), steps per sampler, whether editable."""
 
-    if isinstance(scheduler, ResidualShiftScheduler):
-        return int(scheduler.config.num_train_timesteps), False  # the chain length is fixed by training
-    return 50, True
+    samplers: tuple[str, ...]
+    steps: dict
+    max_steps: int
+    editable: bool
+
+
+def sampling_options(bundle: Bundle) -> Sampling:
+    """Residual shift: its fixed chain; regression: one pass; DDPM: DDIM (50 steps) or DDPM (every training step)."""
+    objective = bundle.config.objective
+    if objective == "regression":
+        return Sampling(("one pass",), {"one pass": 1}, 1, False)
+    if objective == "residual_shift":
+        n = int((bundle.config.scheduler or {}).get("num_train_timesteps", 15))
+        return Sampling(("residual_shift",), {"residual_shift": n}, n, False)
+    from ..core.schedulers import DEFAULT_DDIM_STEPS, DIFFUSION_SAMPLERS
+
+    total = int((bundle.config.scheduler or {}).get("num_train_timesteps", 1000))
+    steps = {name: (total if name == "ddpm" else min(DEFAULT_DDIM_STEPS, total)) for name in DIFFUSION_SAMPLERS}
+    return Sampling(tuple(DIFFUSION_SAMPLERS), steps, total, True)
+
+
+def image_channels(config) -> list[str]:
+    """The channels an input layer must have: the inputs of a stain model, the image channels of a classcond one."""
+    return list(config.input_names) if config.input_channels else list(config.output_names)
 
 
 def describe_bundle(bundle: Bundle) -> str:
-    """Compact rich-text card: what the checkpoint does, on which channels, trained on what."""
+    """Compact rich-text card: what the checkpoint does, on which channels, trained on what (full text: tooltip)."""
     from html import escape
 
     c = bundle.config
-    outs = ", ".join(escape(o.name) + ("" if o.kind == "stain" else f" <i>({o.kind})</i>") for o in c.output_channels)
-    lines = [
-        f"<b>{escape(c.name)}</b> · {escape(c.task)} · {escape(c.objective)} · id {bundle.short_id}",
-        f"in: {escape(', '.join(c.input_names))}",
-        f"out: {outs}",
-    ]
+    stains = [o.name for o in c.output_channels if o.kind == "stain"]
+    label_sets = [o.labels or o.name for o in c.output_channels if o.kind == "boundary"]
+    out = ", ".join(stains) + (f"; labels: {', '.join(label_sets)}" if label_sets else "")
+    if c.task == "classcond":
+        out = ", ".join(c.output_names)
+    lines = [f"<b>{escape(c.name)}</b> · {escape(c.task)} · {escape(c.objective)} · id {bundle.short_id}"]
+    if c.input_channels:
+        ins = c.input_names
+        lines.append(f"in: {escape(', '.join(ins) if len(ins) <= 3 else f'{len(ins)} channels ({ins[0]} … {ins[-1]})')}")
+    lines.append(f"{'channels' if c.task == 'classcond' else 'out'}: {escape(out)}")
     classes = getattr(c, "classes", None)
     if classes:
         lines.append(f"classes: {escape(', '.join(classes))}")
-    lines.append(f"trained on: {escape(str(c.training.get('data', 'unknown')))}")
+    data = str(c.training.get("data", "unknown"))
+    lines.append(f"trained on: {escape(data if len(data) <= 90 else data[:88] + '…')}")
     return "<br>".join(lines)
 
 
@@ -96,6 +116,7 @@ class RunSettings:
 
     device: str | None
     seed: int
+    sampler: str | None  # None: the checkpoint's only one
     steps: int | None  # None: the checkpoint's own (fixed) number
     tile_size: int | None
     tile_overlap: int | None
@@ -116,22 +137,31 @@ class ModelControls(QWidget):
     """Checkpoint, input layer and run options; emits ``bundle_changed(bundle or None)``.
 
     ``tasks`` filters the bundled demos (and refuses a folder of another task); ``needs_input=False`` hides the
-    layer picker (synthesis); ``allow_all_planes`` shows the "every plane" box.
+    layer picker (synthesis); ``allow_all_planes`` shows the "every plane" box; ``show_sampler=False`` for tasks that
+    fix their sampler (translation and synthesis use DDIM).
     """
 
     bundle_changed = Signal(object)
 
     def __init__(self, viewer, *, tasks=("stain",), needs_input: bool = True, allow_all_planes: bool = True,
-                 show_tiles: bool = True, parent: QWidget | None = None):
+                 show_tiles: bool = True, show_sampler: bool = True, parent: QWidget | None = None):
         super().__init__(parent)
         self.viewer = viewer
         self.tasks = tuple(tasks)
         self.needs_input = needs_input
         self.bundle: Bundle | None = None
-        self._steps_default = 1
 
-        form = QFormLayout()
-        form.setFieldGrowthPolicy(QFormLayout.FieldGrowthPolicy.AllNonFixedFieldsGrow)
+        outer = QVBoxLayout(self)
+        outer.setContentsMargins(0, 0, 0, 0)
+
+        def new_form() -> QFormLayout:
+            # wrapped labels sit between forms, not in them: QFormLayout under-sizes word-wrapped rows
+            f = QFormLayout()
+            f.setFieldGrowthPolicy(QFormLayout.FieldGrowthPolicy.AllNonFixedFieldsGrow)
+            outer.addLayout(f)
+            return f
+
+        form = new_form()
         self.checkpoint = QComboBox()
         self.checkpoint.setToolTip("Bundled demo checkpoints, or 'Choose folder…' for your own (config.json + model.safetensors)")
         self.checkpoint.setSizePolicy(QSizePolicy.Policy.Expanding, QSizePolicy.Policy.Fixed)
@@ -140,7 +170,7 @@ class ModelControls(QWidget):
         self.summary.setWordWrap(True)
         self.summary.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
         self.summary.setStyleSheet("font-size: 11px;")
-        form.addRow(self.summary)
+        outer.addWidget(self.summary)
 
         self.layer = QComboBox()
         self.layer.setToolTip("Image layers whose channels fit the checkpoint")
@@ -150,17 +180,32 @@ class ModelControls(QWidget):
         self.all_planes = QCheckBox("every plane (time/z), not just the current one")
         self.all_planes.setToolTip("Off: predict the plane shown by the sliders. On: predict all planes and stack them.")
         if needs_input:
-            form.addRow("Input layer", self.layer)
-            form.addRow(self.layer_note)
+            new_form().addRow("Input layer", self.layer)
+            outer.addWidget(self.layer_note)
             if allow_all_planes:
-                form.addRow(self.all_planes)
+                outer.addWidget(self.all_planes)
+        else:
+            for w in (self.layer, self.layer_note, self.all_planes):
+                w.setParent(self)
+                w.hide()
         self._allow_all_planes = needs_input and allow_all_planes
+        form = new_form()
 
         self.device = QComboBox()
         self._fill_devices()
         form.addRow("Device", self.device)
+        self.sampler = QComboBox()
+        self.sampler.setToolTip("DDIM: few deterministic steps; DDPM: every training step, slower")
+        self.sampler.currentTextChanged.connect(self._on_sampler_changed)
+        self._show_sampler, self._show_tiles = show_sampler, show_tiles
+        if show_sampler:
+            form.addRow("Sampler", self.sampler)
+        else:
+            self.sampler.setParent(self)
+            self.sampler.hide()
         self.steps = _spin(1, 1000, 15, "Diffusion steps")
         form.addRow("Steps", self.steps)
+        self._sampling = Sampling(("residual_shift",), {"residual_shift": 15}, 15, False)
         self.seed = _spin(0, MAX_SEED, 0, "Noise seed: the same seed gives the same result on any device or tiling")
         form.addRow("Seed", self.seed)
         self.tile_size = _spin(8, 4096, 256, "Tile edge (pixels): larger is faster on a GPU, needs more memory")
@@ -175,12 +220,11 @@ class ModelControls(QWidget):
         self.batch_size = _spin(1, 256, 4, "Tiles per network call")
         if show_tiles:
             form.addRow("Tile size", self._tiles_row)
+        else:
+            self._tiles_row.setParent(self)
+            self._tiles_row.hide()
         form.addRow("Batch size", self.batch_size)
         self.tile_size.valueChanged.connect(lambda v: self.tile_overlap.setMaximum(max(0, v // 2)))
-
-        outer = QVBoxLayout(self)
-        outer.setContentsMargins(0, 0, 0, 0)
-        outer.addLayout(form)
 
         self._fill_checkpoints()
         self.checkpoint.activated.connect(self._on_checkpoint_activated)
@@ -267,12 +311,18 @@ class ModelControls(QWidget):
             c = bundle.config
             self.summary.setText(describe_bundle(bundle))
             self.summary.setToolTip(bundle.summary() + (f"\n\n{c.description}" if c.description else ""))
-            steps, editable = scheduler_steps(bundle)
-            self._steps_default = steps
-            self.steps.setValue(steps)
-            self.steps.setEnabled(editable)
-            self.steps.setToolTip("Diffusion steps" if editable else
-                                  f"This {c.objective} checkpoint always takes {steps} step{'s' if steps > 1 else ''}")
+            sampling = self._sampling = sampling_options(bundle)
+            self.sampler.blockSignals(True)
+            self.sampler.clear()
+            self.sampler.addItems(list(sampling.samplers))
+            self.sampler.blockSignals(False)
+            self.sampler.setEnabled(len(sampling.samplers) > 1)
+            self.steps.setMaximum(sampling.max_steps)
+            self._on_sampler_changed(sampling.samplers[0])
+            self.steps.setEnabled(sampling.editable)
+            if not sampling.editable:
+                n = sampling.max_steps
+                self.steps.setToolTip(f"This {c.objective} checkpoint always takes {n} step{'s' if n > 1 else ''}")
             from ..core.model import downsample_factor
 
             factor = downsample_factor(c.unet)
@@ -282,6 +332,13 @@ class ModelControls(QWidget):
             self.tile_overlap.setValue(c.tile_overlap)
         self.refresh_layers()
         self.bundle_changed.emit(bundle)
+
+    def _on_sampler_changed(self, name: str) -> None:
+        if name in self._sampling.steps:
+            self.steps.setValue(self._sampling.steps[name])
+            if self._sampling.editable:
+                self.steps.setToolTip(f"Diffusion steps (1 to {self._sampling.max_steps}; {name} default "
+                                      f"{self._sampling.steps[name]})")
 
     # -- devices -----------------------------------------------------------------------------------------------
     def _fill_devices(self) -> None:
@@ -315,36 +372,43 @@ class ModelControls(QWidget):
         """Re-list the Image layers that fit the checkpoint; keep the current choice when it still fits."""
         if not self.needs_input:
             return
-        current = self.layer.currentText()
+        current = self.input_layer()  # by identity: survives a rename
         self.layer.blockSignals(True)
         self.layer.clear()
-        n_in = len(self.bundle.config.input_channels) if self.bundle is not None else 1
+        self._offered = []
+        n_in = len(image_channels(self.bundle.config)) if self.bundle is not None else 1
         hidden = []
         for layer in reversed(self.viewer.layers):  # top of the layer list first, as napari shows it
             reason = why_not_fit(layer, n_in)
             if reason is None:
                 self.layer.addItem(layer.name)
-            elif type(layer).__name__ == "Image":
+                self._offered.append(weakref.ref(layer))
+            elif type(layer).__name__ == "Image" and "bundle_id" not in layer.metadata:  # our outputs: not inputs
                 hidden.append(f"'{layer.name}' ({reason})")
-        i = self.layer.findText(current)
-        if i >= 0:
-            self.layer.setCurrentIndex(i)
+        for i, ref in enumerate(self._offered):
+            if current is not None and ref() is current:
+                self.layer.setCurrentIndex(i)
         self.layer.blockSignals(False)
+        shown = ", ".join(hidden[:2]) + (f" and {len(hidden) - 2} more" if len(hidden) > 2 else "")
         if self.layer.count() == 0:
-            need = self.bundle.config.input_names if self.bundle is not None else ["brightfield"]
+            need = image_channels(self.bundle.config) if self.bundle is not None else ["brightfield"]
             self.layer_note.setText(
-                f"No image layer fits: the checkpoint needs {len(need)} channel(s) ({', '.join(need)}). "
-                "Open one, or File > Open Sample > Virtual Staining."
-                + (f" Hidden: {', '.join(hidden)}." if hidden else "")
+                f"No image layer fits: the checkpoint needs {len(need)} channel(s) ({', '.join(need)})"
+                + (" stacked as (C, Y, X)" if len(need) > 1 else "")
+                + ". Open one, or File > Open Sample > Virtual Staining."
+                + (f" Not usable: {shown}." if hidden else "")
             )
         else:
-            self.layer_note.setText(f"Hidden: {', '.join(hidden)}." if hidden else "")
+            self.layer_note.setText(f"Not usable: {shown}." if hidden else "")
+        self.layer_note.setToolTip("\n".join(hidden))
         self.layer_note.setVisible(bool(self.layer_note.text()))
 
     def input_layer(self):
-        """The chosen layer (or None); a layer chosen by name that was since removed is None too."""
-        name = self.layer.currentText()
-        return self.viewer.layers[name] if name and name in self.viewer.layers else None
+        """The chosen layer, or None (nothing fits, or it was removed from the viewer)."""
+        i = self.layer.currentIndex()
+        offered = getattr(self, "_offered", [])
+        layer = offered[i]() if 0 <= i < len(offered) else None
+        return layer if layer is not None and layer in self.viewer.layers else None
 
     def set_input_layer(self, layer_or_name) -> None:
         name = getattr(layer_or_name, "name", layer_or_name)
@@ -359,9 +423,10 @@ class ModelControls(QWidget):
         return RunSettings(
             device=None if device == "auto" else device,
             seed=int(self.seed.value()),
-            steps=int(self.steps.value()) if self.steps.isEnabled() else None,
-            tile_size=int(self.tile_size.value()),
-            tile_overlap=int(self.tile_overlap.value()),
+            sampler=self.sampler.currentText() if self._sampling.editable and self._show_sampler else None,
+            steps=int(self.steps.value()) if self._sampling.editable else None,
+            tile_size=int(self.tile_size.value()) if self._show_tiles else None,
+            tile_overlap=int(self.tile_overlap.value()) if self._show_tiles else None,
             batch_size=int(self.batch_size.value()),
             all_planes=self._allow_all_planes and self.all_planes.isChecked(),
         )

@@ -48,8 +48,8 @@ def predict_selection(bundle, sel: InputSelection, s: RunSettings, progress, sho
     def predict(array, cb):
         return predict_stain(
             bundle, array, channel_axis=sel.channel_axis, seed=s.seed, tile_size=s.tile_size,
-            tile_overlap=s.tile_overlap, batch_size=s.batch_size, device=s.device, progress=cb,
-            should_cancel=should_cancel, input_name=sel.layer_name,
+            tile_overlap=s.tile_overlap, batch_size=s.batch_size, device=s.device, sampler=s.sampler, steps=s.steps,
+            progress=cb, should_cancel=should_cancel, input_name=sel.layer_name,
         )
 
     return stack_stain_results(per_plane(sel, predict, progress, should_cancel), sel)

@@ -1,0 +1,93 @@
+"""Synthesize widget: N new images of one class from a class-conditional checkpoint, one layer per channel.
+
+``core.tasks.classcond.synthesize`` (sample i uses seed ``seed + i``, whatever the batching); each channel becomes a
+layer with the samples on its leading axis, so the slider pages through them.
+"""
+
+from __future__ import annotations
+
+from qtpy.QtWidgets import QComboBox, QDoubleSpinBox, QFormLayout, QSpinBox
+
+from ..core.errors import VirtualStainError
+from ._base import TaskWidget, describe_progress
+from ._controls import RunSettings
+from ._layers import add_layers, json_safe, robust_limits, stain_colormap
+from ._runner import Job
+
+
+def synthesis_layer_tuples(result, class_name: str, pixel_size_um: float | None) -> list[tuple]:
+    """(N, C, H, W) -> one additive layer per channel, (N, H, W), named '<channel> synthetic (<class>)'."""
+    prov = json_safe(result.provenance)
+    px = float(pixel_size_um) if pixel_size_um else 1.0
+    out = []
+    for c, name in enumerate(result.channel_names):
+        data = result.images[:, c]
+        out.append((data, {
+            "name": f"{name} synthetic ({class_name})", "colormap": stain_colormap(name, c), "blending": "additive",
+            "contrast_limits": robust_limits(data), "scale": (1.0, px, px),
+            "axis_labels": ("sample", "y", "x"), "metadata": {**prov, "channel": name},
+        }, "image"))
+    return out
+
+
+class SynthesizeWidget(TaskWidget):
+    """Generate images of one class (no input layer)."""
+
+    run_text = "Synthesize"
+    tasks = ("classcond",)
+    needs_input = False
+    allow_all_planes = False
+    show_tiles = False
+    show_sampler = False
+
+    def build_options(self, form: QFormLayout) -> None:
+        self.class_name = QComboBox()
+        form.addRow("Class", self.class_name)
+        self.count = QSpinBox()
+        self.count.setRange(1, 1024)
+        self.count.setValue(4)
+        self.count.setToolTip("Number of images; image i uses seed seed+i")
+        form.addRow("Count", self.count)
+        self.size = QSpinBox()
+        self.size.setRange(8, 4096)
+        self.size.setToolTip("Edge of each square image (pixels; a multiple of the network's downsampling)")
+        form.addRow("Size", self.size)
+        self.guidance = QDoubleSpinBox()
+        self.guidance.setRange(0.0, 20.0)
+        self.guidance.setSingleStep(0.5)
+        self.guidance.setValue(1.0)
+        self.guidance.setToolTip("Classifier-free guidance scale (1 = plain conditional sampling)")
+        form.addRow("Guidance", self.guidance)
+
+    def on_bundle_changed(self, bundle) -> None:
+        self.class_name.clear()
+        if bundle is None:
+            return
+        from ..core.model import downsample_factor
+
+        c = bundle.config
+        self.class_name.addItems(list(getattr(c, "classes", [])))
+        factor = downsample_factor(c.unet)
+        self.size.setSingleStep(factor)
+        self.size.setMinimum(max(8, factor))
+        self.size.setValue(int(c.unet.get("sample_size", c.tile_size)))
+
+    def make_job(self, bundle, s: RunSettings, layer=None) -> Job:
+        class_name = self.class_name.currentText()
+        if not class_name:
+            raise VirtualStainError("Choose a class (the checkpoint lists its classes)")
+        n, size, guidance = int(self.count.value()), int(self.size.value()), float(self.guidance.value())
+        pixel = bundle.config.pixel_size_um
+
+        def work(progress, should_cancel):
+            from ..core.tasks.classcond import synthesize
+
+            result = synthesize(
+                bundle, class_name, n, seed=s.seed, steps=s.steps or 50, guidance=guidance, size=size,
+                batch_size=s.batch_size, device=s.device, should_cancel=should_cancel,
+                progress=lambda p: progress(p.fraction, describe_progress(p)),
+            )
+            return synthesis_layer_tuples(result, class_name, pixel)
+
+        return Job(f"Synthesis of {n} '{class_name}' image{'s' if n > 1 else ''}", work,
+                   lambda tuples: add_layers(self.viewer, tuples))

@@ -1,0 +1,152 @@
+"""Translate widget: show an image as it would look under another condition, with its reconstruction control.
+
+``core.tasks.classcond.translate`` inverts the image under its source class and regenerates it under the target
+class; the same latent regenerated under the source class is the control, so ``difference = translated - control``
+is the class effect rather than inversion error. Difference layers use a diverging colormap centred on 0.
+"""
+
+from __future__ import annotations
+
+from qtpy.QtWidgets import QComboBox, QDoubleSpinBox, QFormLayout, QPushButton, QVBoxLayout
+
+from ..core.errors import VirtualStainError
+from ._base import TaskWidget, describe_progress
+from ._controls import RunSettings
+from ._layers import DIVERGING, InputSelection, add_layers, json_safe, robust_limits, stain_colormap, symmetric_limits
+from ._notify import notify_warning
+from ._runner import Job
+
+
+def translation_layer_tuples(result, sel: InputSelection, source: str, target: str) -> list[tuple]:
+    """Per channel: translated and control on the original's contrast (comparable), difference centred on 0."""
+    prov = json_safe({**result.provenance, **sel.plane_note, "input": sel.layer_name})
+    lead = sel.lead_shape
+    geo = sel.geometry.kwargs()
+    out = []
+    original = sel.arrays[0] if sel.channel_axis is not None else sel.arrays[0][None]
+    for c, name in enumerate(result.channel_names):
+        limits = robust_limits(original[c])
+        cmap = sel.colormap if len(result.channel_names) == 1 and sel.colormap else stain_colormap(name, c)
+        for role, data, layer_name in (
+            ("translated", result.translated[c], f"{name} {source}→{target} (translated)"),
+            ("control", result.control[c], f"{name} {source}→{source} (control)"),
+        ):
+            out.append((data.reshape(*lead, *data.shape), {
+                "name": layer_name, "colormap": cmap, "contrast_limits": limits, "blending": "additive",
+                "visible": role == "translated", "metadata": {**prov, "channel": name, "role": role}, **geo,
+            }, "image"))
+        diff = result.difference[c]
+        out.append((diff.reshape(*lead, *diff.shape), {
+            "name": f"{name} difference ({target} − {source})", "colormap": DIVERGING,
+            "contrast_limits": symmetric_limits(diff), "blending": "translucent",
+            "metadata": {**prov, "channel": name, "role": "difference"}, **geo,
+        }, "image"))
+    return out
+
+
+class TranslateWidget(TaskWidget):
+    """Translate the picked layer from its class to another with a class-conditional checkpoint."""
+
+    run_text = "Translate"
+    tasks = ("classcond",)
+    allow_all_planes = False
+    show_sampler = False
+
+    def build_options(self, form: QFormLayout) -> None:
+        self.source = QComboBox()
+        self.source.setToolTip("The condition the image was taken in")
+        self.target = QComboBox()
+        self.target.setToolTip("The condition to translate it to")
+        form.addRow("Source class", self.source)
+        form.addRow("Target class", self.target)
+        self.guidance = QDoubleSpinBox()
+        self.guidance.setRange(0.0, 20.0)
+        self.guidance.setSingleStep(0.5)
+        self.guidance.setValue(1.0)
+        self.guidance.setToolTip("Classifier-free guidance scale (1 = plain conditional sampling)")
+        form.addRow("Guidance", self.guidance)
+        self.strength = QDoubleSpinBox()
+        self.strength.setRange(0.05, 1.0)
+        self.strength.setSingleStep(0.05)
+        self.strength.setValue(1.0)
+        self.strength.setToolTip("How far to invert (fraction of the schedule): lower keeps more of the layout")
+        form.addRow("Strength", self.strength)
+
+    def build_extra(self, layout: QVBoxLayout) -> None:
+        self.side_by_side = QPushButton("Side by side: original | translated | difference")
+        self.side_by_side.setCheckable(True)
+        self.side_by_side.setEnabled(False)
+        self.side_by_side.toggled.connect(self.show_side_by_side)
+        layout.addWidget(self.side_by_side)
+        self._last: list[str] = []
+        self._hidden: list[str] = []
+
+    def on_bundle_changed(self, bundle) -> None:
+        classes = list(getattr(bundle.config, "classes", [])) if bundle is not None else []
+        for combo in (self.source, self.target):
+            combo.clear()
+            combo.addItems(classes)
+        if len(classes) > 1:
+            self.target.setCurrentIndex(1)
+
+    def make_job(self, bundle, s: RunSettings, layer) -> Job:
+        source, target = self.source.currentText(), self.target.currentText()
+        if not source or not target:
+            raise VirtualStainError("Choose a source and a target class (the checkpoint lists its classes)")
+        sel = self.select_input(bundle, s, layer)
+        guidance, strength = float(self.guidance.value()), float(self.strength.value())
+
+        def work(progress, should_cancel):
+            from ..core.tasks.classcond import translate
+
+            result = translate(
+                bundle, sel.arrays[0], source, target, steps=s.steps or 50, guidance=guidance, strength=strength,
+                channel_axis=sel.channel_axis, tile_size=s.tile_size, tile_overlap=s.tile_overlap,
+                batch_size=s.batch_size, device=s.device, input_name=sel.layer_name, should_cancel=should_cancel,
+                progress=lambda p: progress(p.fraction, describe_progress(p)),
+            )
+            return translation_layer_tuples(result, sel, source, target)
+
+        def done(tuples) -> None:
+            layers = add_layers(self.viewer, tuples)
+            names = [la.name for la in layers]
+            self._last = [sel.layer_name, names[0], names[2]]  # original | first channel translated | difference
+            self.side_by_side.setEnabled(True)
+            self.warn_if_input_gone(sel)
+
+        return Job(f"Translation of '{sel.layer_name}' ({source} → {target})", work, done, {"selection": sel})
+
+    def show_side_by_side(self, on: bool = True) -> None:
+        """Grid view of original | translated | difference (the last run's first channel); toggle back restores."""
+        viewer = self.viewer
+        grid = _grid(viewer)
+        if not on:
+            grid.enabled = False
+            for name in self._hidden:
+                if name in viewer.layers:
+                    viewer.layers[name].visible = True
+            self._hidden = []
+            return
+        present = [n for n in self._last if n in viewer.layers]
+        if len(present) < 2:
+            notify_warning("Run a translation first (the side-by-side view shows its layers)")
+            self.side_by_side.blockSignals(True)
+            self.side_by_side.setChecked(False)
+            self.side_by_side.blockSignals(False)
+            return
+        self._hidden = [la.name for la in viewer.layers if la.visible and la.name not in present]
+        for layer in viewer.layers:
+            layer.visible = layer.name in present
+        # napari fills grid cells from the top of the layer list: put them there, original first
+        for name in present:
+            viewer.layers.move(viewer.layers.index(name), len(viewer.layers))
+        grid.shape = (1, len(present))
+        grid.stride = 1
+        grid.enabled = True
+        viewer.reset_view()
+
+
+def _grid(viewer):
+    """napari >= 0.9 keeps the grid on ``viewer.canvas``; older versions on the viewer."""
+    canvas = getattr(viewer, "canvas", None)
+    return canvas.grid if canvas is not None and hasattr(canvas, "grid") else viewer.grid
