@@ -20,6 +20,19 @@ from .classcond_data import ClassCondSpec
 __all__ = ["ClassCondSpec", "classcond_job", "build_classcond_config"]
 
 
+def classcond_schedule() -> dict:
+    """Zero terminal SNR (rescaled linear betas) + v-prediction + trailing spacing (Lin et al. 2024, as PhenDiff).
+
+    Why: translation inverts the image all the way to t = T. With an epsilon model and a schedule whose last
+    alpha_bar is ~0 (cosine, capped), the inverse step into T and the first regeneration step divide the model's
+    small eps mismatch by sqrt(alpha_bar_T) and blow it up; v-prediction keeps both x̂0 and eps well conditioned at
+    every t, and zero terminal SNR makes "noise" at T really carry no image, so regeneration under another class
+    starts from the same place training did. x̂0 is not clipped: real images exceed the training percentile range.
+    """
+    return default_ddpm_config(prediction_type="v_prediction", beta_schedule="linear", rescale_betas_zero_snr=True,
+                               clip_sample=False)
+
+
 def build_classcond_config(spec: ClassCondSpec, opts) -> BundleConfig:
     if opts.objective != "ddpm":
         raise VirtualStainError(f"a class-conditional model is a DDPM; objective {opts.objective!r} does not apply")
@@ -35,7 +48,7 @@ def build_classcond_config(spec: ClassCondSpec, opts) -> BundleConfig:
     return BundleConfig(
         name=spec.name, description=spec.description, task="classcond", objective="ddpm", input_channels=[],
         output_channels=[ChannelSpec(c, "stain", nm) for c, nm in zip(spec.channel_names, norms)],
-        unet=unet, scheduler=default_ddpm_config(), tile_size=opts.tile_size, tile_overlap=opts.tile_overlap,
+        unet=unet, scheduler=classcond_schedule(), tile_size=opts.tile_size, tile_overlap=opts.tile_overlap,
         pixel_size_um=spec.pixel_size_um, classes=list(spec.classes),
     )
 
@@ -77,7 +90,8 @@ def classcond_job(spec: ClassCondSpec, opts):
         t = torch.randint(0, scheduler.config.num_train_timesteps, (x0.shape[0],), generator=gen).to(x0.device)
         noise = torch.randn(x0.shape, generator=gen).to(x0.device)
         pred = unet(scheduler.add_noise(x0, noise, t), t, class_labels=cls).sample
-        return F.mse_loss(pred, noise)
+        target = noise if scheduler.config.prediction_type == "epsilon" else scheduler.get_velocity(x0, noise, t)
+        return F.mse_loss(pred, target)
 
     counts = {c: int((labels == i).sum()) for i, c in enumerate(spec.classes)}
     return TrainingJob(config, next_batch, loss, None,

@@ -27,10 +27,8 @@ def default_ddpm_config(num_train_timesteps: int = 1000, prediction_type: str = 
     trailing timestep spacing so a short DDIM schedule starts at the noisiest step."""
     from diffusers import DDPMScheduler
 
-    sched = DDPMScheduler(
-        num_train_timesteps=num_train_timesteps, beta_schedule="squaredcos_cap_v2", prediction_type=prediction_type,
-        clip_sample=True, timestep_spacing="trailing", **overrides,
-    )
+    settings = dict(beta_schedule="squaredcos_cap_v2", clip_sample=True, timestep_spacing="trailing") | overrides
+    sched = DDPMScheduler(num_train_timesteps=num_train_timesteps, prediction_type=prediction_type, **settings)
     return {k: v for k, v in sched.config.items() if not k.startswith("_")}
 
 
