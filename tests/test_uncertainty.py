@@ -242,3 +242,16 @@ def test_cli_refuses_bad_uncertainty_options(tiny_ddpm_bundle_dir, image, tmp_pa
     assert rc == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+def test_auroc_matches_pairwise_definition():
+    from napari_virtualstain.core.metrics import auroc
+
+    rng = np.random.default_rng(0)
+    scores = np.round(rng.normal(size=300), 1)  # ties on purpose
+    positive = rng.random(300) < 0.2 + 0.5 * (scores > 0.5)
+    p, n = scores[positive], scores[~positive]
+    pairwise = ((p[:, None] > n[None]).sum() + 0.5 * (p[:, None] == n[None]).sum()) / (p.size * n.size)
+    assert auroc(scores, positive) == pytest.approx(pairwise, abs=1e-12)
+    assert auroc(positive.astype(float), positive) == 1.0
+    assert np.isnan(auroc(scores, np.zeros(300, bool)))

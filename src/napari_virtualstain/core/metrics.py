@@ -91,6 +91,20 @@ def normalize_pair(
     return scale(pred), scale(truth), (lo, hi)
 
 
+def auroc(scores: np.ndarray, positive: np.ndarray) -> float:
+    """Area under the ROC curve of ``scores`` separating ``positive`` pixels from the rest (Mann-Whitney U with
+    average ranks for ties; 0.5 = no better than chance). NaN when one class is empty."""
+    from scipy.stats import rankdata
+
+    s = np.asarray(scores, np.float64).ravel()
+    pos = np.asarray(positive, bool).ravel()
+    n_pos, n_neg = int(pos.sum()), int((~pos).sum())
+    if n_pos == 0 or n_neg == 0:
+        return float("nan")
+    ranks = rankdata(s)
+    return float((ranks[pos].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
 # --------------------------------------------------------------------------------------------------------------
 # instances
 
