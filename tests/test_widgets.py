@@ -127,7 +127,7 @@ def test_stain_predicts_current_plane_like_the_core(stain_setup, qtbot, crop, ti
 def test_stain_all_planes_and_probabilities(stain_setup, qtbot, crop, tiny_bundle, notes):
     from napari_virtualstain.core.tasks.stain import predict_stain
 
-    viewer, layer, widget = stain_setup
+    viewer, _, widget = stain_setup
     widget.controls.all_planes.setChecked(True)
     widget.probabilities.setChecked(True)
     assert widget.run()
@@ -242,8 +242,8 @@ def test_bad_images_give_a_notification_and_no_layer(stain_setup, qtbot, crop, n
 
 def test_wrong_channel_count(make_napari_viewer, qtbot, crop, tmp_path, notes):
     import torch
-
     from conftest import make_tiny_config
+
     from napari_virtualstain._widgets import StainWidget
     from napari_virtualstain.core.bundle import save_bundle
     from napari_virtualstain.core.model import build_unet

@@ -170,7 +170,7 @@ class TaskWidget(QWidget):
             self.progress_bar.setValue(0)
 
     def _on_progress(self, fraction: float, text: str) -> None:
-        self.progress_bar.setValue(int(round(min(max(fraction, 0.0), 1.0) * PROGRESS_MAX)))
+        self.progress_bar.setValue(round(min(max(fraction, 0.0), 1.0) * PROGRESS_MAX))
         self.progress_bar.setFormat(f"%p%  {text}")
 
     def _on_finished(self, outcome: str, payload) -> None:

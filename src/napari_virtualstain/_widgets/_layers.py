@@ -243,11 +243,14 @@ def stain_layer_tuples(
 
 def add_layers(viewer, tuples: list[LayerTuple]) -> list:
     """Add layer tuples to ``viewer`` (in order, on top) and return the layers."""
+    return list(iter_add_layers(viewer, tuples))
+
+
+def iter_add_layers(viewer, tuples: list[LayerTuple]):
+    """Add layers one at a time, yielding each: as a Job's ``on_result`` generator, napari repaints in between."""
     from napari.layers import Layer
 
-    layers = []
     for data, kwargs, kind in tuples:
         layer = Layer.create(data, dict(kwargs), kind)
         viewer.layers.append(layer)
-        layers.append(layer)
-    return layers
+        yield layer

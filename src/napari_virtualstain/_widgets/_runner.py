@@ -15,6 +15,7 @@ Guarantees the widgets rely on:
 
 from __future__ import annotations
 
+import inspect
 import logging
 import threading
 import time
@@ -23,7 +24,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from qtpy.QtCore import QObject, Qt, QThread, Signal
+from qtpy.QtCore import QObject, Qt, QThread, QTimer, Signal
 from qtpy.QtWidgets import QApplication
 
 from ..core.errors import Cancelled, VirtualStainError
@@ -44,7 +45,7 @@ class Job:
 
     title: str
     fn: Callable[[ProgressFn, CancelFn], Any]
-    on_result: Callable[[Any], None]
+    on_result: Callable[[Any], Any]  # may be a generator: one step (e.g. one layer) per event-loop turn
     meta: dict = field(default_factory=dict)
 
 
@@ -85,7 +86,7 @@ def _execute(fn, signals: _Signals, run: _Run) -> None:
         signals.outcome.emit("cancelled", None)
     except VirtualStainError as exc:
         signals.outcome.emit("user_error", exc)
-    except BaseException as exc:  # noqa: BLE001 - a bug: reported on the GUI thread, traceback to the log
+    except BaseException as exc:
         log.exception("napari-virtualstain worker failed")
         signals.outcome.emit("bug", exc)
     else:
@@ -117,9 +118,9 @@ def _reap() -> None:
 def wait_for_all(timeout_s: float = 30.0) -> bool:
     """Cancel every run and wait for the workers to end (app shutdown, tests). True if all ended in time."""
     deadline = time.perf_counter() + timeout_s
-    for run in list(_RUNS):
+    for run in _RUNS:
         run.cancel.set()
-    for run in list(_RUNS):
+    for run in _RUNS:
         run.ended.wait(max(0.0, deadline - time.perf_counter()))
     for t in list(_LIVE):
         t.wait(max(0, int((deadline - time.perf_counter()) * 1000)))
@@ -129,7 +130,7 @@ def wait_for_all(timeout_s: float = 30.0) -> bool:
 
 def active_run() -> str | None:
     """Title of the run whose worker is still going anywhere in this process (closed widgets included), if any."""
-    for run in list(_RUNS):
+    for run in _RUNS:
         if not run.ended.is_set():
             return run.title
     return None
@@ -192,12 +193,14 @@ class Runner(QObject):
         self.title: str | None = None
         self._job: Job | None = None
         self._run: _Run | None = None
+        self._adding = False
         self._cancel: threading.Event | None = None
         self._signals: _Signals | None = None
         self.last_outcome: str | None = None
         self.started_at: float | None = None
         self.cancel_requested_at: float | None = None
-        self.finished_at: float | None = None
+        self.result_at: float | None = None  # the worker's outcome reached the GUI thread
+        self.finished_at: float | None = None  # ... and its layers were added
         _hook_quit()
 
     @property
@@ -239,8 +242,9 @@ class Runner(QObject):
         worker.start()
 
     def cancel(self) -> None:
-        """Ask the run to stop at its next step boundary; its result, if any still arrives, is dropped."""
-        if self._cancel is not None and not self._cancel.is_set():
+        """Ask the run to stop at its next step boundary; its result, if any still arrives, is dropped.
+        Ignored once the result is being added (it is complete: nothing half-made can come of it)."""
+        if self._cancel is not None and not self._cancel.is_set() and not self._adding:
             self._cancel.set()
             self.cancel_requested_at = time.perf_counter()
 
@@ -254,19 +258,48 @@ class Runner(QObject):
             return
         if outcome == "done" and self._cancel is not None and self._cancel.is_set():
             outcome, payload = "cancelled", None
-        self._job = None
         self._signals = None
         self._napari_worker = None
         self._run.ended.wait(5.0)  # set right after the outcome was emitted: the next start must not see it alive
-        self.finished_at = time.perf_counter()
+        self.result_at = time.perf_counter()
+        self._adding = True  # Cancel no longer applies: the result is complete
         _reap()
-        if outcome == "done":
-            try:
-                job.on_result(payload)
-            except VirtualStainError as exc:
-                outcome, payload = "user_error", exc
-            except Exception as exc:  # noqa: BLE001 - shown as a notification, traceback to the log
-                log.exception("napari-virtualstain: adding the results failed")
-                outcome, payload = "bug", exc
+        if outcome != "done":
+            self._finish(outcome, payload)
+            return
+        try:
+            steps = job.on_result(payload)
+        except Exception as exc:  # noqa: BLE001
+            self._finish(*self._failure(exc))
+            return
+        if inspect.isgenerator(steps):
+            self._drain(steps, payload)
+        else:
+            self._finish("done", payload)
+
+    def _drain(self, steps, payload) -> None:
+        """Run a generator ``on_result`` one step per event-loop turn (one layer each), so adding several big
+        layers does not freeze napari in one block; the run counts as finished after its last step."""
+        try:
+            next(steps)
+        except StopIteration:
+            self._finish("done", payload)
+            return
+        except Exception as exc:  # noqa: BLE001
+            self._finish(*self._failure(exc))
+            return
+        QTimer.singleShot(0, lambda: None if _is_deleted(self) else self._drain(steps, payload))
+
+    @staticmethod
+    def _failure(exc: Exception) -> tuple[str, Exception]:
+        if isinstance(exc, VirtualStainError):
+            return "user_error", exc
+        log.exception("napari-virtualstain: adding the results failed", exc_info=exc)
+        return "bug", exc
+
+    def _finish(self, outcome: str, payload) -> None:
+        self._job = None
+        self._adding = False
         self.last_outcome = outcome
+        self.finished_at = time.perf_counter()
         self.finished.emit(outcome, payload)

@@ -9,7 +9,7 @@ from qtpy.QtWidgets import QCheckBox, QFormLayout
 
 from ._base import TaskWidget, per_plane
 from ._controls import RunSettings
-from ._layers import InputSelection, LayerTuple, add_layers, stack_planes, stain_layer_tuples
+from ._layers import InputSelection, LayerTuple, iter_add_layers, stack_planes, stain_layer_tuples
 from ._runner import Job
 
 
@@ -76,8 +76,8 @@ class StainWidget(TaskWidget):
                 sel.geometry, probabilities=probabilities,
             )
 
-        def done(tuples: list[LayerTuple]) -> None:
-            add_layers(self.viewer, tuples)
+        def done(tuples: list[LayerTuple]):
+            yield from iter_add_layers(self.viewer, tuples)
             self.warn_if_input_gone(sel)
 
         return Job(f"Virtual stain of '{sel.layer_name}'", work, done, {"selection": sel})

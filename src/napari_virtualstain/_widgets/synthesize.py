@@ -11,7 +11,7 @@ from qtpy.QtWidgets import QComboBox, QDoubleSpinBox, QFormLayout, QSpinBox
 from ..core.errors import VirtualStainError
 from ._base import TaskWidget, describe_progress
 from ._controls import RunSettings
-from ._layers import add_layers, json_safe, robust_limits, stain_colormap
+from ._layers import iter_add_layers, json_safe, robust_limits, stain_colormap
 from ._runner import Job
 
 
@@ -90,4 +90,4 @@ class SynthesizeWidget(TaskWidget):
             return synthesis_layer_tuples(result, class_name, pixel)
 
         return Job(f"Synthesis of {n} '{class_name}' image{'s' if n > 1 else ''}", work,
-                   lambda tuples: add_layers(self.viewer, tuples))
+                   lambda tuples: iter_add_layers(self.viewer, tuples))

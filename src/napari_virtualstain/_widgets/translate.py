@@ -12,7 +12,15 @@ from qtpy.QtWidgets import QComboBox, QDoubleSpinBox, QFormLayout, QPushButton, 
 from ..core.errors import VirtualStainError
 from ._base import TaskWidget, describe_progress
 from ._controls import RunSettings
-from ._layers import DIVERGING, InputSelection, add_layers, json_safe, robust_limits, stain_colormap, symmetric_limits
+from ._layers import (
+    DIVERGING,
+    InputSelection,
+    iter_add_layers,
+    json_safe,
+    robust_limits,
+    stain_colormap,
+    symmetric_limits,
+)
 from ._notify import notify_warning
 from ._runner import Job
 
@@ -107,9 +115,11 @@ class TranslateWidget(TaskWidget):
             )
             return translation_layer_tuples(result, sel, source, target)
 
-        def done(tuples) -> None:
-            layers = add_layers(self.viewer, tuples)
-            names = [la.name for la in layers]
+        def done(tuples):
+            names = []
+            for added in iter_add_layers(self.viewer, tuples):
+                names.append(added.name)
+                yield
             self._last = [sel.layer_name, names[0], names[2]]  # original | first channel translated | difference
             self.side_by_side.setEnabled(True)
             self.warn_if_input_gone(sel)

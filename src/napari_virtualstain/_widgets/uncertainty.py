@@ -31,7 +31,16 @@ from qtpy.QtWidgets import (
 from ..core.errors import VirtualStainError
 from ._base import TaskWidget, describe_progress
 from ._controls import RunSettings
-from ._layers import HEATMAP, InputSelection, add_layers, json_safe, robust_limits, stain_colormap, stain_layer_tuples
+from ._layers import (
+    HEATMAP,
+    InputSelection,
+    add_layers,
+    iter_add_layers,
+    json_safe,
+    robust_limits,
+    stain_colormap,
+    stain_layer_tuples,
+)
 from ._notify import notify_error, notify_info
 from ._runner import Job
 
@@ -190,9 +199,9 @@ class UncertaintyWidget(TaskWidget):
             return tuples, CachedMaps(result.maps, result.stain.channel_names, result.stain.channel_kinds, sel,
                                       provenance)
 
-        def done(payload) -> None:
+        def done(payload):
             tuples, cache = payload
-            add_layers(self.viewer, tuples)
+            yield from iter_add_layers(self.viewer, tuples)
             self.set_cache(cache)
             self.warn_if_input_gone(sel)
 
@@ -240,7 +249,7 @@ class UncertaintyWidget(TaskWidget):
         except VirtualStainError:
             otsu = self._range[0]
         lo, hi = self._range
-        pos = int(round((otsu - lo) / (hi - lo) * (SLIDER_MAX + 1))) if hi > lo else 0
+        pos = min(round((otsu - lo) / (hi - lo) * (SLIDER_MAX + 1)), SLIDER_MAX) if hi > lo else 0
         self.threshold.blockSignals(True)
         self.threshold.setValue(pos)
         self.threshold.blockSignals(False)
