@@ -124,7 +124,7 @@ def test_stain_predicts_current_plane_like_the_core(stain_setup, qtbot, crop, ti
     assert not notes.errors()
 
 
-def test_stain_all_planes_and_probabilities(stain_setup, qtbot, crop, tiny_bundle, notes):
+def test_stain_all_planes_probabilities_and_save(stain_setup, qtbot, crop, tiny_bundle, notes, tmp_path):
     from napari_virtualstain.core.tasks.stain import predict_stain
 
     viewer, _, widget = stain_setup
@@ -146,6 +146,20 @@ def test_stain_all_planes_and_probabilities(stain_setup, qtbot, crop, tiny_bundl
     expected = predict_stain(tiny_bundle, crop[1], seed=0, tile_size=32, tile_overlap=8)
     np.testing.assert_allclose(viewer.layers["Hoechst (virtual)"].data[1], expected.channel("Hoechst"),
                                rtol=1e-5, atol=1e-4)
+
+    # saved like the CLI writes it: TCYX channels with names + provenance, one labels TIFF per labels set
+    import tifffile
+
+    from napari_virtualstain.core.io import read_channel_names, read_provenance
+
+    written = widget.save_results(tmp_path)
+    assert [p.name for p in written] == ["Brightfield_virtualstain.tif", "Brightfield_nuclei_labels.tif"]
+    channels = tifffile.imread(written[0])
+    assert channels.shape == (3, 3, 48, 64)
+    assert read_channel_names(written[0]) == ["Hoechst", "nuclei boundary", "nuclei foreground"]
+    np.testing.assert_allclose(channels[:, 0], viewer.layers["Hoechst (virtual)"].data)
+    assert read_provenance(written[0])["bundle_id"] == tiny_bundle.id
+    assert np.array_equal(tifffile.imread(written[1]), viewer.layers["nuclei (virtual)"].data)
 
 
 def test_cancel_stops_between_steps_and_adds_nothing(make_napari_viewer, qtbot, scratch, tiny_bundle_dir, notes):
@@ -341,10 +355,15 @@ def test_manifest_widgets_open_in_napari(make_napari_viewer):
                 "Translate condition": _widgets.TranslateWidget, "Synthesize": _widgets.SynthesizeWidget}
     assert set(widgets) == set(expected)
     assert manifest.contributions.sample_data  # the scratch-assay sample stays
+    # what `python -m napari_virtualstain._widgets` opens: the sample (time point 9) + the requested widgets
+    from napari_virtualstain._widgets.__main__ import open_demo
+
     viewer = make_napari_viewer()
-    for name, cls in expected.items():
-        _, widget = viewer.window.add_plugin_dock_widget("napari-virtualstain", name)
-        assert isinstance(widget, cls)
+    opened = open_demo(viewer, list(expected))
+    assert [type(w) for w in opened] == list(expected.values())
+    if "Brightfield (scratch assay)" in viewer.layers:  # ndev-sampledata installed
+        assert opened[0].controls.input_layer().name == "Brightfield (scratch assay)"
+        assert viewer.dims.point[0] == 9
 
 
 # -- uncertainty -------------------------------------------------------------------------------------------------

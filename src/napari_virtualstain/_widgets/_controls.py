@@ -378,15 +378,19 @@ class ModelControls(QWidget):
         n_in = len(image_channels(self.bundle.config)) if self.bundle is not None else 1
         hidden = []
         for layer in reversed(self.viewer.layers):  # top of the layer list first, as napari shows it
+            if "bundle_id" in layer.metadata:  # our own outputs are not inputs
+                continue
             reason = why_not_fit(layer, n_in)
             if reason is None:
                 self.layer.addItem(layer.name)
                 self._offered.append(weakref.ref(layer))
-            elif type(layer).__name__ == "Image" and "bundle_id" not in layer.metadata:  # our outputs: not inputs
+            elif type(layer).__name__ == "Image":
                 hidden.append(f"'{layer.name}' ({reason})")
-        for i, ref in enumerate(self._offered):
-            if current is not None and ref() is current:
-                self.layer.setCurrentIndex(i)
+        layers = [ref() for ref in self._offered]
+        if current is None or current not in layers:
+            current = self._default_input(layers)
+        if current is not None:
+            self.layer.setCurrentIndex(layers.index(current))
         self.layer.blockSignals(False)
         shown = ", ".join(hidden[:2]) + (f" and {len(hidden) - 2} more" if len(hidden) > 2 else "")
         if self.layer.count() == 0:
@@ -401,6 +405,17 @@ class ModelControls(QWidget):
             self.layer_note.setText(f"Not usable: {shown}." if hidden else "")
         self.layer_note.setToolTip("\n".join(hidden))
         self.layer_note.setVisible(bool(self.layer_note.text()))
+
+    def _default_input(self, layers: list):
+        """A layer named like the checkpoint's input (e.g. 'Brightfield …'), else the active layer, else the top."""
+        if not layers:
+            return None
+        names = [n.lower() for n in (image_channels(self.bundle.config) if self.bundle is not None else [])]
+        for layer in layers:
+            if any(n and n in layer.name.lower() for n in names):
+                return layer
+        active = self.viewer.layers.selection.active
+        return active if active in layers else layers[0]
 
     def input_layer(self):
         """The chosen layer, or None (nothing fits, or it was removed from the viewer)."""

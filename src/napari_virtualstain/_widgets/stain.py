@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
-from qtpy.QtWidgets import QCheckBox, QFormLayout
+from qtpy.QtWidgets import QCheckBox, QFileDialog, QFormLayout, QPushButton, QVBoxLayout
+
+from ..core.errors import VirtualStainError
 
 from ._base import TaskWidget, per_plane
 from ._controls import RunSettings
 from ._layers import InputSelection, LayerTuple, iter_add_layers, stack_planes, stain_layer_tuples
+from ._notify import notify_error, notify_info
 from ._runner import Job
 
 
@@ -65,19 +69,63 @@ class StainWidget(TaskWidget):
         self.probabilities.setToolTip("The raw per-pixel probabilities the instance labels are made from")
         form.addRow(self.probabilities)
 
+    def build_extra(self, layout: QVBoxLayout) -> None:
+        self.save_button = QPushButton("Save last result… (TIFFs, as the CLI writes them)")
+        self.save_button.setToolTip("<input>_virtualstain.tif (all channels, names + provenance) and one labels TIFF "
+                                    "per labels set, in a folder you choose")
+        self.save_button.setEnabled(False)
+        self.save_button.clicked.connect(self._save_clicked)
+        layout.addWidget(self.save_button)
+        self.last: StackedStain | None = None
+        self._last_pixel_size: float | None = None
+
     def make_job(self, bundle, settings: RunSettings, layer) -> Job:
         sel = self.select_input(bundle, settings, layer)
         probabilities = self.probabilities.isChecked()
 
-        def work(progress, should_cancel) -> list[LayerTuple]:
+        def work(progress, should_cancel) -> tuple[StackedStain, list[LayerTuple]]:
             stacked = predict_selection(bundle, sel, settings, progress, should_cancel)
-            return stain_layer_tuples(
+            return stacked, stain_layer_tuples(
                 stacked.image, stacked.channel_names, stacked.channel_kinds, stacked.labels, stacked.provenance,
                 sel.geometry, probabilities=probabilities,
             )
 
-        def done(tuples: list[LayerTuple]):
+        def done(payload):
+            stacked, tuples = payload
             yield from iter_add_layers(self.viewer, tuples)
+            self.last, self._last_pixel_size = stacked, bundle.config.pixel_size_um
+            self.save_button.setEnabled(True)
             self.warn_if_input_gone(sel)
 
         return Job(f"Virtual stain of '{sel.layer_name}'", work, done, {"selection": sel})
+
+    def save_results(self, folder: str | Path) -> list[Path]:
+        """Write the last run like ``virtualstain predict`` does: one multi-channel TIFF + one TIFF per labels set."""
+        from ..core.io import write_channels, write_labels
+
+        r = self.last
+        if r is None:
+            raise VirtualStainError("Nothing to save yet: run Predict first")
+        folder = Path(folder)
+        stem = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in str(r.provenance.get("input") or "image"))
+        n_lead = r.image.ndim - 3
+        planes = int(np.prod(r.image.shape[:n_lead])) if n_lead else 1
+        image = r.image.reshape(planes, *r.image.shape[n_lead:]) if planes > 1 else r.image.reshape(r.image.shape[-3:])
+        written = [write_channels(folder / f"{stem}_virtualstain.tif", image, r.channel_names, r.provenance,
+                                  self._last_pixel_size)]
+        for name, lab in r.labels.items():
+            lab = lab.reshape(planes, *lab.shape[-2:]) if planes > 1 else lab.reshape(lab.shape[-2:])
+            written.append(write_labels(folder / f"{stem}_{name.replace(' ', '_')}_labels.tif", lab,
+                                        {**r.provenance, "labels": name}))
+        return written
+
+    def _save_clicked(self) -> None:
+        folder = QFileDialog.getExistingDirectory(self, "Save the virtual stain into folder")
+        if not folder:
+            return
+        try:
+            written = self.save_results(folder)
+        except (VirtualStainError, OSError) as exc:
+            notify_error(str(exc))
+            return
+        notify_info(f"Wrote {', '.join(p.name for p in written)} to {folder}")
