@@ -9,7 +9,6 @@ import numpy as np
 from qtpy.QtWidgets import QCheckBox, QFileDialog, QFormLayout, QPushButton, QVBoxLayout
 
 from ..core.errors import VirtualStainError
-
 from ._base import TaskWidget, per_plane
 from ._controls import RunSettings
 from ._layers import InputSelection, LayerTuple, iter_add_layers, stack_planes, stain_layer_tuples
