@@ -8,8 +8,8 @@ Guarantees the widgets rely on:
 
 - one run at a time in the whole process (a second start is refused with a reason, not queued);
 - a cancelled run delivers nothing: even a result that was already on its way is dropped once Cancel was pressed;
-- the worker never touches Qt widgets or napari layers, and a widget closed mid-run is simply not called back
-  (its runner's cancel flag is set, and Qt drops queued calls to deleted receivers);
+- the worker never touches Qt widgets or napari layers; a widget closed mid-run (or napari closed) is not called
+  back (Qt drops queued calls to deleted receivers) and its run is cancelled at the next progress report;
 - no ``QThread`` is destroyed while running (running threads are kept in a module-level set until they finish).
 """
 
@@ -34,7 +34,8 @@ log = logging.getLogger(__name__)
 ProgressFn = Callable[[float, str], None]
 CancelFn = Callable[[], bool]
 
-#: which thread kind new runners use; "qthread" kept the event loop freer in bench_event_loop.py (docs/benchmarks.md)
+#: which thread kind new runners use. bench_event_loop.py measured both as equally responsive (docs/benchmarks.md);
+#: a dedicated QThread needs neither napari's shared pool nor its error relay (which would show a traceback).
 DEFAULT_BACKEND = "qthread"
 
 
