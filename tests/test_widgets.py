@@ -448,10 +448,8 @@ def test_uncertainty_maps_flags_threshold_and_export(make_napari_viewer, qtbot, 
 # -- class-conditional: translate / synthesize --------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def tiny_classcond_dir(tmp_path_factory):
-    """A tiny (untrained) class-conditional DDPM over two channels (NF-kB, DNA) and two wells (A01, A12)."""
-    pytest.importorskip("napari_virtualstain.core.tasks.classcond")
+def _save_tiny_classcond(path, channels, classes):
+    """A tiny (untrained) class-conditional DDPM bundle."""
     import torch
 
     from napari_virtualstain.core.bundle import BundleConfig, ChannelSpec, save_bundle
@@ -459,19 +457,23 @@ def tiny_classcond_dir(tmp_path_factory):
     from napari_virtualstain.core.normalize import FixedNorm
     from napari_virtualstain.core.schedulers import default_ddpm_config
 
-    unet = default_unet_config(2, 2, 32, (8, 16))
-    unet["num_class_embeds"] = 3
+    unet = default_unet_config(len(channels), len(channels), 32, (8, 16))
+    unet["num_class_embeds"] = len(classes) + 1
     config = BundleConfig(
-        name="tiny-classcond", task="classcond", objective="ddpm", input_channels=[],
-        output_channels=[ChannelSpec("NF-kB", "stain", FixedNorm(0.0, 255.0)),
-                         ChannelSpec("DNA", "stain", FixedNorm(0.0, 255.0))],
-        unet=unet, scheduler=default_ddpm_config(100), tile_size=32, tile_overlap=8, classes=["A01", "A12"],
+        name=path.name, task="classcond", objective="ddpm", input_channels=[],
+        output_channels=[ChannelSpec(c, "stain", FixedNorm(0.0, 255.0)) for c in channels],
+        unet=unet, scheduler=default_ddpm_config(100), tile_size=32, tile_overlap=8, classes=list(classes),
         training={"data": "synthetic (tests)"},
     )
     torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("bundles") / "tiny-classcond"
     save_bundle(path, config, build_unet(config.unet))
     return path
+
+
+@pytest.fixture(scope="module")
+def tiny_classcond_dir(tmp_path_factory):
+    """Two channels (NF-kB, DNA), two wells (A01, A12)."""
+    return _save_tiny_classcond(tmp_path_factory.mktemp("bundles") / "tiny-classcond", ["NF-kB", "DNA"], ["A01", "A12"])
 
 
 @pytest.fixture(scope="module")
@@ -569,3 +571,44 @@ def test_synthesize_stack_per_channel(make_napari_viewer, qtbot, tiny_classcond_
         # sample i uses seed 7 + i whatever the batching (2 here, 4 in the reference)
         np.testing.assert_allclose(out.data, expected.images[:, c], rtol=1e-4, atol=1e-2)
         assert out.metadata["seeds"] == [7, 8, 9] and out.metadata["class"] == "A12"
+
+
+def test_rgb_checkpoint_takes_rgb_layers(make_napari_viewer, qtbot, shared_data, tmp_path, notes):
+    """An RGB class-conditional checkpoint (H&E) takes napari's RGB layers as they are and gives RGB layers back."""
+    import imageio.v3 as iio
+
+    from napari_virtualstain._widgets import StainWidget, SynthesizeWidget, TranslateWidget
+
+    bundle_dir = _save_tiny_classcond(tmp_path / "tiny-he", ["R", "G", "B"], ["NORM", "TUM"])
+    tile = iio.imread(min((shared_data / "crc_he_tiles").glob("TUM-*.png")))[:40, :48, :3]
+    viewer = make_napari_viewer()
+    he = viewer.add_image(tile, name="H&E tile", rgb=True)
+    assert he.rgb
+    widget = TranslateWidget(viewer)
+    widget.controls.set_checkpoint(bundle_dir)
+    assert widget.controls.input_layer() is he
+    widget.source.setCurrentText("TUM")
+    widget.target.setCurrentText("NORM")
+    widget.controls.steps.setValue(2)
+    assert widget.run()
+    wait_done(qtbot, widget)
+    assert widget.runner.last_outcome == "done", notes.all()
+    translated = viewer.layers["RGB TUM→NORM (translated)"]
+    assert translated.rgb and translated.data.shape == (40, 48, 3)
+    assert viewer.layers["RGB TUM→TUM (control)"].data.shape == (40, 48, 3)
+    assert [viewer.layers[f"{c} difference (NORM − TUM)"].data.shape for c in "RGB"] == [(40, 48)] * 3
+    assert np.array_equal(he.data, tile)
+
+    synth = SynthesizeWidget(viewer)
+    synth.controls.set_checkpoint(bundle_dir)
+    synth.count.setValue(2)
+    synth.controls.steps.setValue(2)
+    assert synth.run()
+    wait_done(qtbot, synth)
+    out = viewer.layers["RGB synthetic (NORM)"]
+    assert out.rgb and out.data.shape == (2, 32, 32, 3)
+
+    # a greyscale model still refuses the RGB layer, with the fix in the message
+    stain = StainWidget(viewer)
+    assert stain.controls.input_layer() is None
+    assert not stain.run(he) and "Split RGB" in notes.errors()[-1]

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -61,7 +61,7 @@ class InputSelection:
     channel_axis: int | None  # what the core's channel_axis must be for each array
     contrast_limits: tuple[float, float] | None = None
     colormap: str | None = None
-    metadata: dict = field(default_factory=dict)
+    rgb: bool = False  # an RGB layer for an RGB checkpoint: arrays are (Y, X, C)
 
     @property
     def plane_note(self) -> dict:
@@ -81,9 +81,9 @@ def why_not_fit(layer, n_inputs: int) -> str | None:
 
     if not isinstance(layer, Image):
         return f"a {layer_kind(layer)} layer"
-    if layer.rgb:
-        return "RGB"
     shape = _base_shape(layer)
+    if layer.rgb:
+        return None if shape[-1] == n_inputs else "RGB"
     if n_inputs == 1:
         return None if len(shape) >= 2 else "not 2D"
     if len(shape) < 3 or shape[-3] != n_inputs:
@@ -100,8 +100,8 @@ def select_input(layer, n_inputs: int, input_names: list[str], world_point=None,
                  ) -> InputSelection:
     """Copy the plane at ``world_point`` (``viewer.dims.point``) or every plane of ``layer``; say clearly why not.
 
-    The last two axes are Y, X; a multi-channel checkpoint takes the axis before them as its channels; every other
-    leading axis (time, z, ...) is a plane axis.
+    The last two axes are Y, X; a multi-channel checkpoint takes the axis before them as its channels (or the
+    colour axis of an RGB layer, for an RGB checkpoint); every other leading axis (time, z, ...) is a plane axis.
     """
     from napari.layers import Image
 
@@ -109,19 +109,28 @@ def select_input(layer, n_inputs: int, input_names: list[str], world_point=None,
     need = f"the checkpoint expects {n_inputs} input channel{'s' if n_inputs > 1 else ''} ({', '.join(input_names)})"
     if not isinstance(layer, Image):
         raise VirtualStainError(f"'{name}' is a {layer_kind(layer)} layer; choose an Image layer ({need})")
-    if layer.rgb:
+    data = layer.data[0] if layer.multiscale else layer.data
+    shape = tuple(int(s) for s in data.shape)
+    rgb = bool(layer.rgb)
+    if rgb and shape[-1] != n_inputs:
         raise VirtualStainError(
             f"'{name}' is an RGB image; {need}. Split it (right-click the layer > Split RGB) and pick the channel "
             "that holds the transmitted light, or convert it to greyscale"
         )
-    data = layer.data[0] if layer.multiscale else layer.data
-    shape = tuple(int(s) for s in data.shape)
+    if rgb:  # colour last, as napari holds it: (..., Y, X, C) -> the core takes channel_axis=-1
+        return _select(layer, data, shape[:-1], 0, world_point, all_planes, channel_axis=-1, rgb=True)
     n_chan_axes = 0 if n_inputs == 1 else 1
     if len(shape) < 2 + n_chan_axes or (n_chan_axes and shape[-3] != n_inputs):
         raise VirtualStainError(
             f"'{name}' has shape {shape}; {need}"
             + (" as the axis just before Y, X" if n_chan_axes else "")
         )
+    return _select(layer, data, shape, n_chan_axes, world_point, all_planes, channel_axis=0 if n_chan_axes else None)
+
+
+def _select(layer, data, shape, n_chan_axes, world_point, all_planes, channel_axis, rgb=False) -> InputSelection:
+    """Planes of ``data`` over the leading axes of ``shape`` (the layer's dims), as copies, with their geometry."""
+    name = layer.name
     n_lead = len(shape) - 2 - n_chan_axes
     lead_full = shape[:n_lead]
     if all_planes or n_lead == 0:
@@ -148,8 +157,8 @@ def select_input(layer, n_inputs: int, input_names: list[str], world_point=None,
     )
     cmap = getattr(layer.colormap, "name", None)
     return InputSelection(
-        name, arrays, planes, lead_shape, geometry, 0 if n_chan_axes else None,
-        tuple(float(v) for v in layer.contrast_limits), cmap,
+        name, arrays, planes, lead_shape, geometry, channel_axis,
+        tuple(float(v) for v in layer.contrast_limits), cmap, rgb=rgb,
     )
 
 

@@ -6,6 +6,7 @@ layer with the samples on its leading axis, so the slider pages through them.
 
 from __future__ import annotations
 
+import numpy as np
 from qtpy.QtWidgets import QComboBox, QDoubleSpinBox, QFormLayout, QSpinBox
 
 from ..core.errors import VirtualStainError
@@ -16,9 +17,16 @@ from ._runner import Job
 
 
 def synthesis_layer_tuples(result, class_name: str, pixel_size_um: float | None) -> list[tuple]:
-    """(N, C, H, W) -> one additive layer per channel, (N, H, W), named '<channel> synthetic (<class>)'."""
+    """(N, C, H, W) -> one additive layer per channel, (N, H, W), named '<channel> synthetic (<class>)';
+    an RGB checkpoint (channels R, G, B) gives one RGB layer (N, H, W, 3)."""
     prov = json_safe(result.provenance)
     px = float(pixel_size_um) if pixel_size_um else 1.0
+    if [n.upper() for n in result.channel_names] in (["R", "G", "B"], ["R", "G", "B", "A"]):  # an RGB checkpoint
+        data = np.moveaxis(result.images, 1, -1)
+        return [(data, {
+            "name": f"RGB synthetic ({class_name})", "rgb": True, "contrast_limits": robust_limits(data),
+            "scale": (1.0, px, px), "axis_labels": ("sample", "y", "x"), "metadata": {**prov, "channel": "RGB"},
+        }, "image")]
     out = []
     for c, name in enumerate(result.channel_names):
         data = result.images[:, c]

@@ -7,6 +7,7 @@ is the class effect rather than inversion error. Difference layers use a divergi
 
 from __future__ import annotations
 
+import numpy as np
 from qtpy.QtWidgets import QComboBox, QDoubleSpinBox, QFormLayout, QPushButton, QVBoxLayout
 
 from ..core.errors import VirtualStainError
@@ -26,27 +27,38 @@ from ._runner import Job
 
 
 def translation_layer_tuples(result, sel: InputSelection, source: str, target: str) -> list[tuple]:
-    """Per channel: translated and control on the original's contrast (comparable), difference centred on 0."""
+    """Per channel: translated and control on the original's contrast (comparable), difference centred on 0.
+
+    An RGB input (RGB checkpoint) gives RGB translated/control layers, like the original, and a difference per colour.
+    """
     prov = json_safe({**result.provenance, **sel.plane_note, "input": sel.layer_name})
     lead = sel.lead_shape
     geo = sel.geometry.kwargs()
     out = []
-    original = sel.arrays[0] if sel.channel_axis is not None else sel.arrays[0][None]
-    for c, name in enumerate(result.channel_names):
-        limits = robust_limits(original[c])
-        cmap = sel.colormap if len(result.channel_names) == 1 and sel.colormap else stain_colormap(name, c)
-        for role, data, layer_name in (
-            ("translated", result.translated[c], f"{name} {source}→{target} (translated)"),
-            ("control", result.control[c], f"{name} {source}→{source} (control)"),
-        ):
-            out.append((data.reshape(*lead, *data.shape), {
-                "name": layer_name, "colormap": cmap, "contrast_limits": limits, "blending": "additive",
-                "visible": role == "translated", "metadata": {**prov, "channel": name, "role": role}, **geo,
+    original = sel.arrays[0]
+    original = np.moveaxis(original, -1, 0) if sel.rgb else original if sel.channel_axis is not None else original[None]
+    pairs = (("translated", result.translated, f"{source}→{target} (translated)"),
+             ("control", result.control, f"{source}→{source} (control)"))
+    if sel.rgb:
+        for role, data, suffix in pairs:
+            rgb = np.moveaxis(data, 0, -1)
+            out.append((rgb.reshape(*lead, *rgb.shape), {
+                "name": f"RGB {suffix}", "rgb": True, "contrast_limits": sel.contrast_limits,
+                "visible": role == "translated", "metadata": {**prov, "channel": "RGB", "role": role}, **geo,
             }, "image"))
+    for c, name in enumerate(result.channel_names):
+        if not sel.rgb:
+            limits = robust_limits(original[c])
+            cmap = sel.colormap if len(result.channel_names) == 1 and sel.colormap else stain_colormap(name, c)
+            for role, data, suffix in pairs:
+                out.append((data[c].reshape(*lead, *data[c].shape), {
+                    "name": f"{name} {suffix}", "colormap": cmap, "contrast_limits": limits, "blending": "additive",
+                    "visible": role == "translated", "metadata": {**prov, "channel": name, "role": role}, **geo,
+                }, "image"))
         diff = result.difference[c]
         out.append((diff.reshape(*lead, *diff.shape), {
             "name": f"{name} difference ({target} − {source})", "colormap": DIVERGING,
-            "contrast_limits": symmetric_limits(diff), "blending": "translucent",
+            "contrast_limits": symmetric_limits(diff), "blending": "translucent", "visible": c == 0 or not sel.rgb,
             "metadata": {**prov, "channel": name, "role": "difference"}, **geo,
         }, "image"))
     return out
@@ -120,7 +132,9 @@ class TranslateWidget(TaskWidget):
             for added in iter_add_layers(self.viewer, tuples):
                 names.append(added.name)
                 yield
-            self._last = [sel.layer_name, names[0], names[2]]  # original | first channel translated | difference
+            translated = next(n for n in names if n.endswith("(translated)"))
+            difference = next(n for n in names if " difference (" in n)
+            self._last = [sel.layer_name, translated, difference]  # original | translated | first difference
             self.side_by_side.setEnabled(True)
             self.warn_if_input_gone(sel)
 

@@ -276,7 +276,7 @@ class UncertaintyWidget(TaskWidget):
         self.threshold_label.setText(f"{used:.4g}")
         meta = {**cache.provenance, "flags": {**(result.settings if result else {}), "channel":
                 self.flag_channel.currentText(), "map": self.flag_map.currentText()}}
-        layer = self.viewer.layers[FLAGS_LAYER] if FLAGS_LAYER in self.viewer.layers else None
+        layer = self.viewer.layers[FLAGS_LAYER] if FLAGS_LAYER in self.viewer.layers else None  # noqa: SIM401
         if layer is None or layer.data.shape != data.shape:
             if layer is not None:
                 self.viewer.layers.remove(layer)
