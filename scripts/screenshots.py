@@ -49,7 +49,7 @@ def run_and_wait(app, widget) -> None:
 def grab(app, viewer, path: Path) -> None:
     spin(app, seconds=0.5)
     viewer.screenshot(str(path), canvas_only=False, flash=False)
-    print(f"wrote {path.relative_to(ROOT)}")
+    print(f"wrote {path}")
 
 
 def stain_and_uncertainty(app, out: Path) -> None:
@@ -92,11 +92,11 @@ def stain_and_uncertainty(app, out: Path) -> None:
     viewer.close()
 
 
-def translate_and_synthesize(app, out: Path) -> None:
+def translate_and_synthesize(app, out: Path, checkpoint: str | None = None) -> None:
     from napari_virtualstain.core.bundle import bundled_checkpoints
 
     demos = [n for n, p in bundled_checkpoints().items() if '"classcond"' in (p / "config.json").read_text()]
-    if not demos:
+    if not demos and checkpoint is None:
         print("skip translate/synthesize: no bundled class-conditional checkpoint (demo-nfkb) yet")
         return
     if not NFKB.is_dir():
@@ -104,7 +104,7 @@ def translate_and_synthesize(app, out: Path) -> None:
         return
     import tifffile
 
-    name = "demo-nfkb" if "demo-nfkb" in demos else demos[0]
+    name = checkpoint or ("demo-nfkb" if "demo-nfkb" in demos else demos[0])
     rows, cols = slice(768, 1024), slice(400, 656)  # held out from demo-nfkb's training (rows 768-1023)
     well = np.stack([tifffile.imread(NFKB / f"A12_{c}.tif")[rows, cols] for c in ("nfkb", "dna")])
     viewer = new_viewer()
@@ -133,6 +133,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("-o", "--out", default=str(ROOT / "docs" / "images"))
     parser.add_argument("--only", choices=["stain", "classcond"], default=None)
+    parser.add_argument("--classcond", default=None, help="class-conditional checkpoint (default: the bundled demo)")
     args = parser.parse_args(argv)
     from qtpy.QtWidgets import QApplication
 
@@ -142,7 +143,7 @@ def main(argv=None) -> int:
     if args.only in (None, "stain"):
         stain_and_uncertainty(app, out)
     if args.only in (None, "classcond"):
-        translate_and_synthesize(app, out)
+        translate_and_synthesize(app, out, args.classcond)
     return 0
 
 

@@ -531,7 +531,7 @@ def test_translate_layers_control_difference_and_side_by_side(make_napari_viewer
         np.testing.assert_allclose(diff.data, tr.data - ctl.data, atol=1e-3)
         lo, hi = diff.contrast_limits
         assert lo == pytest.approx(-hi) and hi > 0
-        assert diff.colormap.name == "PiYG"
+        assert diff.colormap.name == "PiYG" and not diff.visible  # shown on demand (side by side)
         assert tr.contrast_limits == ctl.contrast_limits  # comparable at a glance
         meta = tr.metadata
         assert (meta["source_class"], meta["target_class"], meta["steps"], meta["input"]) == ("A01", "A12", 4, "A01 well")
@@ -542,8 +542,9 @@ def test_translate_layers_control_difference_and_side_by_side(make_napari_viewer
     assert grid.enabled and tuple(grid.shape) == (1, 3)
     visible = [la.name for la in viewer.layers if la.visible]
     assert visible == ["A01 well", "NF-kB A01→A12 (translated)", "NF-kB difference (A12 − A01)"]
-    widget.side_by_side.setChecked(False)
+    widget.side_by_side.setChecked(False)  # back to the layer visibility from before
     assert not grid.enabled and viewer.layers["DNA A01→A12 (translated)"].visible
+    assert not viewer.layers["NF-kB difference (A12 − A01)"].visible
 
 
 def test_synthesize_stack_per_channel(make_napari_viewer, qtbot, tiny_classcond_dir, notes):

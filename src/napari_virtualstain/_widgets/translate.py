@@ -51,14 +51,16 @@ def translation_layer_tuples(result, sel: InputSelection, source: str, target: s
             limits = robust_limits(original[c])
             cmap = sel.colormap if len(result.channel_names) == 1 and sel.colormap else stain_colormap(name, c)
             for role, data, suffix in pairs:
+                # the first channel is opaque so the composite replaces (not adds to) the original underneath
                 out.append((data[c].reshape(*lead, *data[c].shape), {
-                    "name": f"{name} {suffix}", "colormap": cmap, "contrast_limits": limits, "blending": "additive",
+                    "name": f"{name} {suffix}", "colormap": cmap, "contrast_limits": limits,
+                    "blending": "opaque" if c == 0 else "additive",
                     "visible": role == "translated", "metadata": {**prov, "channel": name, "role": role}, **geo,
                 }, "image"))
         diff = result.difference[c]
         out.append((diff.reshape(*lead, *diff.shape), {
             "name": f"{name} difference ({target} − {source})", "colormap": DIVERGING,
-            "contrast_limits": symmetric_limits(diff), "blending": "translucent", "visible": c == 0 or not sel.rgb,
+            "contrast_limits": symmetric_limits(diff), "blending": "translucent", "visible": False,
             "metadata": {**prov, "channel": name, "role": "difference"}, **geo,
         }, "image"))
     return out
@@ -99,7 +101,7 @@ class TranslateWidget(TaskWidget):
         self.side_by_side.toggled.connect(self.show_side_by_side)
         layout.addWidget(self.side_by_side)
         self._last: list[str] = []
-        self._hidden: list[str] = []
+        self._visibility: dict[str, bool] = {}
 
     def on_bundle_changed(self, bundle) -> None:
         classes = list(getattr(bundle.config, "classes", [])) if bundle is not None else []
@@ -146,10 +148,10 @@ class TranslateWidget(TaskWidget):
         grid = _grid(viewer)
         if not on:
             grid.enabled = False
-            for name in self._hidden:
+            for name, visible in self._visibility.items():
                 if name in viewer.layers:
-                    viewer.layers[name].visible = True
-            self._hidden = []
+                    viewer.layers[name].visible = visible
+            self._visibility = {}
             return
         present = [n for n in self._last if n in viewer.layers]
         if len(present) < 2:
@@ -158,7 +160,7 @@ class TranslateWidget(TaskWidget):
             self.side_by_side.setChecked(False)
             self.side_by_side.blockSignals(False)
             return
-        self._hidden = [la.name for la in viewer.layers if la.visible and la.name not in present]
+        self._visibility = {la.name: la.visible for la in viewer.layers}
         for layer in viewer.layers:
             layer.visible = layer.name in present
         # napari fills grid cells from the top of the layer list: put them there, original first
