@@ -280,6 +280,20 @@ def test_wrong_channel_count(make_napari_viewer, qtbot, crop, tmp_path, notes):
     assert viewer.layers["Hoechst (virtual)"].data.shape == (48, 64)  # the channel axis is consumed
 
 
+def test_outputs_keep_a_rotated_layers_transform(make_napari_viewer, crop):
+    """Rotation, shear and affine of the input carry over to the outputs' kept axes (no run needed)."""
+    from napari_virtualstain._widgets._layers import select_input
+
+    viewer = make_napari_viewer()
+    affine = np.eye(4)
+    affine[1, 3] = 7.0
+    layer = viewer.add_image(crop, scale=SCALE, rotate=30, shear=[0.0, 0.0, 0.2], affine=affine)
+    sel = select_input(layer, 1, ["brightfield"], viewer.dims.point)
+    out = viewer.add_image(np.zeros((1, 48, 64), np.float32), **sel.geometry.kwargs())
+    for y, x in ((0, 0), (47, 63), (10, 50)):
+        np.testing.assert_allclose(out.data_to_world((0, y, x)), layer.data_to_world((sel.planes[0][0], y, x)))
+
+
 def test_input_layer_deleted_mid_run(stain_setup, qtbot, notes):
     viewer, layer, widget = stain_setup
     assert widget.run()

@@ -35,9 +35,15 @@ class Geometry:
     translate: tuple[float, ...]
     units: tuple | None = None
     axis_labels: tuple[str, ...] | None = None
+    rotate: tuple | None = None  # only when not the identity (as nested tuples: frozen and comparable)
+    shear: tuple | None = None
+    affine: tuple | None = None
 
     def kwargs(self) -> dict:
         kw = {"scale": self.scale, "translate": self.translate}
+        for key in ("rotate", "shear", "affine"):
+            if getattr(self, key) is not None:
+                kw[key] = np.asarray(getattr(self, key))
         if self.units is not None:
             kw["units"] = self.units
         if self.axis_labels is not None:
@@ -154,12 +160,34 @@ def _select(layer, data, shape, n_chan_axes, world_point, all_planes, channel_ax
         tuple(float(translate[i]) for i in keep),
         tuple(units[i] for i in keep) if units is not None else None,
         tuple(labels[i] for i in keep) if labels is not None else None,
+        *_kept_transforms(layer, keep),
     )
     cmap = getattr(layer.colormap, "name", None)
     return InputSelection(
         name, arrays, planes, lead_shape, geometry, channel_axis,
         tuple(float(v) for v in layer.contrast_limits), cmap, rgb=rgb,
     )
+
+
+def _kept_transforms(layer, keep: list[int]) -> tuple:
+    """rotate / shear / affine of ``layer`` restricted to the kept axes, each None when it is the identity."""
+    n = len(keep)
+    ix = np.ix_(keep, keep)
+    rotate = np.asarray(layer.rotate, dtype=float)[ix]
+    shear_values = np.asarray(layer.shear, dtype=float)
+    shear_full = np.eye(layer.ndim)
+    if shear_values.ndim == 1:
+        shear_full[np.triu_indices(layer.ndim, 1)] = shear_values
+    else:
+        shear_full = shear_values
+    shear = shear_full[ix]
+    full = np.asarray(layer.affine.affine_matrix, dtype=float)
+    affine = full[np.ix_([*keep, layer.ndim], [*keep, layer.ndim])]
+
+    def keep_if(m, identity):
+        return None if np.allclose(m, identity) else tuple(map(tuple, m.tolist()))
+
+    return keep_if(rotate, np.eye(n)), keep_if(shear, np.eye(n)), keep_if(affine, np.eye(n + 1))
 
 
 def robust_limits(data: np.ndarray, low: float = 0.5, high: float = 99.8) -> tuple[float, float]:
