@@ -280,18 +280,20 @@ def test_wrong_channel_count(make_napari_viewer, qtbot, crop, tmp_path, notes):
     assert viewer.layers["Hoechst (virtual)"].data.shape == (48, 64)  # the channel axis is consumed
 
 
-def test_outputs_keep_a_rotated_layers_transform(make_napari_viewer, crop):
-    """Rotation, shear and affine of the input carry over to the outputs' kept axes (no run needed)."""
+def test_outputs_keep_a_rotated_layers_transform(crop):
+    """Rotation, shear and affine of the input carry over to the outputs' kept axes (layer model only, no run)."""
+    from napari.layers import Image
+
     from napari_virtualstain._widgets._layers import select_input
 
-    viewer = make_napari_viewer()
     affine = np.eye(4)
     affine[1, 3] = 7.0
-    layer = viewer.add_image(crop, scale=SCALE, rotate=30, shear=[0.0, 0.0, 0.2], affine=affine)
-    sel = select_input(layer, 1, ["brightfield"], viewer.dims.point)
-    out = viewer.add_image(np.zeros((1, 48, 64), np.float32), **sel.geometry.kwargs())
+    layer = Image(crop, scale=SCALE, rotate=30, shear=[0.0, 0.0, 0.2], affine=affine)
+    sel = select_input(layer, 1, ["brightfield"], world_point=layer.data_to_world((2, 0, 0)))
+    assert sel.planes == [(2,)]
+    out = Image(np.zeros((1, 48, 64), np.float32), **sel.geometry.kwargs())
     for y, x in ((0, 0), (47, 63), (10, 50)):
-        np.testing.assert_allclose(out.data_to_world((0, y, x)), layer.data_to_world((sel.planes[0][0], y, x)))
+        np.testing.assert_allclose(out.data_to_world((0, y, x)), layer.data_to_world((2, y, x)), atol=1e-9)
 
 
 def test_input_layer_deleted_mid_run(stain_setup, qtbot, notes):
@@ -326,7 +328,7 @@ def test_viewer_closed_mid_run(make_napari_viewer, qtbot, scratch, tiny_bundle_d
     assert time.perf_counter() - t0 < 5.0
 
 
-def test_checkpoint_picker(make_napari_viewer, tmp_path, notes, tiny_bundle_dir):
+def test_checkpoint_picker(make_napari_viewer, tmp_path, notes, tiny_bundle_dir, tiny_ddpm_bundle_dir):
     from napari_virtualstain._widgets import StainWidget
     from napari_virtualstain.core.bundle import bundled_checkpoints
 
@@ -347,6 +349,15 @@ def test_checkpoint_picker(make_napari_viewer, tmp_path, notes, tiny_bundle_dir)
     assert "pickle" in notes.errors()[-1].lower()
     controls.set_checkpoint(tiny_bundle_dir)
     assert controls.bundle.config.name == "tiny" and controls.tile_size.value() == 32
+    # a DDPM checkpoint: sampler and steps become choices, defaults per sampler, passed on to the core
+    controls.set_checkpoint(tiny_ddpm_bundle_dir)
+    assert controls.sampler.isEnabled() and controls.steps.isEnabled()
+    assert [controls.sampler.itemText(i) for i in range(controls.sampler.count())] == ["ddim", "ddpm"]
+    assert (controls.settings().sampler, controls.settings().steps) == ("ddim", 50)
+    controls.sampler.setCurrentText("ddpm")
+    assert (controls.settings().sampler, controls.settings().steps) == ("ddpm", 100)  # every training step
+    controls.set_checkpoint(tiny_bundle_dir)
+    assert (controls.settings().sampler, controls.settings().steps) == (None, None)  # residual shift: its own chain
     # devices: auto first, unavailable ones shown but disabled
     model = controls.device.model()
     labels = [controls.device.itemText(i) for i in range(controls.device.count())]
