@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from napari_virtualstain.core.bundle import BundleConfig, load_bundle
+from napari_virtualstain.core.bundle import BundleConfig, bundled_checkpoints, load_bundle
 from napari_virtualstain.core.errors import BundleError, VirtualStainError
 from napari_virtualstain.core.metrics import image_metrics
 from napari_virtualstain.core.tasks.classcond import synthesize, translate
@@ -189,3 +189,27 @@ def test_rgb_he_tiles_train_translate_and_synthesize(shared_data, tmp_path):
     assert res.translated.shape == (3, 40, 48) and res.channel_names == ["R", "G", "B"]
     syn = synthesize(bundle, "TUM", 2, steps=2, size=32)
     assert syn.images.shape == (2, 3, 32, 32) and np.isfinite(syn.images).all()
+
+
+@pytest.mark.skipif("demo-nfkb" not in bundled_checkpoints(), reason="demo-nfkb not bundled")
+def test_bundled_demo_moves_nfkb_into_the_nucleus_on_a_held_out_crop(shared_data):
+    """Real data: an unstimulated (A12) crop from the held-out rows, translated to stimulated (A01)."""
+    from napari_virtualstain.core.io import read_image
+
+    d = shared_data / "nfkb_translocation"
+    src = np.stack([read_image(d / f"A12_{c}.tif")[832:960, 256:384] for c in ("nfkb", "dna")]).astype(np.float32)
+    res = translate(load_bundle("demo-nfkb"), src, "A12", "A01", steps=20)
+
+    def ratio(img, nuc):
+        from scipy import ndimage as ndi
+
+        ring = ndi.binary_dilation(nuc, iterations=6) & ~nuc
+        return img[0][nuc].mean() / img[0][ring].mean()
+
+    from skimage.filters import threshold_otsu
+
+    nuc = src[1] > threshold_otsu(src[1])
+    assert nuc.sum() > 200
+    assert ratio(res.translated, nuc) > ratio(res.control, nuc) + 0.02  # NF-kB moves towards the nuclei
+    dna_ssim = image_metrics(*[np.clip((a - src[1].min()) / np.ptp(src[1]), 0, 1) for a in (res.translated[1], src[1])])["ssim"]
+    assert dna_ssim > 0.5  # the same cells

@@ -229,6 +229,7 @@ def cmd_train(args) -> int:
         block_out_channels=tuple(int(v) for v in args.channels.split(",")), layers_per_block=args.layers_per_block,
         tile_size=args.tile_size, tile_overlap=args.tile_overlap, half_weights=args.half_weights,
         command="virtualstain " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
+        prediction_type=args.prediction_type,
         extra={"cond_dropout": args.cond_dropout} if args.cond_dropout is not None else {},
     )
     bundle, history = train(spec, args.output, opts, resume=args.resume)
@@ -436,6 +437,9 @@ def build_parser() -> argparse.ArgumentParser:
                          "synthesize (implied by a CSV or a config with task: classcond)")
     tr.add_argument("--cond-dropout", type=float, default=None,
                     help="classcond: fraction of labels replaced by the null class (default 0.1), for guidance")
+    tr.add_argument("--prediction-type", choices=["epsilon", "v_prediction"], default="epsilon",
+                    help="ddpm stain models: the UNet predicts the noise (epsilon, as DM4ISL) or v; v learns to use "
+                         "the brightfield much sooner (docs/benchmarks.md)")
     tr.add_argument("--steps", type=int, default=2000)
     tr.add_argument("--batch-size", type=int, default=8)
     tr.add_argument("--crop-size", type=int, default=128)

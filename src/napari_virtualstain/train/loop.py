@@ -60,6 +60,7 @@ class TrainOptions:
     num_timesteps: int = 15
     max_val_size: int = 256
     val_steps: int | None = None  # DDIM steps for validating a ddpm model (default 50)
+    prediction_type: str = "epsilon"  # ddpm: what the UNet predicts (epsilon as DM4ISL, or v_prediction)
     half_weights: bool = False
     command: str = ""
     extra: dict = field(default_factory=dict)
@@ -86,7 +87,9 @@ def build_config(spec: TrainingSpec, opts: TrainOptions, train_regions) -> Bundl
     if opts.objective == "residual_shift":
         scheduler = dict(ResidualShiftScheduler(num_train_timesteps=opts.num_timesteps, kappa=opts.kappa).config)
     elif opts.objective == "ddpm":
-        scheduler = default_ddpm_config()
+        if opts.prediction_type not in ("epsilon", "v_prediction"):
+            raise VirtualStainError(f"prediction type {opts.prediction_type!r}: use epsilon or v_prediction")
+        scheduler = default_ddpm_config(prediction_type=opts.prediction_type)
     factor = downsample_factor(unet)
     if opts.crop_size % factor or opts.tile_size % factor:
         raise VirtualStainError(f"crop size and tile size must be multiples of {factor}")
