@@ -124,6 +124,8 @@ def translate_and_synthesize(app, out: Path, checkpoint: str | None = None) -> N
     widget.controls.set_checkpoint(name)
     widget.class_name.setCurrentText("A01")
     widget.count.setValue(4)
+    widget.size.setValue(128)
+    widget.guidance.setValue(3.0)
     run_and_wait(app, widget)
     grab(app, viewer, out / "synthesize_widget.png")
     viewer.close()
