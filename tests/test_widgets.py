@@ -438,9 +438,9 @@ def test_uncertainty_maps_flags_threshold_and_export(make_napari_viewer, qtbot, 
     assert widget.flag_channel.currentText() == "Hoechst" and widget.flag_map.currentText() == "std_seeds"
     otsu = unc.flag_regions(std, None, median_size=3, min_area=16)
     assert np.array_equal(flags.data[0], otsu.labels) and flags.data[0].max() >= 1
-    from napari_virtualstain._widgets.uncertainty import region_table
+    from napari_virtualstain.core.uncertainty import flag_table
 
-    assert region_table(otsu.labels, std) == otsu.table  # the export's table (edited labels) = the core's columns
+    assert flag_table(otsu.labels, std) == otsu.table  # the export's table (edited labels) = the core's columns
 
     # the slider re-flags the cached map instantly: the model must not run again
     monkeypatch.setattr(unc, "predict_uncertainty", lambda *a, **k: pytest.fail("the model ran again"))

@@ -61,21 +61,6 @@ class CachedMaps:
     provenance: dict
 
 
-def region_table(labels: np.ndarray, std_map: np.ndarray) -> list[dict]:
-    """One row per region of (possibly hand-edited) flag labels, with the columns ``flag_regions`` writes."""
-    from skimage.measure import regionprops
-
-    rows = []
-    for r in regionprops(np.asarray(labels, dtype=np.int32)):
-        vals = std_map[tuple(r.coords.T)]
-        rows.append({
-            "id": int(r.label), "area": int(r.area),
-            "centroid_y": round(float(r.centroid[0]), 2), "centroid_x": round(float(r.centroid[1]), 2),
-            "mean_std": float(vals.mean()), "max_std": float(vals.max()),
-        })
-    return rows
-
-
 class UncertaintyWidget(TaskWidget):
     """Uncertainty maps of a virtual stain, and a ``flags`` Labels layer of the regions to double-check."""
 
@@ -294,7 +279,7 @@ class UncertaintyWidget(TaskWidget):
     def export_flags(self, path: str | Path) -> tuple[Path, Path]:
         """Write the ``flags`` layer as it is now (hand edits included): CSV of regions + labels TIFF."""
         from ..core.io import write_labels
-        from ..core.uncertainty import write_flag_table
+        from ..core.uncertainty import flag_table, write_flag_table
 
         if self._cache is None or FLAGS_LAYER not in self.viewer.layers:
             raise VirtualStainError("Nothing to export: compute the maps first (the 'flags' layer holds the regions)")
@@ -308,7 +293,7 @@ class UncertaintyWidget(TaskWidget):
         tif_path = path.with_name(path.stem + "_labels.tif")
         extra = {"channel": self.flag_channel.currentText(), "map": self.flag_map.currentText(),
                  "threshold": self.threshold_value}
-        write_flag_table(csv_path, region_table(labels, m), extra=extra)
+        write_flag_table(csv_path, flag_table(labels, m), extra=extra)
         write_labels(tif_path, labels, json_safe(layer.metadata))
         return csv_path, tif_path
 

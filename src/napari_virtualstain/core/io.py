@@ -64,7 +64,8 @@ def write_labels(path: str | Path, labels: np.ndarray, provenance: dict) -> Path
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     dtype = np.uint16 if labels.max(initial=0) < 2**16 else np.uint32
-    tifffile.imwrite(path, labels.astype(dtype), description=json.dumps(provenance, default=str), metadata=None)
+    tifffile.imwrite(path, labels.astype(dtype), description=json.dumps(provenance, default=str), metadata=None,
+                     photometric="minisblack")  # a 3- or 4-plane stack is planes, not RGB
     return path
 
 

@@ -245,7 +245,7 @@ def flag_regions(
     """
     from scipy import ndimage as ndi
     from skimage.filters import threshold_otsu
-    from skimage.measure import label, regionprops
+    from skimage.measure import label
 
     m = np.asarray(std_map)
     if m.ndim != 2:
@@ -280,20 +280,29 @@ def flag_regions(
         small[0] = False
         lab[small[lab]] = 0
         lab = label(lab > 0, connectivity=2).astype(np.int32)
-    table = []
-    for r in regionprops(lab, intensity_image=m):
-        vals = m[tuple(r.coords.T)]
-        table.append({
-            "id": int(r.label), "area": int(r.area),
-            "centroid_y": round(float(r.centroid[0]), 2), "centroid_x": round(float(r.centroid[1]), 2),
-            "mean_std": float(vals.mean()), "max_std": float(vals.max()),
-        })
+    table = flag_table(lab, m)
     settings = {"threshold": used, "otsu": bool(otsu or threshold is None), "median_size": int(median_size),
                 "min_area": int(min_area), "fill_holes": bool(fill_holes)}
     return FlagResult(lab, table, used, settings)
 
 
 FLAG_COLUMNS = ("id", "area", "centroid_y", "centroid_x", "mean_std", "max_std")
+
+
+def flag_table(labels: np.ndarray, std_map: np.ndarray) -> list[dict]:
+    """One row per region of a flags label image (also a hand-edited one): id, area, centroid, mean/max std."""
+    from skimage.measure import regionprops
+
+    m = np.asarray(std_map)
+    rows = []
+    for r in regionprops(np.asarray(labels, dtype=np.int32)):
+        vals = m[tuple(r.coords.T)]
+        rows.append({
+            "id": int(r.label), "area": int(r.area),
+            "centroid_y": round(float(r.centroid[0]), 2), "centroid_x": round(float(r.centroid[1]), 2),
+            "mean_std": float(vals.mean()), "max_std": float(vals.max()),
+        })
+    return rows
 
 
 def write_flag_table(path: str | Path, table: list[dict], extra: dict | None = None,
