@@ -75,7 +75,7 @@ def cmd_predict(args) -> int:
     from .core.bundle import load_bundle
     from .core.io import read_image, write_channels, write_labels
     from .core.tasks.stain import labels_from_channels, predict_stain
-    from .core.uncertainty import check_seeds, predict_uncertainty, window_mask
+    from .core.uncertainty import check_request, predict_uncertainty
 
     bundle = load_bundle(args.checkpoint)
     out = Path(args.output)
@@ -86,12 +86,7 @@ def cmd_predict(args) -> int:
     uncertainty = args.uncertainty
     seeds = [args.seed + k for k in range(args.seeds)]
     if uncertainty:  # refuse bad settings before any image is read
-        check_seeds(uncertainty, seeds)
-        if bundle.config.objective == "regression":
-            raise VirtualStainError(f"--uncertainty needs a diffusion checkpoint; {bundle.config.name!r} is a one-pass "
-                                    "regression model (no steps or seeds to measure spread over)")
-        sched = bundle.make_scheduler(args.sampler, args.steps)
-        window_mask(sched.timesteps, sched.config.num_train_timesteps, _parse_window(args.window))
+        check_request(bundle, uncertainty, seeds, _parse_window(args.window), args.sampler, args.steps)
     elif args.seeds != 1:
         raise VirtualStainError("--seeds is for --uncertainty seeds|both")
     images = expand_inputs(args.images)
@@ -305,9 +300,9 @@ def cmd_translate(args) -> int:
     out = Path(args.output)
     plane = _parse_plane(args.plane)
     diffs, written = [], []
+    plane_ndim = 2 if len(config.output_channels) == 1 and args.channel_axis is None else 3
     for path in expand_inputs(args.images):
         image = read_image(path)
-        plane_ndim = 2 if len(config.output_channels) == 1 and args.channel_axis is None else 3
         for idx, arr in iter_planes(image, plane, False, plane_ndim):
             what = path.name + (f" plane {idx}" if idx else "")
             res = translate(bundle, arr, args.source, args.target, steps=args.steps, guidance=args.guidance,

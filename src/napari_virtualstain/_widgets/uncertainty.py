@@ -151,13 +151,13 @@ class UncertaintyWidget(TaskWidget):
 
     # -- run ---------------------------------------------------------------------------------------------------
     def make_job(self, bundle, s: RunSettings, layer) -> Job:
-        from ..core.uncertainty import check_seeds, window_mask  # noqa: F401 - imported early: fail before the run
+        from ..core.uncertainty import check_request
 
         sel = self.select_input(bundle, s, layer)
         mode = self.mode.currentText()
         seeds = tuple(range(s.seed, s.seed + (1 if mode == "steps" else self.n_seeds.value())))
-        check_seeds(mode, seeds)
         window = (self.window_low.value(), self.window_high.value())
+        check_request(bundle, mode, seeds, window, s.sampler, s.steps)  # refuse before the worker starts
         add_prediction = self.add_prediction.isChecked()
         all_channels = self.all_channels.isChecked()
 

@@ -14,12 +14,14 @@ gives the same result whatever the device, tile size or batch composition.
 from __future__ import annotations
 
 import inspect
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
 
 from .errors import Cancelled
+from .model import Denoiser, downsample_factor, pick_device
 from .tiling import TilePlan
 
 
@@ -46,6 +48,43 @@ class SamplerHooks:
     def check_cancel(self) -> None:
         if self.should_cancel is not None and self.should_cancel():
             raise Cancelled("cancelled by the user")
+
+
+@dataclass
+class RunSetup:
+    """What every task needs before sampling one image: the device, the tile plan and the wrapped network."""
+
+    device: torch.device
+    plan: TilePlan
+    denoiser: Denoiser
+    started: float
+
+    def provenance(self, batch_size: int, image_shape, input_name: str | None) -> dict:
+        """Run settings every output records (tiles, device, precision, input, time, package version)."""
+        from .. import __version__
+
+        half = self.denoiser.half
+        return {
+            **self.plan.describe(),
+            "batch_size": batch_size,
+            "device": str(self.device),
+            "half_precision": bool(half if half is not None else self.device.type == "cuda"),
+            "input": input_name,
+            "input_shape": list(image_shape),
+            "seconds": round(time.perf_counter() - self.started, 3),
+            "package_version": __version__,
+        }
+
+
+def setup_run(bundle, height: int, width: int, *, tile_size: int | None = None, tile_overlap: int | None = None,
+              device: str | None = None, half: bool | None = None) -> RunSetup:
+    """Device, tiles (the bundle's defaults unless given) and the bundle's UNet on that device."""
+    config = bundle.config
+    dev = pick_device(device)
+    tile = int(tile_size or config.tile_size)
+    overlap = int(config.tile_overlap if tile_overlap is None else tile_overlap)
+    plan = TilePlan(height, width, tile, overlap, downsample_factor(config.unet))
+    return RunSetup(dev, plan, Denoiser(bundle.unet.to(dev), half=half), time.perf_counter())
 
 
 def make_generators(seeds: Sequence[int]) -> list[torch.Generator]:

@@ -21,7 +21,6 @@ Flags are a separate, cheap function of a cached map, so a threshold can be move
 from __future__ import annotations
 
 import csv
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,12 +30,16 @@ import torch
 
 from .bundle import Bundle
 from .errors import VirtualStainError
-from .inputs import prepare_input
-from .model import Denoiser, downsample_factor, pick_device
 from .normalize import FixedNorm
 from .sampling import Progress, SamplerHooks
-from .tasks.stain import StainResult, decode_outputs, encode_inputs, labels_from_channels, run_stain_model, sampler_name
-from .tiling import TilePlan
+from .tasks.stain import (
+    StainResult,
+    decode_outputs,
+    labels_from_channels,
+    prepare_stain_run,
+    run_stain_model,
+    sampler_name,
+)
 
 MODES = ("steps", "seeds", "both")
 DEFAULT_WINDOW = (0.3, 0.8)
@@ -125,6 +128,24 @@ def check_seeds(mode: str, seeds: Sequence[int]) -> list[int]:
     return seeds
 
 
+def check_request(bundle: Bundle, mode: str, seeds: Sequence[int], window: tuple[float, float],
+                  sampler: str | None = None, steps: int | None = None) -> tuple[list[int], object, list[bool]]:
+    """Refuse a request the bundle cannot serve, before any image is read; returns (seeds used, the scheduler with
+    its timesteps set, which steps fall in the window)."""
+    config = bundle.config
+    if config.task != "stain":
+        raise VirtualStainError(f"checkpoint {config.name!r} is a {config.task!r} model; uncertainty maps need a "
+                                "virtual-stain model")
+    if config.objective == "regression":
+        raise VirtualStainError(
+            f"checkpoint {config.name!r} is a one-pass regression model: it has no sampling steps or seeds to measure "
+            "uncertainty from; use a residual_shift or ddpm checkpoint"
+        )
+    seeds = check_seeds(mode, seeds)
+    scheduler = bundle.make_scheduler(sampler, steps)
+    return seeds, scheduler, window_mask(scheduler.timesteps, scheduler.config.num_train_timesteps, window)
+
+
 def predict_uncertainty(
     bundle: Bundle,
     image: np.ndarray,
@@ -151,26 +172,9 @@ def predict_uncertainty(
     ``std_seeds``; "both": all three (``std_steps`` is the root-mean-square of the per-seed step-stds).
     """
     config = bundle.config
-    if config.task != "stain":
-        raise VirtualStainError(f"checkpoint {config.name!r} is a {config.task!r} model; uncertainty maps need a "
-                                "virtual-stain model")
-    if config.objective == "regression":
-        raise VirtualStainError(
-            f"checkpoint {config.name!r} is a one-pass regression model: it has no sampling steps or seeds to measure "
-            "uncertainty from; use a residual_shift or ddpm checkpoint"
-        )
-    seeds = check_seeds(mode, seeds)
-    scheduler = bundle.make_scheduler(sampler, steps)
-    in_window = window_mask(scheduler.timesteps, scheduler.config.num_train_timesteps, window)
+    seeds, scheduler, in_window = check_request(bundle, mode, seeds, window, sampler, steps)
 
-    chw = prepare_input(image, config.input_names, channel_axis, what=input_name or "image")
-    cond_np = encode_inputs(config, chw)
-    dev = pick_device(device)
-    tile = int(tile_size or config.tile_size)
-    overlap = int(config.tile_overlap if tile_overlap is None else tile_overlap)
-    plan = TilePlan(chw.shape[1], chw.shape[2], tile, overlap, downsample_factor(config.unet))
-    denoiser = Denoiser(bundle.unet.to(dev), half=half)
-    cond = torch.from_numpy(cond_np)[None].to(dev)
+    cond, run = prepare_stain_run(bundle, image, channel_axis, input_name, tile_size, tile_overlap, device, half)
 
     stats = RunningStats()
 
@@ -179,8 +183,7 @@ def predict_uncertainty(
             stats.add(x0_hat)
 
     hooks = SamplerHooks(progress=progress, should_cancel=should_cancel, on_step=on_step)
-    started = time.perf_counter()
-    out, n_steps = run_stain_model(denoiser, config, cond, plan, seeds, batch_size, hooks, scheduler)
+    out, n_steps = run_stain_model(run.denoiser, config, cond, run.plan, seeds, batch_size, hooks, scheduler)
 
     per_seed_avg = stats.mean  # (k, C, H, W), normalised units
     scale = _output_scale(config)
@@ -204,12 +207,7 @@ def predict_uncertainty(
         "window_timesteps": [int(t) for t, m in zip(scheduler.timesteps, in_window) if m],
         "map_units": "output units (stain: the checkpoint's stain intensity scale; boundary/foreground: probability); "
                      "population std; no per-batch rescaling",
-        **plan.describe(),
-        "batch_size": batch_size,
-        "device": str(dev),
-        "input": input_name,
-        "input_shape": list(np.shape(image)),
-        "seconds": round(time.perf_counter() - started, 3),
+        **run.provenance(batch_size, np.shape(image), input_name),
     }
     labels = labels_from_channels(config, final) if make_labels else {}
     stain = StainResult(final, config.output_names, [s.kind for s in config.output_channels], labels, dict(provenance))

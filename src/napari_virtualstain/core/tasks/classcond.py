@@ -28,11 +28,10 @@ from ... import __version__
 from ..bundle import Bundle, BundleConfig
 from ..errors import VirtualStainError
 from ..inputs import prepare_input
-from ..model import Denoiser, downsample_factor, pick_device
+from ..model import Denoiser, downsample_factor
 from ..normalize import fixed_denormalize, fixed_normalize
-from ..sampling import Progress, SamplerHooks, make_generators, sample
+from ..sampling import Progress, SamplerHooks, make_generators, sample, setup_run
 from ..schedulers import randn_per_item
-from ..tiling import TilePlan
 
 
 class GuidedDenoiser(torch.nn.Module):
@@ -117,11 +116,9 @@ def translate(
         raise VirtualStainError(f"strength (how far to invert, as a fraction of the schedule) must be in (0, 1]; got {strength}")
     chw = prepare_input(image, config.output_names, channel_axis, what=input_name or "image")
     x0 = fixed_normalize(chw, _norms(config))
-    dev = pick_device(device)
-    tile = int(tile_size or config.tile_size)
-    overlap = int(config.tile_overlap if tile_overlap is None else tile_overlap)
-    plan = TilePlan(chw.shape[1], chw.shape[2], tile, overlap, downsample_factor(config.unet))
-    denoiser = Denoiser(bundle.unet.to(dev), half=half)
+    run = setup_run(bundle, chw.shape[1], chw.shape[2], tile_size=tile_size, tile_overlap=tile_overlap,
+                    device=device, half=half)
+    dev, plan, denoiser = run.device, run.plan, run.denoiser
     inverse = bundle.make_scheduler("ddim_inverse", steps)
     ddim = bundle.make_scheduler("ddim", steps)
     k = max(1, round(strength * steps))
@@ -129,7 +126,6 @@ def translate(
     down = list(ddim.timesteps[steps - k:])  # back from that timestep
     same = src == tgt
     total = k + k
-    started = time.perf_counter()
 
     x = torch.from_numpy(x0)[None].to(dev)
     hooks = SamplerHooks(progress=_phase(progress, 0, total), should_cancel=should_cancel)
@@ -153,13 +149,7 @@ def translate(
         "strength": strength,
         "inverted_to_timestep": int(up[-1]),
         "guidance_scale": guidance,
-        **plan.describe(),
-        "batch_size": batch_size,
-        "device": str(dev),
-        "input": input_name,
-        "input_shape": list(np.shape(image)),
-        "seconds": round(time.perf_counter() - started, 3),
-        "package_version": __version__,
+        **run.provenance(batch_size, np.shape(image), input_name),
     }
     if same:
         provenance["note"] = "source = target: the translation is the reconstruction control itself"
@@ -202,13 +192,13 @@ def synthesize(
     if size < 8 or size % factor:
         raise VirtualStainError(f"sample size {size} must be a multiple of {factor} (the network's downsampling), at least 8")
     tile = min(config.tile_size, size)
-    plan = TilePlan(size, size, tile, 0 if tile == size else config.tile_overlap, factor)
-    dev = pick_device(device)
-    denoiser = GuidedDenoiser(Denoiser(bundle.unet.to(dev), half=half), config.null_class, guidance)
+    run = setup_run(bundle, size, size, tile_size=tile, tile_overlap=0 if tile == size else config.tile_overlap,
+                    device=device, half=half)
+    dev, plan = run.device, run.plan
+    denoiser = GuidedDenoiser(run.denoiser, config.null_class, guidance)
     ddim = bundle.make_scheduler("ddim", steps)
     group = max(1, batch_size)
     n_groups = -(-n // group)
-    started = time.perf_counter()
     images = []
     for g in range(n_groups):
         seeds = list(range(seed + g * group, seed + min(n, (g + 1) * group)))
@@ -234,7 +224,7 @@ def synthesize(
         "guidance_scale": guidance,
         "size": size,
         "device": str(dev),
-        "seconds": round(time.perf_counter() - started, 3),
+        "seconds": round(time.perf_counter() - run.started, 3),
         "package_version": __version__,
     }
     return SynthesisResult(np.stack(images).astype(np.float32), config.output_names, provenance)

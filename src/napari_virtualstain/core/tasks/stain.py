@@ -7,22 +7,19 @@ always sees the full input (every plane) as extra channels, concatenated to the 
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
-from ... import __version__
 from ..bundle import Bundle, BundleConfig
 from ..errors import VirtualStainError
 from ..inputs import prepare_input
-from ..model import Denoiser, downsample_factor, pick_device
 from ..normalize import FixedNorm, fixed_denormalize, fixed_normalize, percentile_normalize
 from ..postprocess import boundaries_to_labels
 from ..schedulers import randn_per_item
-from ..sampling import Progress, SamplerHooks, make_generators, sample, tiled_predict
+from ..sampling import Progress, RunSetup, SamplerHooks, make_generators, sample, setup_run, tiled_predict
 from ..tiling import TilePlan
 
 
@@ -116,6 +113,16 @@ def run_stain_model(denoiser, config: BundleConfig, cond: torch.Tensor, plan: Ti
     return out, 1
 
 
+def prepare_stain_run(bundle: Bundle, image: np.ndarray, channel_axis: int | None, input_name: str | None,
+                      tile_size: int | None, tile_overlap: int | None, device: str | None,
+                      half: bool | None) -> tuple[torch.Tensor, RunSetup]:
+    """Checked, normalised inputs (1, C_in, H, W) on the device, and the run setup; shared by predict and uncertainty."""
+    chw = prepare_input(image, bundle.config.input_names, channel_axis, what=input_name or "image")
+    run = setup_run(bundle, chw.shape[1], chw.shape[2], tile_size=tile_size, tile_overlap=tile_overlap,
+                    device=device, half=half)
+    return torch.from_numpy(encode_inputs(bundle.config, chw))[None].to(run.device), run
+
+
 def sampler_name(config: BundleConfig, scheduler) -> str:
     if scheduler is None:
         return "one pass"
@@ -144,32 +151,17 @@ def predict_stain(
     config = bundle.config
     if config.task != "stain":
         raise VirtualStainError(f"checkpoint {config.name!r} is a {config.task!r} model, not a virtual-stain model")
-    chw = prepare_input(image, config.input_names, channel_axis, what=input_name or "image")
-    cond_np = encode_inputs(config, chw)
-    dev = pick_device(device)
-    tile = int(tile_size or config.tile_size)
-    overlap = int(config.tile_overlap if tile_overlap is None else tile_overlap)
-    plan = TilePlan(chw.shape[1], chw.shape[2], tile, overlap, downsample_factor(config.unet))
-    denoiser = Denoiser(bundle.unet.to(dev), half=half)
-    cond = torch.from_numpy(cond_np)[None].to(dev)
+    cond, run = prepare_stain_run(bundle, image, channel_axis, input_name, tile_size, tile_overlap, device, half)
     hooks = SamplerHooks(progress=progress, should_cancel=should_cancel)
-    started = time.perf_counter()
     scheduler = bundle.make_scheduler(sampler, steps)
-    out, steps = run_stain_model(denoiser, config, cond, plan, seed, batch_size, hooks, scheduler)
+    out, steps = run_stain_model(run.denoiser, config, cond, run.plan, seed, batch_size, hooks, scheduler)
     result_img = decode_outputs(config, out[0].cpu().numpy())
     provenance = {
         **bundle.provenance(),
         "seed": int(seed) if scheduler is not None else None,
         "sampler": sampler_name(config, scheduler),
         "steps": steps,
-        **plan.describe(),
-        "batch_size": batch_size,
-        "device": str(dev),
-        "half_precision": bool(denoiser.half if denoiser.half is not None else dev.type == "cuda"),
-        "input": input_name,
-        "input_shape": list(np.shape(image)),
-        "seconds": round(time.perf_counter() - started, 3),
-        "package_version": __version__,
+        **run.provenance(batch_size, np.shape(image), input_name),
     }
     labels = labels_from_channels(config, result_img) if make_labels else {}
     return StainResult(result_img, config.output_names, [s.kind for s in config.output_channels], labels, provenance)
