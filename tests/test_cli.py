@@ -156,3 +156,27 @@ def test_isl_checkpoints_predict_held_out_quadrant(shared_data, tmp_path, name, 
     assert read_channel_names(tmp_path / "o" / "field_virtualstain.tif") == ["DAPI", "MAP2", "NFH"]
     truth = read_image(d / "map2.png")[crop].astype(np.float64)
     assert np.corrcoef(pred[1].ravel(), truth.ravel())[0, 1] > min_r
+
+
+def test_train_help_shows_every_default_and_the_validation_strip(capsys):
+    """`virtualstain train --help` is where a new user looks: every option is explained, every set default shown,
+    and the held-out validation strip is announced before it silently costs them 15 % of their pixels."""
+    import argparse
+
+    from napari_virtualstain.cli import build_parser
+
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    actions = [a for a in sub.choices["train"]._actions if a.dest != "help"]
+    assert [a.dest for a in actions if not a.help] == []
+    with pytest.raises(SystemExit) as exc:
+        main(["train", "--help"])
+    assert exc.value.code == 0
+    out = " ".join(capsys.readouterr().out.split())  # unwrap argparse's line breaks
+    for a in actions:
+        if a.default not in (None, False):
+            assert f"(default: {a.default})" in out, a.dest
+    for default in ("(default: 2000)", "(default: 8)", "(default: 128)", "(default: 500)"):
+        assert default in out
+    assert "(default: None)" not in out and "(default: False)" not in out
+    assert "held out" in out and "--val-fraction (0.15)" in out and "split: val" in out
+    assert "brightfield, phase" in out  # --input-names asks to name the input

@@ -309,3 +309,32 @@ def test_evaluate_reads_what_predict_writes(tiny_bundle_dir, tmp_path, capsys):
     report = json.loads((tmp_path / "rep" / "report.json").read_text())
     assert report["files"][0]["provenance"]["bundle_name"] == "tiny"
     assert (tmp_path / "rep" / "figures" / "well.png").stat().st_size > 0
+
+
+def test_raw_pearson_shows_what_clipping_hides(tmp_path, capsys):
+    """Four huge hot pixels in a prediction of a low-signal truth: clipped to 1 they barely move the clipped r
+    (0.997), on the raw values they dominate it (0.09). pearson_raw must reach the CSV, JSON, Markdown and CLI."""
+    rng = np.random.default_rng(1)
+    truth = (rng.random((24, 24)) * 10 + 100).astype(np.float32)
+    hot = truth.copy()
+    hot[:2, :2] = 1e6
+    (tmp_path / "truth").mkdir()
+    tifffile.imwrite(tmp_path / "truth" / "a.tif", truth)
+    write_channels(tmp_path / "hot" / "a_virtualstain.tif", hot[None], ["Hoechst"], {})
+    write_channels(tmp_path / "same" / "a_virtualstain.tif", truth[None], ["Hoechst"], {})
+    out = tmp_path / "rep"
+    assert main(["evaluate", "--pred", f"hot={tmp_path / 'hot'}", "--pred", f"same={tmp_path / 'same'}",
+                 "--truth", str(tmp_path / "truth"), "-o", str(out)]) == 0
+    printed = capsys.readouterr().out
+    line = next(ln for ln in printed.splitlines() if ln.startswith("hot Hoechst"))
+    assert "Pearson r 0.997 (raw 0.087)" in line, line
+    row = _read_csv(out / "metrics.csv")[0]
+    assert row["method"] == "hot" and float(row["pearson"]) > 0.99 and float(row["pearson_raw"]) < 0.2
+    summary = {r["method"]: r for r in _read_csv(out / "summary.csv")}
+    assert float(summary["hot"]["pearson_raw"]) == pytest.approx(float(row["pearson_raw"]))
+    assert float(summary["same"]["pearson_raw"]) == pytest.approx(1.0)
+    report = json.loads((out / "report.json").read_text())
+    assert {r["method"]: round(r["pearson_raw"], 3) for r in report["summary"]} == {"hot": 0.087, "same": 1.0}
+    assert "pearson_raw" in report["settings"]["normalisation"]
+    md = (out / "report.md").read_text()
+    assert "Pearson r (raw)" in md and "| hot | Hoechst | 1 | 0.997 | 0.087 |" in md

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 
 import numpy as np
@@ -10,10 +11,11 @@ import tifffile
 import yaml
 from safetensors.torch import load_file
 
+from napari_virtualstain.cli import main
 from napari_virtualstain.core.bundle import load_bundle
 from napari_virtualstain.core.errors import VirtualStainError
 from napari_virtualstain.train.data import load_config, load_folder, split_regions
-from napari_virtualstain.train.loop import TrainOptions, train
+from napari_virtualstain.train.loop import TrainOptions, TrainProgress, describe_split, train
 
 TINY = dict(steps=6, batch_size=2, crop_size=32, val_every=3, block_out_channels=(8, 16), tile_size=32,
             tile_overlap=8, max_val_size=48)
@@ -156,3 +158,94 @@ def test_config_region_keeps_only_that_rectangle(tmp_path):
     (tmp_path / "t.yaml").write_text(yaml.safe_dump({"inputs": ["bf"], "stains": ["Hoechst"], "images": [entry]}))
     with pytest.raises(VirtualStainError, match="outside"):
         load_config(tmp_path / "t.yaml")
+
+
+TINY_CLI = ["--steps", "2", "--batch-size", "2", "--crop-size", "32", "--channels", "8,16", "--tile-size", "32",
+            "--tile-overlap", "8", "--val-every", "2", "--device", "cpu", "--precision", "float32"]
+
+
+def test_cli_folder_training_names_bundle_announces_split_and_logs_plain_lines(data_folder, tmp_path, capsys):
+    """Folder mode: the bundle is named after --output (not 'data'/'train'), the single input is recorded as the
+    neutral 'input', stderr says which columns train and which are held out, and a log gets no '\\r' bar."""
+    out = tmp_path / "nuclei-model"
+    assert main(["train", str(data_folder), "-o", str(out), "--stain-names", "Hoechst", *TINY_CLI]) == 0
+    err = capsys.readouterr().err
+    config = load_bundle(out).config
+    assert config.name == "nuclei-model"
+    assert [c.name for c in config.input_channels] == ["input"]
+    line = next(ln for ln in err.splitlines() if ln.startswith("validation:"))
+    assert "right-hand 15 % of each of 2 image(s) (x >= 68 of 80)" in line and "x < 68" in line, line
+    assert "--val-fraction" in line and "split: val" in line
+    assert "\r" not in err and "step 2/2 (100 %)" in err and "steps/s" in err
+    assert main(["train", str(data_folder), "-o", str(tmp_path / "named"), "--name", "mine", *TINY_CLI]) == 0
+    assert load_bundle(tmp_path / "named").config.name == "mine"
+
+
+def test_config_keeps_its_name_and_announces_whole_val_images(tmp_path, capsys):
+    stack = np.stack([np.stack(_synthetic_field(t)) for t in range(3)], axis=1)  # (C=3, T=3, Y, X)
+    tifffile.imwrite(tmp_path / "ctyx.tif", stack, photometric="minisblack")
+    images = [{"name": f"t{t}", "split": "val" if t == 2 else "train", "input": {"path": "ctyx.tif", "index": [0, t]},
+               "stains": {"Hoechst": {"path": "ctyx.tif", "index": [1, t]}}} for t in range(3)]
+    cfg = {"name": "from-config", "inputs": ["brightfield"], "stains": ["Hoechst"], "images": images}
+    (tmp_path / "train.yaml").write_text(yaml.safe_dump(cfg))
+    assert main(["train", str(tmp_path / "train.yaml"), "-o", str(tmp_path / "out"), *TINY_CLI]) == 0
+    assert load_bundle(tmp_path / "out").config.name == "from-config"
+    err = capsys.readouterr().err
+    assert "validation: 1 image(s) marked split: val are held out whole (t2); 2 image(s) train (t0, t1)" in err
+
+
+def test_split_announcement_without_validation(data_folder):
+    spec = load_folder(data_folder, stain_names=["Hoechst"])
+    spec.val_fraction = 0
+    assert describe_split(spec).startswith("validation: none - all of 2 image(s) train")
+
+
+def test_folder_input_name_is_neutral_unless_named(data_folder):
+    """A folder does not say what its input is: a fluorescence input must not be recorded as 'brightfield'."""
+    assert load_folder(data_folder).input_names == ["input"]
+    assert load_folder(data_folder, input_names=["phase"]).input_names == ["phase"]
+
+
+def test_resume_carries_on_the_clock_and_keeps_every_command(data_folder, tmp_path):
+    spec = load_folder(data_folder, stain_names=["Hoechst"])
+    out = tmp_path / "b"
+    train(spec, out, TrainOptions(**{**TINY, "steps": 3, "command": "virtualstain train data -o b"}))
+    state = out / "training_state" / "state.json"
+    meta = json.loads(state.read_text())
+    meta["history"][-1]["seconds"] = 1000.0  # as if the first run had taken 1000 s
+    state.write_text(json.dumps(meta))
+    _, history = train(spec, out, TrainOptions(**{**TINY, "command": "virtualstain train data -o b --resume"}),
+                       resume=True)
+    assert [h["step"] for h in history] == [3, 6]
+    assert history[0]["seconds"] == 1000.0 and history[1]["seconds"] >= 1000.0
+    t = load_bundle(out).config.training
+    assert t["command"] == "virtualstain train data -o b"
+    assert t["commands"] == ["virtualstain train data -o b", "virtualstain train data -o b --resume"]
+    train(spec, out, TrainOptions(**{**TINY, "steps": 9, "command": "third"}), resume=True)
+    t = load_bundle(out).config.training
+    assert t["commands"][-1] == "third" and len(t["commands"]) == 3 and t["command"] == "virtualstain train data -o b"
+    assert json.loads((out / "training_log.json").read_text())[-1]["seconds"] >= 1000.0
+
+
+class _Terminal(io.StringIO):
+    def isatty(self):
+        return True
+
+
+def test_progress_bar_on_a_terminal_plain_lines_in_a_log():
+    log = io.StringIO()
+    p = TrainProgress(100, 0, "train", stream=log)
+    for step in range(1, 101):
+        p.update(step, 0.5, step / 10, validated=step == 33, val={"Hoechst": {"pearson": 0.5}} if step == 33 else None)
+    p.close()
+    lines = log.getvalue().splitlines()
+    assert "\r" not in log.getvalue()
+    assert len(lines) == 21  # every 5 steps (5 %) and the validation at step 33
+    assert lines[-1].startswith("train: step 100/100 (100 %) loss 0.5000 10.0 s") and "steps/s" in lines[-1]
+    assert any(ln.startswith("train: step 33/100") and "val Hoechst r 0.500" in ln for ln in lines)
+    term = _Terminal()
+    p = TrainProgress(10, 0, "train", stream=term)
+    for step in range(1, 11):
+        p.update(step, 0.5, step / 10)
+    p.close()
+    assert "\r" in term.getvalue() and "step 1/10" not in term.getvalue()  # tqdm's bar, not the plain lines

@@ -74,7 +74,7 @@ def _parse_window(text: str) -> tuple[float, float]:
 def cmd_predict(args) -> int:
     from .core.bundle import load_bundle
     from .core.io import read_image, write_channels, write_labels
-    from .core.tasks.stain import labels_from_channels, predict_stain
+    from .core.tasks.stain import label_route, labels_from_channels, predict_stain
     from .core.uncertainty import check_request, predict_uncertainty
 
     bundle = load_bundle(args.checkpoint)
@@ -88,7 +88,10 @@ def cmd_predict(args) -> int:
     if uncertainty:  # refuse bad settings before any image is read
         check_request(bundle, uncertainty, seeds, _parse_window(args.window), args.sampler, args.steps)
     elif args.seeds != 1:
-        raise VirtualStainError("--seeds is for --uncertainty seeds|both")
+        raise VirtualStainError("--seeds is for --uncertainty seeds|both (to average samples, use --samples K)")
+    if uncertainty and args.samples is not None:
+        raise VirtualStainError("--samples averages plain predictions; with --uncertainty use --seeds K "
+                                "(the 'avg' map is the mean over seeds)")
     images = expand_inputs(args.images)
     for path in images:
         image = read_image(path)
@@ -107,9 +110,11 @@ def cmd_predict(args) -> int:
                 res = unc.stain
                 maps.append(unc.maps)
             else:
-                res = predict_stain(bundle, arr, seed=args.seed, **common)
+                res = predict_stain(bundle, arr, seed=args.seed, samples=args.samples, **common)
             if not args.no_labels:
-                res.labels = labels_from_channels(bundle.config, res.image, **thresholds)
+                route = label_route(bundle.config, args.labels_from)
+                res.labels = labels_from_channels(bundle.config, res.image, route, **thresholds)
+                res.provenance["labels_from"] = route
             res.provenance.update({"plane": list(idx), "input_file": str(path), **thresholds})
             results.append((idx, res))
         stem = path.name.split(".")[0]
@@ -211,6 +216,8 @@ def cmd_train(args) -> int:
     spec = _load_training_spec(args)
     if args.name:
         spec.name = args.name
+    elif Path(args.data).is_dir():  # a data folder is usually called 'train': name the bundle after its own folder
+        spec.name = Path(args.output).resolve().name or spec.name
     if args.pixel_size:
         spec.pixel_size_um = args.pixel_size
     if args.val_fraction is not None and hasattr(spec, "val_fraction"):
@@ -224,7 +231,8 @@ def cmd_train(args) -> int:
         block_out_channels=tuple(int(v) for v in args.channels.split(",")), layers_per_block=args.layers_per_block,
         tile_size=args.tile_size, tile_overlap=args.tile_overlap, half_weights=args.half_weights,
         command="virtualstain " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
-        prediction_type=args.prediction_type,
+        prediction_type=args.prediction_type, precision=args.precision, lr_schedule=args.lr_schedule,
+        residual_source=args.residual_source, mean_from=args.mean_from, kappa=args.kappa,
         extra={"cond_dropout": args.cond_dropout} if args.cond_dropout is not None else {},
     )
     bundle, history = train(spec, args.output, opts, resume=args.resume)
@@ -373,14 +381,24 @@ def cmd_evaluate(args) -> int:
         print(f"note: {note}")
     for r in report.summary:
         if r["metric_type"] == "image":
-            print(f"{r['method']} {r['target']} ({r['n_images']} image(s)): Pearson r {r['pearson']:.3f}, "
-                  f"SSIM {r['ssim']:.3f}, PSNR {r['psnr']:.1f} dB, MSE {r['mse']:.4g}")
+            print(f"{r['method']} {r['target']} ({r['n_images']} image(s)): Pearson r {r['pearson']:.3f} "
+                  f"(raw {r['pearson_raw']:.3f}), SSIM {r['ssim']:.3f}, PSNR {r['psnr']:.1f} dB, MSE {r['mse']:.4g}")
         elif r["iou_threshold"] == 0.5:
             print(f"{r['method']} {r['target']} ({r['n_images']} image(s), {r['n_true']} true / {r['n_pred']} "
                   f"predicted objects) @ IoU 0.5: F1 {r['f1']:.3f}, precision {r['precision']:.3f}, recall {r['recall']:.3f}, "
                   f"PQ {r['panoptic_quality']:.3f}")
     print("\n".join(f"wrote {p}" for p in written))
     return 0
+
+
+class _DefaultsFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Appends '(default: X)' so a new user sees what a plain run does; skips flags and unset (None) defaults,
+    whose help says what happens instead ('(default: None)' tells nobody anything)."""
+
+    def _get_help_string(self, action):
+        if action.default is None or action.default is False:
+            return action.help
+        return super()._get_help_string(action)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -407,7 +425,15 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--foreground-threshold", type=float, default=0.5)
     pr.add_argument("--sampler", choices=["ddim", "ddpm"], default=None,
                     help="ddpm checkpoints: ddim (default, --steps 50) or ddpm (every training step)")
-    pr.add_argument("--steps", type=int, default=None, help="ddpm checkpoints: sampling steps")
+    pr.add_argument("--steps", type=int, default=None,
+                    help="sampling steps: ddpm checkpoints (DDIM default 50); residual-shift checkpoints: an evenly "
+                         "spaced subset of their chain (default: the checkpoint's validated count, else all)")
+    pr.add_argument("--samples", type=int, default=None,
+                    help="average this many samples (seeds SEED..SEED+k-1, one batch): more accurate, less textured; "
+                         "default: the checkpoint's validated count (else 1)")
+    pr.add_argument("--labels-from", choices=["boundaries", "stain"], default=None,
+                    help="nuclei labels from the predicted boundary channels or by segmenting the predicted stain "
+                         "(default: the checkpoint's validated route)")
     pr.add_argument("--uncertainty", choices=["steps", "seeds", "both"], default=None,
                     help="also write DDPMavg + std maps (<stem>_uncertainty.tif) and flagged regions (<stem>_flags_*)")
     pr.add_argument("--seeds", type=int, default=1, help="--uncertainty seeds|both: number of seeds (>= 2), batched")
@@ -422,7 +448,13 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--quiet", "-q", action="store_true")
     pr.set_defaults(func=cmd_predict)
 
-    tr = sub.add_parser("train", help="train a bundle on your own images")
+    tr = sub.add_parser(
+        "train", help="train a bundle on your own images", formatter_class=_DefaultsFormatter,
+        description="Train a bundle on your own images (docs/training.md). Validation: images marked 'split: val' "
+                    "in a config are held out whole; otherwise the right-hand --val-fraction (0.15) of every image "
+                    "is held out and never trained on. Training starts by printing which regions train and which "
+                    "are held out. Progress goes to stderr: a bar on a terminal, a plain line every 5 percent in a log.",
+    )
     tr.add_argument("data", help="folder (input/, target/, labels/NAME/) or YAML/JSON training config")
     tr.add_argument("--output", "-o", required=True, help="bundle folder to write (and resume from)")
     tr.add_argument("--objective", choices=["residual_shift", "ddpm", "regression"], default=None,
@@ -435,27 +467,43 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--prediction-type", choices=["epsilon", "v_prediction"], default="epsilon",
                     help="ddpm stain models: the UNet predicts the noise (epsilon, as DM4ISL) or v; v learns to use "
                          "the brightfield much sooner (docs/benchmarks.md)")
-    tr.add_argument("--steps", type=int, default=2000)
-    tr.add_argument("--batch-size", type=int, default=8)
-    tr.add_argument("--crop-size", type=int, default=128)
-    tr.add_argument("--lr", type=float, default=2e-4)
-    tr.add_argument("--ema-decay", type=float, default=0.999)
-    tr.add_argument("--val-every", type=int, default=500)
+    tr.add_argument("--steps", type=int, default=2000, help="optimiser steps in all (a resumed run counts on)")
+    tr.add_argument("--batch-size", type=int, default=8, help="random crops per step")
+    tr.add_argument("--crop-size", type=int, default=128,
+                    help="side of the square training crops in pixels (a multiple of the UNet's downsampling)")
+    tr.add_argument("--lr", type=float, default=2e-4, help="AdamW learning rate (the peak with --lr-schedule cosine)")
+    tr.add_argument("--lr-schedule", choices=["constant", "cosine"], default="constant",
+                    help="cosine: 100-step warm-up, then cosine decay to 0 at --steps")
+    tr.add_argument("--ema-decay", type=float, default=0.999,
+                    help="decay of the exponential moving average of the weights; the EMA weights are saved")
+    tr.add_argument("--val-every", type=int, default=500,
+                    help="every N steps: validate on the held-out regions, save the bundle and the resume state")
     tr.add_argument("--val-fraction", type=float, default=None,
-                    help="hold out this right-hand fraction of every image when no image is marked split: val")
-    tr.add_argument("--seed", type=int, default=0)
-    tr.add_argument("--device", default="auto")
+                    help="hold out this right-hand fraction of every image when no image is marked split: val "
+                         "(default: the config's val_fraction, else 0.15; 0 holds nothing out)")
+    tr.add_argument("--seed", type=int, default=0, help="seed of the weights, crops and noise (same seed, same run)")
+    tr.add_argument("--device", default="auto", help="auto (cuda > mps > cpu), cuda, mps or cpu")
     tr.add_argument("--channels", default="16,32,64,128", help="UNet widths per level")
-    tr.add_argument("--layers-per-block", type=int, default=1)
-    tr.add_argument("--tile-size", type=int, default=256)
-    tr.add_argument("--tile-overlap", type=int, default=32)
+    tr.add_argument("--layers-per-block", type=int, default=1, help="UNet ResNet blocks per level")
+    tr.add_argument("--tile-size", type=int, default=256, help="tile side the bundle predicts with (stored in it)")
+    tr.add_argument("--tile-overlap", type=int, default=32, help="overlap of neighbouring tiles (stored in the bundle)")
     tr.add_argument("--half-weights", action="store_true", help="store fp16 weights (half the size)")
-    tr.add_argument("--resume", action="store_true", help="continue from OUTPUT/training_state")
-    tr.add_argument("--name", default=None)
-    tr.add_argument("--pixel-size", type=float, default=None, help="pixel size in um")
-    tr.add_argument("--input-names", default=None, help="folder mode: comma-separated input channel names")
+    tr.add_argument("--precision", choices=["auto", "bf16", "float32"], default="auto",
+                    help="auto: bf16 autocast where the CPU/GPU runs it fast (AVX-512 bf16, AMX, bf16 GPUs), "
+                         "else float32; weights, optimiser and EMA stay float32")
+    tr.add_argument("--resume", action="store_true",
+                    help="continue from OUTPUT/training_state (raise --steps to train longer); the log's seconds "
+                         "and the bundle's training.commands carry on")
+    tr.add_argument("--name", default=None,
+                    help="bundle name (default: a data folder gives the --output folder's name; a config its name:)")
+    tr.add_argument("--pixel-size", type=float, default=None,
+                    help="pixel size in um, stored in the bundle (default: the config's pixel_size_um, else none)")
+    tr.add_argument("--input-names", default=None,
+                    help="folder mode: comma-separated input channel names; name them (e.g. brightfield, phase), "
+                         "else they are recorded as 'input' (or 'input 0', 'input 1', ...)")
     tr.add_argument("--stain-names", default=None,
-                    help="folder mode: comma-separated target channel names (classcond: the image channel names)")
+                    help="folder mode: comma-separated target channel names (classcond: the image channel names); "
+                         "default 'stain 0', 'stain 1', ...")
     tr.add_argument("--channel-axis", type=int, default=0, help="folder mode: channel axis of multi-channel files")
     tr.set_defaults(func=cmd_train)
 
@@ -507,7 +555,8 @@ def build_parser() -> argparse.ArgumentParser:
         "evaluate", help="score predictions (one or more methods) against real stains / true labels; writes a report",
         description="Match files by stem: truth TRUTH/<stem>.tif <-> PRED/<stem>_virtualstain.tif (channels by name); "
                     "true labels LABELS/<stem>.tif <-> PRED/<stem>_NAME_labels.tif. Stains are scored on the truth's "
-                    "1-99.8 percentile scale; instances are matched one-to-one by IoU.",
+                    "1-99.8 percentile scale (clipped), and Pearson r also on the raw values (pearson_raw), which "
+                    "shows failures the clipping hides; instances are matched one-to-one by IoU.",
     )
     ev.add_argument("--pred", action="append", required=True, metavar="METHOD=FOLDER",
                     help="a folder of 'virtualstain predict' outputs, named METHOD in the report (repeat to compare "

@@ -20,6 +20,9 @@ from .normalize import FixedNorm, PercentileNorm, norm_from_dict
 FORMAT = "napari-virtualstain-bundle"
 FORMAT_VERSION = 1
 WEIGHTS_NAME = "model.safetensors"
+MEAN_WEIGHTS_NAME = "mean_model.safetensors"  # mean-anchored bundles: the one-pass mean predictor mu(x)
+RESIDUAL_SOURCES = ("mean_input", "mean_prediction")
+LABEL_ROUTES = ("boundaries", "stain")
 TASKS = ("stain", "classcond")  # classcond: class-conditional DDPM (translation, synthesis)
 OBJECTIVES = ("residual_shift", "regression", "ddpm")
 DIFFUSION_OBJECTIVES = ("residual_shift", "ddpm")
@@ -70,6 +73,14 @@ class BundleConfig:
     training: dict = field(default_factory=dict)
     description: str = ""
     classes: list[str] = field(default_factory=list)  # classcond: class names; embedding index len(classes) = null
+    mean_unet: dict | None = None  # residual_source "mean_prediction": the mean predictor's UNet (inputs -> outputs)
+    sampling: dict = field(default_factory=dict)  # defaults chosen from validation: steps, samples, labels_from
+    labels_from_stain: dict = field(default_factory=dict)  # labels set -> stain channel it can be segmented from
+
+    @property
+    def anchored(self) -> bool:
+        """Mean-anchored: the chain runs from mu(x) (a second, one-pass network) instead of the mean input."""
+        return self.residual_source == "mean_prediction"
 
     @property
     def null_class(self) -> int:
@@ -114,7 +125,10 @@ class BundleConfig:
             "scheduler": self.scheduler,
             "training": self.training,
             "weights": WEIGHTS_NAME,
-        } | ({"classes": list(self.classes)} if self.classes else {})
+        } | ({"classes": list(self.classes)} if self.classes else {}) | (
+            {"mean_model": {"unet": self.mean_unet, "weights": MEAN_WEIGHTS_NAME}} if self.mean_unet else {}
+        ) | ({"sampling": dict(self.sampling)} if self.sampling else {}) | (
+            {"labels_from_stain": dict(self.labels_from_stain)} if self.labels_from_stain else {})
 
     @classmethod
     def from_dict(cls, d: dict) -> BundleConfig:
@@ -170,7 +184,13 @@ class BundleConfig:
                 raise BundleError(f"config.json: 'unet' is missing the key {key!r}")
         if not isinstance(unet["block_out_channels"], list) or not unet["block_out_channels"]:
             raise BundleError("config.json: 'unet.block_out_channels' must be a list of channel widths")
+        residual = d.get("residual_source", "mean_input")
+        if residual not in RESIDUAL_SOURCES:
+            raise BundleError(f"config.json: 'residual_source' is {residual!r}; expected one of {', '.join(RESIDUAL_SOURCES)}")
+        mean_unet = _mean_model(d, residual, objective, len(inputs), len(outputs))
         expected_in = len(inputs) + (len(outputs) if objective in DIFFUSION_OBJECTIVES else 0)
+        if mean_unet is not None:
+            expected_in += len(outputs)  # the network also sees mu(x)
         if task == "classcond" and unet.get("num_class_embeds") != len(classes) + 1:
             raise BundleError(
                 f"config.json: 'unet.num_class_embeds' is {unet.get('num_class_embeds')}, but {len(classes)} classes "
@@ -215,10 +235,58 @@ class BundleConfig:
             tile_size=tile,
             tile_overlap=overlap,
             pixel_size_um=pixel,
-            residual_source=d.get("residual_source", "mean_input"),
+            residual_source=residual,
             training=training,
             classes=list(classes),
+            mean_unet=mean_unet,
+            sampling=_sampling(d.get("sampling", {})),
+            labels_from_stain=_labels_from_stain(d.get("labels_from_stain", {}), outputs),
         )
+
+
+def _mean_model(d: dict, residual: str, objective: str, n_in: int, n_out: int) -> dict | None:
+    """The mean predictor's UNet config: required exactly for mean-anchored residual-shift bundles."""
+    entry = d.get("mean_model")
+    if residual != "mean_prediction":
+        if entry is not None:
+            raise BundleError("config.json: 'mean_model' is only for residual_source 'mean_prediction'")
+        return None
+    if objective != "residual_shift":
+        raise BundleError(f"config.json: residual_source 'mean_prediction' needs objective 'residual_shift', not {objective!r}")
+    if not isinstance(entry, dict) or not isinstance(entry.get("unet"), dict):
+        raise BundleError("config.json: residual_source 'mean_prediction' needs 'mean_model': {'unet': {...}, "
+                          f"'weights': '{MEAN_WEIGHTS_NAME}'}}")
+    unet = entry["unet"]
+    if unet.get("in_channels") != n_in or unet.get("out_channels") != n_out:
+        raise BundleError(f"config.json: 'mean_model.unet' must map {n_in} input to {n_out} output channels; it has "
+                          f"in_channels={unet.get('in_channels')}, out_channels={unet.get('out_channels')}")
+    if entry.get("weights", MEAN_WEIGHTS_NAME) != MEAN_WEIGHTS_NAME:
+        raise BundleError(f"config.json: 'mean_model.weights' must be {MEAN_WEIGHTS_NAME!r}")
+    return unet
+
+
+def _sampling(d) -> dict:
+    """Defaults a bundle was validated with: steps (residual-shift chain), samples (seeds averaged), labels_from."""
+    if not isinstance(d, dict):
+        raise BundleError("config.json: 'sampling' must be an object")
+    for key in ("steps", "samples"):
+        if key in d and (not isinstance(d[key], int) or isinstance(d[key], bool) or d[key] < 1):
+            raise BundleError(f"config.json: 'sampling.{key}' must be a positive integer")
+    if d.get("labels_from", "boundaries") not in LABEL_ROUTES:
+        raise BundleError(f"config.json: 'sampling.labels_from' must be one of {', '.join(LABEL_ROUTES)}")
+    return dict(d)
+
+
+def _labels_from_stain(d, outputs: list[ChannelSpec]) -> dict:
+    if not isinstance(d, dict):
+        raise BundleError("config.json: 'labels_from_stain' must map a labels set to a stain channel")
+    sets = {c.labels or c.name for c in outputs if c.kind == "boundary"}
+    stains = {c.name for c in outputs if c.kind == "stain"}
+    for lab, stain in d.items():
+        if lab not in sets or stain not in stains:
+            raise BundleError(f"config.json: 'labels_from_stain' maps {lab!r} to {stain!r}; labels sets are "
+                              f"{', '.join(sorted(sets)) or 'none'} and stains {', '.join(sorted(stains)) or 'none'}")
+    return dict(d)
 
 
 def _check_scheduler(objective: str, scheduler: dict) -> None:
@@ -297,31 +365,34 @@ def _pickle_hint(folder: Path) -> str:
 class Bundle:
     """A loaded checkpoint: validated config + UNet weights (+ scheduler); cheap to keep in a small cache."""
 
-    def __init__(self, config: BundleConfig, state_dict: dict[str, torch.Tensor], path: Path | None, bundle_id: str):
+    def __init__(self, config: BundleConfig, state_dict: dict[str, torch.Tensor], path: Path | None, bundle_id: str,
+                 mean_state_dict: dict[str, torch.Tensor] | None = None):
         self.config = config
         self.state_dict = state_dict
+        self.mean_state_dict = mean_state_dict
         self.path = path
         self.id = bundle_id
 
     @cached_property
     def unet(self):
-        from .model import build_unet
+        return _loaded_unet(self.config.unet, self.state_dict, WEIGHTS_NAME, "unet")
 
-        unet = build_unet(self.config.unet)
-        try:
-            unet.load_state_dict({k: v.float() for k, v in self.state_dict.items()}, strict=True)
-        except RuntimeError as exc:
-            first = str(exc).splitlines()[0]
-            raise BundleError(
-                f"{WEIGHTS_NAME} does not match the network described in config.json ('unet'): {first}"
-            ) from None
-        unet.eval().requires_grad_(False)
-        return unet
+    @cached_property
+    def mean_unet(self):
+        """The one-pass mean predictor mu(x) of a mean-anchored bundle (None otherwise)."""
+        if not self.config.anchored:
+            return None
+        return _loaded_unet(self.config.mean_unet, self.mean_state_dict, MEAN_WEIGHTS_NAME, "mean_model.unet")
 
     def make_scheduler(self, sampler: str | None = None, steps: int | None = None):
-        """The bundle's sampler with timesteps set (None for regression); see ``schedulers.make_scheduler``."""
+        """The bundle's sampler with timesteps set (None for regression); see ``schedulers.make_scheduler``.
+
+        Residual shift without ``steps``: the bundle's validated default (``sampling.steps``), else its full chain.
+        """
         from .schedulers import make_scheduler
 
+        if steps is None and self.config.objective == "residual_shift":
+            steps = self.config.sampling.get("steps")
         return make_scheduler(self.config.objective, self.config.scheduler, sampler, steps)
 
     @property
@@ -335,6 +406,7 @@ class Bundle:
             "bundle_path": str(self.path) if self.path else None,
             "task": self.config.task,
             "objective": self.config.objective,
+            "residual_source": self.config.residual_source if self.config.objective == "residual_shift" else None,
         }
 
     def summary(self) -> str:
@@ -343,26 +415,55 @@ class Bundle:
         io = (f"  channels: {', '.join(c.output_names)}\n  classes: {', '.join(c.classes)}\n" if c.task == "classcond"
               else f"  inputs: {', '.join(c.input_names)}\n  outputs: {outs}\n")
         return (
-            f"{c.name} [{self.short_id}] task={c.task} objective={c.objective}\n"
+            f"{c.name} [{self.short_id}] task={c.task} objective={c.objective}"
+            f"{' (mean-anchored: mu(x) + residual-shift refinement)' if c.anchored else ''}\n"
             f"{io}"
             f"  tile {c.tile_size} overlap {c.tile_overlap}; pixel size {c.pixel_size_um} um\n"
             f"  trained on: {c.training.get('data', 'unknown')}"
         )
 
 
-def sha256_file(path: Path) -> str:
+def _loaded_unet(unet_config: dict, state: dict, weights_name: str, field_name: str):
+    from .model import build_unet
+
+    unet = build_unet(unet_config)
+    try:
+        unet.load_state_dict({k: v.float() for k, v in state.items()}, strict=True)
+    except RuntimeError as exc:
+        first = str(exc).splitlines()[0]
+        raise BundleError(
+            f"{weights_name} does not match the network described in config.json ({field_name!r}): {first}"
+        ) from None
+    unet.eval().requires_grad_(False)
+    return unet
+
+
+def sha256_file(*paths: Path) -> str:
+    """sha256 of the files' bytes in order: one id for a bundle, whether it holds one network or two."""
     h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
+    for path in paths:
+        with open(path, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                h.update(chunk)
     return h.hexdigest()
+
+
+def _read_weights(weights: Path, path: Path) -> dict:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    if not weights.is_file():
+        raise BundleError(f"{path} has no {weights.name}{_pickle_hint(path)}")
+    try:
+        return load_file(str(weights))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise BundleError(
+            f"{weights} is not a readable safetensors file ({exc}); it may be truncated or corrupt — copy it again"
+        ) from None
 
 
 def load_bundle(path: str | Path) -> Bundle:
     """Load and validate a checkpoint folder (or a bundled demo by name, e.g. ``demo-stain``)."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
     path = resolve_bundle_path(path)
     refuse_pickle(path)
     cfg_path = path / "config.json"
@@ -380,27 +481,31 @@ def load_bundle(path: str | Path) -> Bundle:
     weights = path / str(raw.get("weights", WEIGHTS_NAME))
     if weights.suffix.lower() != ".safetensors":
         raise BundleError(f"config.json: 'weights' is {weights.name!r}; weights load only from .safetensors. {_PICKLE_EXPLANATION}")
-    if not weights.is_file():
-        raise BundleError(f"{path} has no {weights.name}{_pickle_hint(path)}")
-    try:
-        state = load_file(str(weights))
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise BundleError(
-            f"{weights} is not a readable safetensors file ({exc}); it may be truncated or corrupt — copy it again"
-        ) from None
-    return Bundle(config, state, path, sha256_file(weights))
+    state = _read_weights(weights, path)
+    if not config.anchored:
+        return Bundle(config, state, path, sha256_file(weights))
+    mean_weights = path / MEAN_WEIGHTS_NAME
+    mean_state = _read_weights(mean_weights, path)
+    return Bundle(config, state, path, sha256_file(weights, mean_weights), mean_state)
 
 
-def save_bundle(path: str | Path, config: BundleConfig, unet: torch.nn.Module, half: bool = False) -> Bundle:
-    """Write ``config.json`` + ``model.safetensors`` (fp16 when ``half``: half the size, same predictions ±1e-3)."""
+def save_bundle(path: str | Path, config: BundleConfig, unet: torch.nn.Module, half: bool = False,
+                mean_unet: torch.nn.Module | None = None) -> Bundle:
+    """Write ``config.json`` + ``model.safetensors`` (+ ``mean_model.safetensors`` for a mean-anchored bundle);
+    fp16 when ``half``: half the size, same predictions ±1e-3."""
     from safetensors.torch import save_file
 
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
+    if config.anchored != (mean_unet is not None):
+        raise ValueError("a mean-anchored bundle needs its mean network, and only it has one")
     dtype = torch.float16 if half else torch.float32
-    state = {k: v.detach().to("cpu", dtype).contiguous() for k, v in unet.state_dict().items()}
-    save_file(state, str(path / WEIGHTS_NAME), metadata={"format": FORMAT})
-    (path / WEIGHTS_NAME).chmod(0o644)  # safetensors writes 0600; a lab shares its checkpoints
+    for net, name in ((unet, WEIGHTS_NAME), (mean_unet, MEAN_WEIGHTS_NAME)):
+        if net is None:
+            continue
+        state = {k: v.detach().to("cpu", dtype).contiguous() for k, v in net.state_dict().items()}
+        save_file(state, str(path / name), metadata={"format": FORMAT})
+        (path / name).chmod(0o644)  # safetensors writes 0600; a lab shares its checkpoints
     (path / "config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
     return load_bundle(path)
 

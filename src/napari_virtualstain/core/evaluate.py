@@ -9,7 +9,8 @@ Files are matched by stem, the way ``virtualstain predict`` names its outputs:
 * an optional input image ``INPUT/<stem>.tif`` is shown in the figures.
 
 Every stain channel is scored on one stated scale: prediction and truth are both mapped by the truth's 1st/99.8th
-percentiles to [0, 1] and clipped (``normalize_pair``). Instances are matched one-to-one by IoU (see
+percentiles to [0, 1] and clipped (``normalize_pair``); ``pearson_raw`` is Pearson r of the raw values beside it, since
+clipping can hide a failure on a low-signal image. Instances are matched one-to-one by IoU (see
 ``core/metrics.py`` for the exact definitions). :func:`evaluate` returns an :class:`EvaluationReport`;
 :func:`write_report` writes ``metrics.csv``, ``summary.csv``, ``report.json``, ``report.md`` and PNG figures.
 No Qt, no napari, no matplotlib: figures are drawn with numpy and Pillow.
@@ -30,12 +31,21 @@ import numpy as np
 from .. import __version__
 from .errors import VirtualStainError
 from .io import list_images, read_channel_names, read_image, read_provenance
-from .metrics import NORM_PERCENTILES, image_metrics, match_labels, matching_sweep, normalize_pair, pool_matching
+from .metrics import (
+    NORM_PERCENTILES,
+    image_metrics,
+    match_labels,
+    matching_sweep,
+    normalize_pair,
+    pearson,
+    pool_matching,
+)
 
 PRED_SUFFIX = "_virtualstain.tif"
 DEFAULT_IOU_THRESHOLDS = tuple(round(0.5 + 0.05 * i, 2) for i in range(9))  # 0.5, 0.55, ..., 0.9
 HEADLINE_IOU = 0.5
-IMAGE_METRICS = ("pearson", "mse", "psnr", "ssim")
+# pearson_raw: Pearson r of the raw values; the clipped scale can hide a failure on a low-signal image
+IMAGE_METRICS = ("pearson", "pearson_raw", "mse", "psnr", "ssim")
 INSTANCE_COLUMNS = ("n_true", "n_pred", "tp", "fp", "fn", "precision", "recall", "f1", "mean_matched_iou",
                     "panoptic_quality")
 COLUMNS = ("method", "image", "target", "metric_type", "iou_threshold", "n_images", *IMAGE_METRICS,
@@ -46,7 +56,8 @@ NORMALISATION_TEXT = (
     "Each stain channel: prediction and truth are both scaled by the truth's percentiles {lo:g} and {hi:g} to "
     "[0, 1] (low percentile -> 0, high -> 1) and clipped; Pearson r, MSE, PSNR (data range 1) and SSIM "
     "(scikit-image, 7x7 window) are computed on that scale. norm_low/norm_high are the percentiles in the truth's "
-    "units."
+    "units. pearson_raw is Pearson r of the raw values (no scaling, no clipping): clipping can hide a failure on a "
+    "low-signal image (noise and outliers squeezed into [0, 1]), so a large gap between the two is worth a look."
 )
 MATCHING_TEXT = (
     "Instances: true and predicted objects are matched one-to-one among pairs with IoU >= threshold, maximising "
@@ -352,7 +363,7 @@ def evaluate(
                     except VirtualStainError as exc:
                         notes.append(f"{stem} {name!r}: not scored - {exc}")
                         continue
-                    m = image_metrics(p_n, t_n)
+                    m = image_metrics(p_n, t_n) | {"pearson_raw": pearson(pred[pi], tarr[ti])}
                     rows.append(_row(method, stem, name, "image", None, m, norm_low=lo, norm_high=hi))
                     compared[method] += 1
                     if preview is not None:
@@ -361,7 +372,8 @@ def evaluate(
                             row = channel_rows[name] = FigureRow(name, "image", _grey(_thumb(t_n, scale)),
                                                                  f"truth {name}")
                         err = _diverging(_thumb(p_n - t_n, scale))
-                        cap = f"r {m['pearson']:.3f}  SSIM {m['ssim']:.3f}  {_fmt_db(m['psnr'])}"
+                        cap = (f"r {m['pearson']:.3f} (raw {m['pearson_raw']:.3f})  SSIM {m['ssim']:.3f}  "
+                               f"{_fmt_db(m['psnr'])}")
                         row.panels.append(ChannelPanel(method, _grey(_thumb(p_n, scale)), err, cap))
         label_rows = []
         for name, truth_by_stem in label_truth.items():
@@ -632,8 +644,10 @@ def _markdown(report: EvaluationReport, figures: list[Path]) -> str:
              f"**Normalisation.** {s['normalisation']}", "", f"**Matching.** {s['matching']}", "", s["summary"], ""]
     img = [r for r in report.summary if r["metric_type"] == "image"]
     if img:
-        lines += ["| method | channel | images | Pearson r | MSE | PSNR (dB) | SSIM |", "|---|---|---|---|---|---|---|"]
-        lines += [f"| {r['method']} | {r['target']} | {r['n_images']} | {r['pearson']:.3f} | {r['mse']:.4g} | "
+        lines += ["| method | channel | images | Pearson r | Pearson r (raw) | MSE | PSNR (dB) | SSIM |",
+                  "|---|---|---|---|---|---|---|---|"]
+        lines += [f"| {r['method']} | {r['target']} | {r['n_images']} | {r['pearson']:.3f} | "
+                  f"{r['pearson_raw']:.3f} | {r['mse']:.4g} | "
                   f"{r['psnr']:.2f} | {r['ssim']:.3f} |" for r in img]
         lines.append("")
     inst = [r for r in report.summary if r["metric_type"] == "instances" and r["iou_threshold"] == HEADLINE_IOU]

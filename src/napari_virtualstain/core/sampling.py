@@ -58,17 +58,17 @@ class RunSetup:
     plan: TilePlan
     denoiser: Denoiser
     started: float
+    mean_denoiser: Denoiser | None = None  # mean-anchored bundles: the one-pass mu(x) network
 
     def provenance(self, batch_size: int, image_shape, input_name: str | None) -> dict:
         """Run settings every output records (tiles, device, precision, input, time, package version)."""
         from .. import __version__
 
-        half = self.denoiser.half
         return {
             **self.plan.describe(),
             "batch_size": batch_size,
             "device": str(self.device),
-            "half_precision": bool(half if half is not None else self.device.type == "cuda"),
+            "precision": self.denoiser.precision(),
             "input": input_name,
             "input_shape": list(image_shape),
             "seconds": round(time.perf_counter() - self.started, 3),
@@ -83,8 +83,11 @@ def setup_run(bundle, height: int, width: int, *, tile_size: int | None = None, 
     dev = pick_device(device)
     tile = int(tile_size or config.tile_size)
     overlap = int(config.tile_overlap if tile_overlap is None else tile_overlap)
-    plan = TilePlan(height, width, tile, overlap, downsample_factor(config.unet))
-    return RunSetup(dev, plan, Denoiser(bundle.unet.to(dev), half=half), time.perf_counter())
+    factor = max(downsample_factor(config.unet), downsample_factor(config.mean_unet) if config.anchored else 1)
+    plan = TilePlan(height, width, tile, overlap, factor)
+    anchor = len(config.output_channels) if config.anchored else 0
+    mean = Denoiser(bundle.mean_unet.to(dev), half=half) if config.anchored else None
+    return RunSetup(dev, plan, Denoiser(bundle.unet.to(dev), half=half, anchor_channels=anchor), time.perf_counter(), mean)
 
 
 def make_generators(seeds: Sequence[int]) -> list[torch.Generator]:

@@ -183,7 +183,8 @@ def predict_uncertainty(
             stats.add(x0_hat)
 
     hooks = SamplerHooks(progress=progress, should_cancel=should_cancel, on_step=on_step)
-    out, n_steps = run_stain_model(run.denoiser, config, cond, run.plan, seeds, batch_size, hooks, scheduler)
+    out, passes = run_stain_model(run.denoiser, config, cond, run.plan, seeds, batch_size, hooks, scheduler,
+                                  run.mean_denoiser)
 
     per_seed_avg = stats.mean  # (k, C, H, W), normalised units
     scale = _output_scale(config)
@@ -200,7 +201,8 @@ def predict_uncertainty(
         "seed": seeds[0],
         "seeds": seeds,
         "sampler": sampler_name(config, scheduler),
-        "steps": n_steps,
+        "steps": len(scheduler.timesteps),
+        "network_passes": passes,
         "uncertainty": mode,
         "window": [float(window[0]), float(window[1])],
         "window_steps": int(sum(in_window)),

@@ -201,7 +201,8 @@ def load_folder(folder: str | Path, input_names: list[str] | None = None, stain_
     if not images:
         raise VirtualStainError(f"{in_dir} holds no images")
     n_in, n_st = images[0].inputs.shape[0], images[0].stains.shape[0]
-    input_names = input_names or (["brightfield"] if n_in == 1 else [f"input {i}" for i in range(n_in)])
+    # neutral default: the folder does not say what the input is (a fluorescence input is no 'brightfield')
+    input_names = input_names or (["input"] if n_in == 1 else [f"input {i}" for i in range(n_in)])
     stain_names = stain_names or [f"stain {i}" for i in range(n_st)]
     if len(input_names) != n_in or len(stain_names) != n_st:
         raise VirtualStainError(

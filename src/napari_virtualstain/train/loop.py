@@ -12,8 +12,10 @@ honest baseline that the diffusion model has to beat.
 from __future__ import annotations
 
 import copy
+import math
 import json
 import logging
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -27,7 +29,7 @@ from .. import __version__
 from ..core.bundle import DIFFUSION_OBJECTIVES, OBJECTIVES, BundleConfig, ChannelSpec, save_bundle
 from ..core.errors import VirtualStainError
 from ..core.metrics import image_metrics
-from ..core.model import Denoiser, build_unet, default_unet_config, downsample_factor, pick_device
+from ..core.model import Denoiser, build_unet, default_unet_config, downsample_factor, fast_bf16, pick_device
 from ..core.normalize import FixedNorm, PercentileNorm, fit_fixed_norm
 from ..core.postprocess import boundary_target, foreground_target
 from ..core.sampling import SamplerHooks
@@ -47,6 +49,7 @@ class TrainOptions:
     batch_size: int = 8
     crop_size: int = 128
     lr: float = 2e-4
+    lr_schedule: str = "constant"  # or "cosine": lr * (1 + cos(pi * step / steps)) / 2 after a 100-step warm-up
     weight_decay: float = 1e-4
     ema_decay: float = 0.999
     val_every: int = 500
@@ -61,7 +64,10 @@ class TrainOptions:
     max_val_size: int = 256
     val_steps: int | None = None  # DDIM steps for validating a ddpm model (default 50)
     prediction_type: str = "epsilon"  # ddpm: what the UNet predicts (epsilon as DM4ISL, or v_prediction)
+    residual_source: str = "mean_input"  # residual shift: "mean_input" (CellResDM) or "mean_prediction" (anchored)
+    mean_from: str | None = None  # mean_prediction: the regression bundle whose network is mu(x) (kept frozen)
     half_weights: bool = False
+    precision: str = "auto"  # auto: bf16 autocast where it is fast (AVX-512 bf16/AMX CPUs, bf16 GPUs), else float32
     command: str = ""
     extra: dict = field(default_factory=dict)
 
@@ -76,12 +82,18 @@ def output_channels(spec: TrainingSpec, stain_norms: list[FixedNorm]) -> list[Ch
     return chans
 
 
-def build_config(spec: TrainingSpec, opts: TrainOptions, train_regions) -> BundleConfig:
+def build_config(spec: TrainingSpec, opts: TrainOptions, train_regions, mean_bundle=None) -> BundleConfig:
+    """The bundle's config; a mean-anchored model takes its output channels (and their scales) from mu's bundle."""
     if opts.objective not in OBJECTIVES:
         raise VirtualStainError(f"unknown objective {opts.objective!r}; use one of {', '.join(OBJECTIVES)}")
-    stain_norms = [fit_fixed_norm([im.stains[c][:, xs] for im, xs in train_regions]) for c in range(len(spec.stain_names))]
-    outs = output_channels(spec, stain_norms)
+    if mean_bundle is not None:
+        outs = list(mean_bundle.config.output_channels)
+    else:
+        stain_norms = [fit_fixed_norm([im.stains[c][:, xs] for im, xs in train_regions])
+                       for c in range(len(spec.stain_names))]
+        outs = output_channels(spec, stain_norms)
     n_in = len(spec.input_names) + (len(outs) if opts.objective in DIFFUSION_OBJECTIVES else 0)
+    n_in += len(outs) if mean_bundle is not None else 0
     unet = default_unet_config(n_in, len(outs), opts.crop_size, tuple(opts.block_out_channels), opts.layers_per_block)
     scheduler = None
     if opts.objective == "residual_shift":
@@ -93,12 +105,58 @@ def build_config(spec: TrainingSpec, opts: TrainOptions, train_regions) -> Bundl
     factor = downsample_factor(unet)
     if opts.crop_size % factor or opts.tile_size % factor:
         raise VirtualStainError(f"crop size and tile size must be multiples of {factor}")
+    stain_names = [c.name for c in outs if c.kind == "stain"]
     return BundleConfig(
         name=spec.name, description=spec.description, task="stain", objective=opts.objective,
         input_channels=[ChannelSpec(n, "input", PercentileNorm()) for n in spec.input_names],
         output_channels=outs, unet=unet, scheduler=scheduler, tile_size=opts.tile_size,
         tile_overlap=opts.tile_overlap, pixel_size_um=spec.pixel_size_um,
+        residual_source="mean_prediction" if mean_bundle is not None else "mean_input",
+        mean_unet=mean_bundle.config.unet if mean_bundle is not None else None,
+        # a nuclear stain can be segmented directly (nuclei <- Hoechst); predict picks the route (labels_from)
+        labels_from_stain={spec.label_names[0]: stain_names[0]} if stain_names and spec.label_names else {},
     )
+
+
+def load_mean_bundle(spec: TrainingSpec, opts: TrainOptions):
+    """The frozen mu(x) of a mean-anchored model: a regression bundle with the same input and target channels."""
+    from ..core.bundle import load_bundle
+
+    if opts.residual_source not in ("mean_input", "mean_prediction"):
+        raise VirtualStainError(f"residual source {opts.residual_source!r}: use mean_input or mean_prediction")
+    if opts.residual_source == "mean_input":
+        return None
+    if opts.objective != "residual_shift":
+        raise VirtualStainError("--residual-source mean_prediction is for --objective residual_shift")
+    if not opts.mean_from:
+        raise VirtualStainError("--residual-source mean_prediction needs --mean-from BUNDLE: a regression bundle "
+                                "trained on the same data first (virtualstain train DATA -o MEAN --objective regression)")
+    mean = load_bundle(opts.mean_from)
+    c = mean.config
+    if c.task != "stain" or c.objective != "regression":
+        raise VirtualStainError(f"--mean-from {opts.mean_from}: need a regression stain bundle, got {c.task}/{c.objective}")
+    if c.input_names != spec.input_names:
+        raise VirtualStainError(f"--mean-from {opts.mean_from}: its inputs {c.input_names} differ from the data's "
+                                f"{spec.input_names}")
+    expected = [o.name for o in output_channels(spec, [FixedNorm(0.0, 1.0)] * len(spec.stain_names))]
+    if c.output_names != expected:
+        raise VirtualStainError(f"--mean-from {opts.mean_from}: its outputs {c.output_names} differ from the data's "
+                                f"{expected}")
+    return mean
+
+
+def append_mean_prediction(arrays, mean_unet, opts: TrainOptions, factor: int):
+    """Add mu(x) to every region's inputs once (mu is frozen), so training crops carry it like an input plane."""
+    from ..core.tasks.stain import with_mean_prediction
+
+    denoiser = Denoiser(mean_unet)
+    out = []
+    for cond, tgt in arrays:
+        h, w = cond.shape[1:]
+        plan = TilePlan(h, w, opts.tile_size, opts.tile_overlap, factor)
+        full = with_mean_prediction(denoiser, torch.from_numpy(np.ascontiguousarray(cond))[None], plan, 4)
+        out.append((full[0].numpy(), tgt))
+    return out
 
 
 def region_arrays(config: BundleConfig, spec: TrainingSpec, regions, min_size: int):
@@ -159,12 +217,16 @@ def training_loss(unet, scheduler, config: BundleConfig, cond, x0, generator: to
     y = residual_source(config, cond)
     x_t = scheduler.add_noise(x0, noise, t, residual_source=y)
     pred = unet(torch.cat([scheduler.scale_model_input(x_t, t), cond], dim=1), t).sample
-    return F.mse_loss(pred, x0)
+    if config.anchored:  # the network predicts x0 - mu(x); mu is y
+        pred = pred.float() + y
+    return F.mse_loss(pred.float(), x0)
 
 
-def validate(unet, config: BundleConfig, val_arrays, opts: TrainOptions, device) -> dict:
+def validate(unet, config: BundleConfig, val_arrays, opts: TrainOptions, device, mean_unet=None) -> dict:
     """Full sampling on the held-out regions (at most max_val_size^2 each); PSNR/SSIM per channel on [0, 1]."""
-    denoiser = Denoiser(unet)
+    anchor = len(config.output_channels) if config.anchored else 0
+    denoiser = Denoiser(unet, anchor_channels=anchor)
+    mean_denoiser = Denoiser(mean_unet) if mean_unet is not None else None
     scheduler = make_scheduler(config.objective, config.scheduler, steps=opts.val_steps)
     factor = downsample_factor(config.unet)
     per_channel: dict[str, list[dict]] = {n: [] for n in config.output_names}
@@ -172,7 +234,7 @@ def validate(unet, config: BundleConfig, val_arrays, opts: TrainOptions, device)
         h, w = (min(s, opts.max_val_size) for s in cond.shape[1:])
         cond_t = torch.from_numpy(np.ascontiguousarray(cond[:, :h, :w]))[None].to(device)
         plan = TilePlan(h, w, opts.tile_size, opts.tile_overlap, factor)
-        out, _ = run_stain_model(denoiser, config, cond_t, plan, 0, 4, SamplerHooks(), scheduler)
+        out, _ = run_stain_model(denoiser, config, cond_t, plan, 0, 4, SamplerHooks(), scheduler, mean_denoiser)
         pred = np.clip((out[0].cpu().numpy() + 1) / 2, 0, 1)
         truth = np.clip((tgt[:, :h, :w] + 1) / 2, 0, 1)
         for c, name in enumerate(config.output_names):
@@ -231,6 +293,30 @@ def _load_state(out: Path, unet, ema, opt, rng: np.random.Generator, gen: torch.
     return meta["step"], meta["history"]
 
 
+def learning_rate(opts: TrainOptions, step: int) -> float:
+    """Stateless schedule (a resumed run gets the same rate at the same step): constant, or warm-up + cosine decay."""
+    if opts.lr_schedule == "constant":
+        return opts.lr
+    if opts.lr_schedule != "cosine":
+        raise VirtualStainError(f"lr schedule {opts.lr_schedule!r}: use constant or cosine")
+    warm = min(100, max(1, opts.steps // 10))
+    if step < warm:
+        return opts.lr * (step + 1) / warm
+    return opts.lr * 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warm) / max(1, opts.steps - warm))))
+
+
+def training_autocast(precision: str, device: torch.device) -> bool:
+    """bf16 autocast for the forward/backward pass (weights, optimiser and EMA stay float32)."""
+    if precision not in ("auto", "bf16", "float32"):
+        raise VirtualStainError(f"precision {precision!r}: use auto, bf16 or float32")
+    if precision == "float32":
+        return False
+    fast = fast_bf16(device)
+    if precision == "bf16" and not fast and device.type != "cpu":
+        raise VirtualStainError(f"bf16 is not supported on {device}; use --precision float32")
+    return precision == "bf16" or fast
+
+
 @dataclass
 class TrainingJob:
     """What differs between tasks; the loop (optimiser, EMA, resume, logging, saving) is shared."""
@@ -241,23 +327,110 @@ class TrainingJob:
     validate: Callable[..., dict] | None  # (ema unet, device) -> metrics
     train_regions: list[str]
     val_regions: list[str]
+    mean_unet: torch.nn.Module | None = None  # mean-anchored: the frozen mu(x), saved in the same bundle
+    provenance: dict = field(default_factory=dict)  # extra facts for config.training (e.g. where mu came from)
 
 
 def stain_job(spec: TrainingSpec, opts: TrainOptions) -> TrainingJob:
     train_regions, val_regions = split_regions(spec)
     if not train_regions:
         raise VirtualStainError("no training images: every image is marked split: val")
-    config = build_config(spec, opts, train_regions)
+    mean = load_mean_bundle(spec, opts)
+    config = build_config(spec, opts, train_regions, mean)
     train_arrays = region_arrays(config, spec, train_regions, opts.crop_size)
     val_arrays = region_arrays(config, spec, val_regions, 0) if val_regions else []
+    mean_unet = mean.unet if mean is not None else None
+    if mean_unet is not None:
+        factor = max(downsample_factor(config.unet), downsample_factor(config.mean_unet))
+        train_arrays = append_mean_prediction(train_arrays, mean_unet, opts, factor)
     return TrainingJob(
         config,
         lambda rng: random_batch(train_arrays, opts.batch_size, opts.crop_size, rng),
         lambda unet, sched, batch, gen: training_loss(unet, sched, config, batch[0], batch[1], gen),
-        (lambda ema, device: validate(ema, config, val_arrays, opts, device)) if val_arrays else None,
+        (lambda ema, device: validate(ema, config, val_arrays, opts, device, mean_unet)) if val_arrays else None,
         [f"{im.name}[:, {xs.start}:{xs.stop}]" for im, xs in train_regions],
         [f"{im.name}[:, {xs.start}:{xs.stop}]" for im, xs in val_regions],
+        mean_unet,
+        {"mean_model": {"from": str(opts.mean_from), "bundle_name": mean.config.name, "bundle_id": mean.id,
+                        "training": mean.config.training}} if mean is not None else {},
     )
+
+
+def _few(names: list[str], n: int = 4) -> str:
+    return ", ".join(names[:n]) + (f", ... ({len(names)} in all)" if len(names) > n else "")
+
+
+def describe_split(spec, job: TrainingJob | None = None) -> str:
+    """One line on which pixels train and which are held out for validation: the strip is otherwise a surprise
+    that only config.json mentions."""
+    if not isinstance(spec, TrainingSpec):
+        if job is None:
+            return ""
+        return f"training on {len(job.train_regions)} image(s); validation: {'; '.join(job.val_regions) or 'none'}"
+    train_r, val_r = split_regions(spec)
+    if not val_r:
+        return (f"validation: none - all of {len(train_r)} image(s) train (val fraction 0 and no image marked "
+                "split: val); hold some out with --val-fraction or by marking images split: val")
+    if all(xs == slice(None) for _, xs in val_r):
+        return (f"validation: {len(val_r)} image(s) marked split: val are held out whole "
+                f"({_few([im.name for im, _ in val_r])}); {len(train_r)} image(s) train "
+                f"({_few([im.name for im, _ in train_r])})")
+    cuts = {im.inputs.shape[-1]: xs.start for im, xs in val_r}  # width -> first held-out column
+    held = ", ".join(f"x >= {c} of {w}" for w, c in sorted(cuts.items()))
+    kept = ", ".join(sorted({f"x < {c}" for c in cuts.values()}))
+    return (f"validation: the right-hand {100 * spec.val_fraction:g} % of each of {len(val_r)} image(s) ({held}) is "
+            f"held out; training uses the rest ({kept}); change with --val-fraction or mark images split: val")
+
+
+def _earlier_commands(out: Path) -> list[str]:
+    """The commands of the runs a resume continues, read from the bundle they wrote (config.json)."""
+    try:
+        training = json.loads((out / "config.json").read_text()).get("training", {})
+        commands = training.get("commands") or ([training["command"]] if training.get("command") else [])
+        return [str(c) for c in commands]
+    except (OSError, ValueError, AttributeError, TypeError):
+        return []
+
+
+class TrainProgress:
+    """A tqdm bar on a terminal; elsewhere (a log file, a pipe) a plain line every ~5 % and at each validation,
+    because a bar's carriage returns turn a log into one unreadable line."""
+
+    def __init__(self, total: int, start: int, desc: str, stream=None):
+        self.stream = stream if stream is not None else sys.stderr
+        self.total, self.start, self.desc = total, start, desc
+        self.every = max(1, round(total / 20))
+        self.t0 = time.perf_counter()
+        self.bar = None
+        try:
+            tty = bool(self.stream.isatty())
+        except (AttributeError, ValueError):  # no isatty, or a closed stream
+            tty = False
+        if tty:
+            try:
+                from tqdm.auto import tqdm
+
+                self.bar = tqdm(total=total, initial=start, desc=desc, unit="step", dynamic_ncols=True, file=self.stream)
+            except ImportError:  # pragma: no cover
+                pass
+
+    def update(self, step: int, loss: float, seconds: float, validated: bool = False, val: dict | None = None) -> None:
+        if self.bar is not None:
+            self.bar.update(1)
+            self.bar.set_postfix(loss=f"{loss:.4f}")
+            return
+        if not validated and step % self.every and step != self.total:
+            return
+        rate = (step - self.start) / max(time.perf_counter() - self.t0, 1e-9)
+        line = (f"{self.desc}: step {step}/{self.total} ({100 * step / self.total:.0f} %) loss {loss:.4f} "
+                f"{seconds:.1f} s {rate:.2f} steps/s")
+        if val:
+            line += " | val " + ", ".join(f"{n} r {m['pearson']:.3f}" for n, m in val.items() if "pearson" in m)
+        print(line, file=self.stream, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
 
 
 def train(
@@ -276,11 +449,15 @@ def train(
     out = Path(out)
     job = classcond_job(spec, opts) if isinstance(spec, ClassCondSpec) else stain_job(spec, opts)
     config = job.config
+    print(describe_split(spec, job), file=sys.stderr, flush=True)
     device = pick_device(opts.device)
     torch.manual_seed(opts.seed)
     rng = np.random.default_rng(opts.seed)
     gen = torch.Generator().manual_seed(opts.seed)
     unet = build_unet(config.unet).to(device)
+    if job.mean_unet is not None:  # start as mu exactly: the residual head outputs 0 until it has learned something
+        torch.nn.init.zeros_(unet.conv_out.weight)
+        torch.nn.init.zeros_(unet.conv_out.bias)
     ema = copy.deepcopy(unet).eval().requires_grad_(False)
     opt = torch.optim.AdamW(unet.parameters(), lr=opts.lr, weight_decay=opts.weight_decay)
     scheduler = training_scheduler(config)
@@ -288,23 +465,26 @@ def train(
     if resume:
         start, history = _load_state(out, unet, ema, opt, rng, gen)
         log.info("resuming at step %d", start)
+    # every run that made this bundle, first first: a resume alone would not reproduce it
+    commands = [*(_earlier_commands(out) if resume else []), *([opts.command] if opts.command else [])]
     config.training = {
         "data": spec.source, "objective": config.objective, "steps": opts.steps, "seed": opts.seed,
-        "package_version": __version__, "command": opts.command,
+        "package_version": __version__, "command": commands[0] if commands else opts.command, "commands": commands,
         "options": {k: v for k, v in asdict(opts).items() if k not in ("command", "extra")},
-        "train_regions": job.train_regions, "val_regions": job.val_regions, **opts.extra,
+        "train_regions": job.train_regions, "val_regions": job.val_regions, **job.provenance, **opts.extra,
     }
-    try:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=opts.steps, initial=start, desc=f"train {config.task}/{config.objective}", unit="step", dynamic_ncols=True)
-    except ImportError:  # pragma: no cover
-        bar = None
+    progress = TrainProgress(opts.steps, start, f"train {config.task}/{config.objective}")
+    amp = training_autocast(opts.precision, device)
+    config.training["precision"] = "bf16" if amp else "float32"
     unet.train()
     t0, running = time.perf_counter(), None
+    earlier = float(history[-1].get("seconds", 0.0)) if history else 0.0  # a resumed run's clock carries on
     for step in range(start, opts.steps):
+        for group in opt.param_groups:
+            group["lr"] = learning_rate(opts, step)
         batch = tuple(t.to(device) for t in job.next_batch(rng))
-        loss = job.loss(unet, scheduler, batch, gen)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+            loss = job.loss(unet, scheduler, batch, gen).float()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
@@ -316,24 +496,23 @@ def train(
             for be, b in zip(ema.buffers(), unet.buffers()):
                 be.copy_(b)
         running = loss.item() if running is None else 0.98 * running + 0.02 * loss.item()
-        if bar is not None:
-            bar.update(1)
-            bar.set_postfix(loss=f"{running:.4f}")
         if on_step is not None:
             on_step(step + 1, loss.item())
         done = step + 1
         if done % opts.val_every == 0 or done == opts.steps:
-            record = {"step": done, "loss": running, "seconds": round(time.perf_counter() - t0, 1)}
+            record = {"step": done, "loss": running, "seconds": round(earlier + time.perf_counter() - t0, 1)}
             if job.validate is not None:
                 record["val"] = job.validate(ema, device)
                 log.info("step %d val %s", done, record["val"])
             history.append(record)
             _save_state(out, done, unet, ema, opt, rng, gen, history)
             config.training["history"] = history
-            save_bundle(out, config, ema, half=opts.half_weights)
-    if bar is not None:
-        bar.close()
+            save_bundle(out, config, ema, half=opts.half_weights, mean_unet=job.mean_unet)
+            progress.update(done, running, record["seconds"], validated=True, val=record.get("val"))
+        else:
+            progress.update(done, running, earlier + time.perf_counter() - t0)
+    progress.close()
     config.training["history"] = history
-    bundle = save_bundle(out, config, ema, half=opts.half_weights)
+    bundle = save_bundle(out, config, ema, half=opts.half_weights, mean_unet=job.mean_unet)
     (out / "training_log.json").write_text(json.dumps(history, indent=2))
     return bundle, history

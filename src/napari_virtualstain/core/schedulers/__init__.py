@@ -35,7 +35,7 @@ def default_ddpm_config(num_train_timesteps: int = 1000, prediction_type: str = 
 def make_scheduler(objective: str, config: dict | None, sampler: str | None = None, steps: int | None = None):
     """A scheduler with its timesteps set, or None for a one-pass regression model.
 
-    residual_shift: always its full short chain (``steps`` must be None or equal to it).
+    residual_shift: its full short chain, or ``steps`` evenly spaced steps of it (eq. 6 of ``residual_shift.py``).
     ddpm: ``sampler`` "ddim" (default, ``steps`` default 50, eta 0) or "ddpm" (``steps`` default: every training step);
     "ddim_inverse" runs DDIM forwards (image -> noise) on the same timesteps, for translation.
     """

@@ -17,6 +17,14 @@ The network predicts x0 directly; the reverse step is the Gaussian posterior q(x
 
 Sampling starts from x_T = y + kappa * sqrt(eta_T) * eps (eq. 1 with eta_T ~ 1, the x0 term dropped).
 
+Fewer steps: the forward process is Markov with independent Gaussian increments, so for any s < t
+q(x_t | x_s, x0) = N(x_s + (eta_t - eta_s)(y - x0), kappa^2 (eta_t - eta_s) I) and the posterior keeps the form of
+eqs. (4)-(5) with eta_{t-1} replaced by eta_s:
+
+    (6)  mean = (eta_s / eta_t) * x_t + ((eta_t - eta_s) / eta_t) * x̂0,   var = kappa**2 * (eta_s / eta_t) * (eta_t - eta_s)
+
+A model trained on all T steps can therefore be sampled on any subset that ends at the first step (``set_timesteps``).
+
 Written in diffusers' style (a ``ConfigMixin`` with ``set_timesteps``, ``step`` and ``add_noise``). Timesteps are
 0-based as in diffusers: index ``i`` holds eta_{i+1}, i.e. timestep ``T - 1`` is the noisiest and ``0`` the last.
 """
@@ -84,8 +92,7 @@ class ResidualShiftScheduler(ConfigMixin):
         # eta_{t-1} for every t; eta_0 = 0 makes the last step deterministic (eq. 5).
         self.etas_prev = torch.cat([torch.zeros(1, dtype=torch.float64), self.etas[:-1]])
         self.alphas = self.etas - self.etas_prev
-        self.num_inference_steps = num_train_timesteps
-        self.timesteps = torch.arange(num_train_timesteps - 1, -1, -1, dtype=torch.long)
+        self.set_timesteps(None)
         self.init_noise_sigma = kappa * float(self.sqrt_etas[-1])
 
     @staticmethod
@@ -99,15 +106,18 @@ class ResidualShiftScheduler(ConfigMixin):
 
     # -- diffusers scheduler API -------------------------------------------------------------------------------
     def set_timesteps(self, num_inference_steps: int | None = None, device: str | torch.device | None = None):
-        """Residual shifting is trained for a short chain and sampled over all of it (no respacing)."""
+        """Sample over all T trained steps (default) or an evenly spaced subset of ``num_inference_steps`` of them
+        that always holds the noisiest and the last step (eq. 6)."""
         T = self.config.num_train_timesteps
-        if num_inference_steps is not None and num_inference_steps != T:
-            raise ValueError(
-                f"this residual-shift model was trained with {T} steps and must be sampled with {T}; "
-                f"got {num_inference_steps}"
-            )
-        self.num_inference_steps = T
-        self.timesteps = torch.arange(T - 1, -1, -1, dtype=torch.long, device=device)
+        n = T if num_inference_steps is None else int(num_inference_steps)
+        if not 1 <= n <= T:
+            raise ValueError(f"steps must be between 1 and {T} (the steps this residual-shift model was trained with); got {n}")
+        picked = sorted({int(round(v)) for v in torch.linspace(T - 1, 0, n).tolist()}, reverse=True)
+        self.num_inference_steps = len(picked)
+        self.timesteps = torch.tensor(picked, dtype=torch.long, device=device)
+        # eta_s of the step each timestep goes to (0 after the last one)
+        self._prev_eta = {t: (float(self.etas[s]) if s is not None else 0.0)
+                          for t, s in zip(picked, [*picked[1:], None])}
 
     def _per_sample(self, values: torch.Tensor, timesteps, like: torch.Tensor) -> torch.Tensor:
         t = torch.as_tensor(timesteps, device=values.device).long().reshape(-1)
@@ -149,16 +159,18 @@ class ResidualShiftScheduler(ConfigMixin):
         noise: torch.Tensor | None = None,
         return_dict: bool = True,
     ) -> ResidualShiftSchedulerOutput | tuple:
-        """Eqs. (4)-(5): draw x_{t-1} given x_t (``sample``) and the network's x̂0 (``model_output``).
+        """Eqs. (4)-(6): draw the next sample given x_t (``sample``) and the network's x̂0 (``model_output``).
 
         Noise is drawn on the CPU from ``generator`` (or given as ``noise``), so a seed gives the same result on any
         device; a list of generators draws batch item ``b`` from ``generator[b]`` (one seed per item).
         """
         t = int(timestep)
         x0_hat = model_output
-        eta, eta_prev, alpha = (float(v[t]) for v in (self.etas, self.etas_prev, self.alphas))
+        eta = float(self.etas[t])
+        eta_prev = self._prev_eta.get(t, float(self.etas_prev[t]))  # a timestep off the schedule: one trained step
+        alpha = eta - eta_prev
         mean = (eta_prev / eta) * sample + (alpha / eta) * x0_hat
-        if t > 0:
+        if eta_prev > 0:
             if noise is None:
                 noise = randn_per_item(sample.shape, generator)
             noise = noise.to(device=sample.device, dtype=sample.dtype)

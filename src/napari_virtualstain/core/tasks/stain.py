@@ -1,8 +1,15 @@
 """Virtual staining: brightfield -> stain, boundary and foreground channels (+ instance labels), CellResDM-style.
 
-The residual-shift chain needs ``y`` with the shape of the output: we use the mean of the normalised input
-channels (a single brightfield plane, or the mean of all z-planes), broadcast to every output channel. The network
-always sees the full input (every plane) as extra channels, concatenated to the scaled x_t.
+The residual-shift chain needs ``y`` with the shape of the output. Two sources (``residual_source``):
+
+- ``mean_input`` (CellResDM as published): the mean of the normalised input channels (a single brightfield plane, or
+  the mean of all z-planes), broadcast to every output channel;
+- ``mean_prediction`` (predict, then refine: Whang et al., CVPR 2022; CorrDiff, Mardani et al. 2024): the output of
+  a one-pass mean predictor mu(x) stored in the same bundle. The chain runs from y = mu(x) to x0, the network sees
+  mu(x) beside the inputs and predicts x0 - mu(x) (``Denoiser(anchor_channels=...)`` adds mu back), so its first
+  estimate is already mu's and the chain only adds what mu cannot know.
+
+The network always sees the full input (every plane) as extra channels, concatenated to the scaled x_t.
 """
 
 from __future__ import annotations
@@ -17,7 +24,7 @@ from ..bundle import Bundle, BundleConfig
 from ..errors import VirtualStainError
 from ..inputs import prepare_input
 from ..normalize import FixedNorm, fixed_denormalize, fixed_normalize, percentile_normalize
-from ..postprocess import boundaries_to_labels
+from ..postprocess import boundaries_to_labels, stain_to_labels
 from ..schedulers import randn_per_item
 from ..sampling import Progress, RunSetup, SamplerHooks, make_generators, sample, setup_run, tiled_predict
 from ..tiling import TilePlan
@@ -33,6 +40,7 @@ class StainResult:
     channel_kinds: list[str]
     labels: dict[str, np.ndarray] = field(default_factory=dict)
     provenance: dict = field(default_factory=dict)
+    sample_std: np.ndarray | None = None  # with k > 1 samples averaged: their per-pixel std (output units)
 
     def channel(self, name: str) -> np.ndarray:
         return self.image[self.channel_names.index(name)]
@@ -64,26 +72,55 @@ def _target_norm(spec) -> FixedNorm:
 
 
 def residual_source(config: BundleConfig, cond: torch.Tensor) -> torch.Tensor:
-    """y for the residual shift: the mean normalised input plane, one copy per output channel."""
+    """y for the residual shift: mu(x) (the last channels of a mean-anchored condition, see ``with_mean_prediction``)
+    or the mean normalised input plane, one copy per output channel."""
+    n_out = len(config.output_channels)
+    if config.residual_source == "mean_prediction":
+        return cond[:, -n_out:]
     if config.residual_source != "mean_input":
         raise VirtualStainError(f"unknown residual_source {config.residual_source!r} in the checkpoint")
-    n_out = len(config.output_channels)
     return cond.mean(dim=1, keepdim=True).expand(-1, n_out, -1, -1).contiguous()
 
 
-def labels_from_channels(config: BundleConfig, image: np.ndarray, **thresholds) -> dict[str, np.ndarray]:
+def with_mean_prediction(mean_denoiser, cond: torch.Tensor, plan: TilePlan, batch_size: int,
+                         on_tile=None) -> torch.Tensor:
+    """(1, C_in, H, W) inputs -> (1, C_in + C_out, H, W): the inputs with mu(x) appended (one tiled network pass)."""
+    mu = tiled_predict(mean_denoiser, plan, cond, 0, batch_size, on_tile)
+    return torch.cat([cond, mu.to(cond.dtype)], dim=1)
+
+
+def label_route(config: BundleConfig, labels_from: str | None) -> str:
+    """Which route instance labels take: the bundle's validated default unless the user picks one."""
+    route = labels_from or config.sampling.get("labels_from", "boundaries")
+    if route not in ("boundaries", "stain"):
+        raise VirtualStainError(f"labels from {route!r}: use 'boundaries' or 'stain'")
+    if route == "stain" and not config.labels_from_stain:
+        raise VirtualStainError(f"checkpoint {config.name!r} names no stain to segment labels from; use labels from "
+                                "'boundaries'")
+    return route
+
+
+def labels_from_channels(config: BundleConfig, image: np.ndarray, labels_from: str | None = None,
+                         **thresholds) -> dict[str, np.ndarray]:
     """Instance labels for every boundary channel; re-run it with other thresholds without the network.
 
-    Channels that take their seeds from another labels set (cells from nuclei) are done after it.
+    ``labels_from`` "stain": labels sets that the bundle maps to a stain (nuclei <- Hoechst) are segmented from the
+    predicted stain (``stain_to_labels``); "boundaries": from the boundary/foreground channels. Channels that take their
+    seeds from another labels set (cells from nuclei) are done after it, always over their boundary channel.
     """
     names = config.output_names
+    route = label_route(config, labels_from)
     todo = [(c, s) for c, s in enumerate(config.output_channels) if s.kind == "boundary"]
     todo.sort(key=lambda cs: cs[1].seeds is not None)
     labels: dict[str, np.ndarray] = {}
     for c, spec in todo:
+        name = spec.labels or spec.name
+        if route == "stain" and name in config.labels_from_stain:
+            labels[name] = stain_to_labels(image[names.index(config.labels_from_stain[name])])
+            continue
         fg = image[names.index(spec.foreground)] if spec.foreground in names else None
         seeds = labels.get(spec.seeds) if spec.seeds else None
-        labels[spec.labels or spec.name] = boundaries_to_labels(image[c], fg, seeds=seeds, **thresholds)
+        labels[name] = boundaries_to_labels(image[c], fg, seeds=seeds, **thresholds)
     return {(s.labels or s.name): labels[s.labels or s.name] for _, s in sorted(todo)}
 
 
@@ -98,19 +135,41 @@ def initial_sample(config: BundleConfig, scheduler, cond: torch.Tensor, generato
 
 
 def run_stain_model(denoiser, config: BundleConfig, cond: torch.Tensor, plan: TilePlan, seed: int | Sequence[int],
-                    batch_size: int, hooks: SamplerHooks, scheduler=None) -> tuple[torch.Tensor, int]:
+                    batch_size: int, hooks: SamplerHooks, scheduler=None,
+                    mean_denoiser=None) -> tuple[torch.Tensor, int]:
     """Normalised inputs (1, C_in, H, W) -> normalised outputs (B, C_out, H, W), one chain per seed (B = number of
-    seeds, run as one batch); shared by predict, uncertainty and validation. Regression ignores seeds (B = 1)."""
+    seeds, run as one batch); shared by predict, uncertainty and validation. Regression ignores seeds (B = 1).
+
+    Returns the outputs and the number of network passes (a mean-anchored chain: one for mu(x) + its steps)."""
     if scheduler is not None:
+        passes = len(scheduler.timesteps)
+        if config.anchored:
+            if mean_denoiser is None:
+                raise VirtualStainError(f"checkpoint {config.name!r} is mean-anchored but its mean network is missing")
+            hooks.check_cancel()
+            report = hooks.progress
+            cond = with_mean_prediction(mean_denoiser, cond, plan, batch_size,
+                                        lambda d, n: report and report(Progress(0, passes + 1, d, n)))
+            hooks = _shifted(hooks, passes + 1)
+            passes += 1
         generators = make_generators([seed] if isinstance(seed, int) else list(seed))
         x_start = initial_sample(config, scheduler, cond, generators)
         out = sample(denoiser, scheduler, x_start, plan, generators, condition=cond, batch_size=batch_size, hooks=hooks)
-        return out, len(scheduler.timesteps)
+        return out, passes
     hooks.check_cancel()
     progress = hooks.progress
     out = tiled_predict(denoiser, plan, cond, 0, batch_size, lambda d, n: progress and progress(Progress(0, 1, d, n)))
     hooks.check_cancel()
     return out, 1
+
+
+def _shifted(hooks: SamplerHooks, total: int) -> SamplerHooks:
+    """The chain's progress reported as steps 1..total-1 of ``total`` (step 0 was the mean prediction)."""
+    if hooks.progress is None:
+        return hooks
+    inner = hooks.progress
+    return SamplerHooks(lambda p: inner(Progress(min(p.step + 1, total), total, p.tile, p.num_tiles)),
+                        hooks.should_cancel, hooks.on_step)
 
 
 def prepare_stain_run(bundle: Bundle, image: np.ndarray, channel_axis: int | None, input_name: str | None,
@@ -146,22 +205,48 @@ def predict_stain(
     input_name: str | None = None,
     sampler: str | None = None,
     steps: int | None = None,
+    samples: int | None = None,
+    labels_from: str | None = None,
 ) -> StainResult:
-    """Predict every output channel of ``bundle`` for one 2D image (any size; tiled when larger than a tile)."""
+    """Predict every output channel of ``bundle`` for one 2D image (any size; tiled when larger than a tile).
+
+    ``samples`` k > 1: k chains (seeds ``seed .. seed+k-1``) run as one batch and their mean is returned, with their
+    std in ``sample_std`` — sample averaging trades realism for accuracy (Whang et al. 2022). Default: the bundle's
+    validated ``sampling.samples`` (else 1).
+    """
     config = bundle.config
     if config.task != "stain":
         raise VirtualStainError(f"checkpoint {config.name!r} is a {config.task!r} model, not a virtual-stain model")
+    k = resolve_samples(config, samples)
+    route = label_route(config, labels_from) if make_labels else None
     cond, run = prepare_stain_run(bundle, image, channel_axis, input_name, tile_size, tile_overlap, device, half)
     hooks = SamplerHooks(progress=progress, should_cancel=should_cancel)
     scheduler = bundle.make_scheduler(sampler, steps)
-    out, steps = run_stain_model(run.denoiser, config, cond, run.plan, seed, batch_size, hooks, scheduler)
-    result_img = decode_outputs(config, out[0].cpu().numpy())
+    seeds = [seed + i for i in range(k)] if scheduler is not None else seed
+    out, passes = run_stain_model(run.denoiser, config, cond, run.plan, seeds, batch_size, hooks, scheduler,
+                                  run.mean_denoiser)
+    decoded = np.stack([decode_outputs(config, o) for o in out.cpu().numpy()])
+    result_img = decoded.mean(axis=0) if len(decoded) > 1 else decoded[0]
+    spread = decoded.std(axis=0) if len(decoded) > 1 else None
     provenance = {
         **bundle.provenance(),
         "seed": int(seed) if scheduler is not None else None,
+        "samples": len(decoded),
         "sampler": sampler_name(config, scheduler),
-        "steps": steps,
+        "steps": len(scheduler.timesteps) if scheduler is not None else 1,
+        "network_passes": passes,
+        "labels_from": route,
         **run.provenance(batch_size, np.shape(image), input_name),
     }
-    labels = labels_from_channels(config, result_img) if make_labels else {}
-    return StainResult(result_img, config.output_names, [s.kind for s in config.output_channels], labels, provenance)
+    labels = labels_from_channels(config, result_img, route) if make_labels else {}
+    return StainResult(result_img, config.output_names, [s.kind for s in config.output_channels], labels, provenance,
+                       spread)
+
+
+def resolve_samples(config: BundleConfig, samples: int | None) -> int:
+    k = int(config.sampling.get("samples", 1) if samples is None else samples)
+    if k < 1:
+        raise VirtualStainError(f"samples must be 1 or more (the number of chains averaged); got {k}")
+    if k > 1 and config.objective == "regression":
+        raise VirtualStainError("a regression checkpoint predicts in one pass: it has nothing to average (samples 1)")
+    return k
