@@ -67,13 +67,15 @@ class Sampling:
 
 
 def sampling_options(bundle: Bundle) -> Sampling:
-    """Residual shift: its fixed chain; regression: one pass; DDPM: DDIM (50 steps) or DDPM (every training step)."""
+    """Residual shift: 1 to its trained chain (default: the checkpoint's validated count); regression: one pass;
+    DDPM: DDIM (50 steps) or DDPM (every training step)."""
     objective = bundle.config.objective
     if objective == "regression":
         return Sampling(("one pass",), {"one pass": 1}, 1, False)
     if objective == "residual_shift":
         n = int((bundle.config.scheduler or {}).get("num_train_timesteps", 15))
-        return Sampling(("residual_shift",), {"residual_shift": n}, n, False)
+        default = int(bundle.config.sampling.get("steps", n))
+        return Sampling(("residual_shift",), {"residual_shift": default}, n, True)
     from ..core.schedulers import DEFAULT_DDIM_STEPS, DIFFUSION_SAMPLERS
 
     total = int((bundle.config.scheduler or {}).get("num_train_timesteps", 1000))

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from qtpy.QtWidgets import QCheckBox, QFileDialog, QFormLayout, QPushButton, QVBoxLayout
+from qtpy.QtWidgets import QCheckBox, QComboBox, QFileDialog, QFormLayout, QPushButton, QSpinBox, QVBoxLayout
 
 from ..core.errors import VirtualStainError
 from ._base import TaskWidget, per_plane
@@ -44,7 +44,8 @@ def stack_stain_results(results: list, sel: InputSelection) -> StackedStain:
     )
 
 
-def predict_selection(bundle, sel: InputSelection, s: RunSettings, progress, should_cancel) -> StackedStain:
+def predict_selection(bundle, sel: InputSelection, s: RunSettings, progress, should_cancel,
+                      samples: int | None = None, labels_from: str | None = None) -> StackedStain:
     """The worker side of a virtual-stain run: the same ``predict_stain`` the CLI calls, once per plane."""
     from ..core.tasks.stain import predict_stain
 
@@ -52,7 +53,8 @@ def predict_selection(bundle, sel: InputSelection, s: RunSettings, progress, sho
         return predict_stain(
             bundle, array, channel_axis=sel.channel_axis, seed=s.seed, tile_size=s.tile_size,
             tile_overlap=s.tile_overlap, batch_size=s.batch_size, device=s.device, sampler=s.sampler, steps=s.steps,
-            progress=cb, should_cancel=should_cancel, input_name=sel.layer_name,
+            progress=cb, should_cancel=should_cancel, input_name=sel.layer_name, samples=samples,
+            labels_from=labels_from,
         )
 
     return stack_stain_results(per_plane(sel, predict, progress, should_cancel), sel)
@@ -64,9 +66,30 @@ class StainWidget(TaskWidget):
     run_text = "Predict"
 
     def build_options(self, form: QFormLayout) -> None:
+        self.samples = QSpinBox()
+        self.samples.setRange(1, 16)
+        self.samples.setToolTip("Average this many samples (seeds run as one batch): more accurate, less textured; "
+                                "1 = one realistic sample")
+        form.addRow("Samples averaged", self.samples)
+        self.labels_from = QComboBox()
+        self.labels_from.setToolTip("Nuclei from the predicted boundary channels, or by segmenting the predicted "
+                                    "stain (Otsu + distance-transform watershed)")
+        form.addRow("Nuclei from", self.labels_from)
         self.probabilities = QCheckBox("also add boundary / foreground probabilities")
         self.probabilities.setToolTip("The raw per-pixel probabilities the instance labels are made from")
         form.addRow(self.probabilities)
+
+    def on_bundle_changed(self, bundle) -> None:
+        """Defaults the checkpoint was validated with; averaging only where there is something to average."""
+        if bundle is None:
+            return
+        c = bundle.config
+        self.samples.setValue(int(c.sampling.get("samples", 1)))
+        self.samples.setEnabled(c.objective != "regression")
+        self.labels_from.clear()
+        self.labels_from.addItems(["boundaries", "stain"] if c.labels_from_stain else ["boundaries"])
+        self.labels_from.setCurrentText(c.sampling.get("labels_from", "boundaries"))
+        self.labels_from.setEnabled(bool(c.labels_from_stain))
 
     def build_extra(self, layout: QVBoxLayout) -> None:
         self.save_button = QPushButton("Save last result… (TIFFs, as the CLI writes them)")
@@ -81,9 +104,11 @@ class StainWidget(TaskWidget):
     def make_job(self, bundle, settings: RunSettings, layer) -> Job:
         sel = self.select_input(bundle, settings, layer)
         probabilities = self.probabilities.isChecked()
+        samples = int(self.samples.value()) if bundle.config.objective != "regression" else None
+        labels_from = self.labels_from.currentText() or None
 
         def work(progress, should_cancel) -> tuple[StackedStain, list[LayerTuple]]:
-            stacked = predict_selection(bundle, sel, settings, progress, should_cancel)
+            stacked = predict_selection(bundle, sel, settings, progress, should_cancel, samples, labels_from)
             return stacked, stain_layer_tuples(
                 stacked.image, stacked.channel_names, stacked.channel_kinds, stacked.labels, stacked.provenance,
                 sel.geometry, probabilities=probabilities,

@@ -235,3 +235,38 @@ def pool_matching(results: Iterable[dict]) -> dict:
         n_pred += r["n_pred"]
         sum_iou += r["mean_matched_iou"] * r["tp"]
     return _scores(tp, n_true, n_pred, sum_iou)
+
+
+def background_leak(pred: np.ndarray, truth: np.ndarray, image: np.ndarray, margin: int = 3) -> dict:
+    """How much structure a virtual stain draws where the real stain has none (e.g. cell outlines copied from the
+    brightfield), measured in the real stain's background.
+
+    Background: pixels farther than ``margin`` px from the real stain's foreground (Otsu on a sigma=1 Gaussian).
+    Structure: a band-pass (Gaussian sigma=1 minus sigma=4: the width of an outline, not pixel noise), on the truth's
+    1-99.8 % scale. ``bg_structure`` = std of the prediction's band-pass in the background / the real stain's (1 = as
+    much structure as the real stain, > 1 = extra structure). ``bg_input_r`` = Pearson r between the prediction's and
+    the input's band-pass in the background (0 = nothing of the brightfield copied; the real stain's own value is
+    ``bg_input_r_truth``).
+    """
+    from scipy import ndimage as ndi
+    from skimage.filters import threshold_otsu
+
+    p, t, _ = normalize_pair(pred, truth)
+    smooth = ndi.gaussian_filter(t, 1.0)
+    fg = smooth > threshold_otsu(smooth)
+    bg = ~ndi.binary_dilation(fg, iterations=margin)
+    if bg.sum() < 100:
+        return {"bg_structure": float("nan"), "bg_input_r": float("nan"), "bg_input_r_truth": float("nan"),
+                "bg_fraction": float(bg.mean())}
+
+    def band(a):
+        a = np.asarray(a, np.float64)
+        return ndi.gaussian_filter(a, 1.0) - ndi.gaussian_filter(a, 4.0)
+
+    bp, bt, bi = band(p)[bg], band(t)[bg], band(image)[bg]
+    return {
+        "bg_structure": float(bp.std() / max(bt.std(), 1e-12)),
+        "bg_input_r": pearson(bp, bi),
+        "bg_input_r_truth": pearson(bt, bi),
+        "bg_fraction": float(bg.mean()),
+    }

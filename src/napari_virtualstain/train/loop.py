@@ -12,6 +12,7 @@ honest baseline that the diffusion model has to beat.
 from __future__ import annotations
 
 import copy
+import itertools
 import math
 import json
 import logging
@@ -67,6 +68,7 @@ class TrainOptions:
     residual_source: str = "mean_input"  # residual shift: "mean_input" (CellResDM) or "mean_prediction" (anchored)
     mean_from: str | None = None  # mean_prediction: the regression bundle whose network is mu(x) (kept frozen)
     half_weights: bool = False
+    max_minutes: float | None = None  # time budget: after a short probe, steps = what fits (GPU recipes)
     precision: str = "auto"  # auto: bf16 autocast where it is fast (AVX-512 bf16/AMX CPUs, bf16 GPUs), else float32
     command: str = ""
     extra: dict = field(default_factory=dict)
@@ -293,6 +295,19 @@ def _load_state(out: Path, unet, ema, opt, rng: np.random.Generator, gen: torch.
     return meta["step"], meta["history"]
 
 
+BUDGET_PROBE_STEPS = 20
+
+
+def budgeted_steps(opts: TrainOptions, probed: int, seconds: float, start: int) -> int:
+    """The step count that fits ``opts.max_minutes`` at the probed speed (10 % kept for validation and saving);
+    ``opts.steps`` is lowered to it so the learning-rate schedule ends where training ends."""
+    rate = probed / max(seconds, 1e-9)
+    fits = start + max(probed, int(rate * (opts.max_minutes * 60 * 0.9 - seconds)))
+    opts.steps = min(opts.steps, fits)
+    log.info("time budget %.1f min at %.1f steps/s: %d steps", opts.max_minutes, rate, opts.steps)
+    return opts.steps
+
+
 def learning_rate(opts: TrainOptions, step: int) -> float:
     """Stateless schedule (a resumed run gets the same rate at the same step): constant, or warm-up + cosine decay."""
     if opts.lr_schedule == "constant":
@@ -479,7 +494,10 @@ def train(
     unet.train()
     t0, running = time.perf_counter(), None
     earlier = float(history[-1].get("seconds", 0.0)) if history else 0.0  # a resumed run's clock carries on
-    for step in range(start, opts.steps):
+    total = opts.steps
+    for step in itertools.count(start):
+        if step >= total:
+            break
         for group in opt.param_groups:
             group["lr"] = learning_rate(opts, step)
         batch = tuple(t.to(device) for t in job.next_batch(rng))
@@ -499,7 +517,10 @@ def train(
         if on_step is not None:
             on_step(step + 1, loss.item())
         done = step + 1
-        if done % opts.val_every == 0 or done == opts.steps:
+        if opts.max_minutes and done == start + BUDGET_PROBE_STEPS:
+            total = budgeted_steps(opts, done - start, time.perf_counter() - t0, start)
+            config.training["steps"] = progress.total = total
+        if done % opts.val_every == 0 or done == total:
             record = {"step": done, "loss": running, "seconds": round(earlier + time.perf_counter() - t0, 1)}
             if job.validate is not None:
                 record["val"] = job.validate(ema, device)
