@@ -95,10 +95,14 @@ def test_set_timesteps():
     assert s.timesteps.tolist() == [5, 4, 3, 2, 1, 0]
     s.set_timesteps()  # None: keep the trained length
     assert s.timesteps.tolist() == [5, 4, 3, 2, 1, 0]
-    for n in (3, 5, 7, 50):
+    s.set_timesteps(3)  # fewer steps: an evenly spaced subset that keeps both ends of the chain (eq. 6)
+    assert s.timesteps.tolist() == [5, 2, 0]
+    s.set_timesteps(1)
+    assert s.timesteps.tolist() == [5]
+    for n in (0, 7, 50):
         with pytest.raises(ValueError, match="6"):
             s.set_timesteps(n)
-    assert s.timesteps.tolist() == [5, 4, 3, 2, 1, 0]  # a refused call leaves the scheduler usable
+    assert s.timesteps.tolist() == [5]  # a refused call leaves the scheduler usable
 
 
 def test_config_round_trip(tmp_path):

@@ -233,6 +233,7 @@ def cmd_train(args) -> int:
         command="virtualstain " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
         prediction_type=args.prediction_type, precision=args.precision, lr_schedule=args.lr_schedule,
         residual_source=args.residual_source, mean_from=args.mean_from, kappa=args.kappa,
+        max_minutes=args.max_minutes,
         extra={"cond_dropout": args.cond_dropout} if args.cond_dropout is not None else {},
     )
     bundle, history = train(spec, args.output, opts, resume=args.resume)
@@ -467,6 +468,16 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--prediction-type", choices=["epsilon", "v_prediction"], default="epsilon",
                     help="ddpm stain models: the UNet predicts the noise (epsilon, as DM4ISL) or v; v learns to use "
                          "the brightfield much sooner (docs/benchmarks.md)")
+    tr.add_argument("--residual-source", choices=["mean_input", "mean_prediction"], default="mean_input",
+                    help="residual_shift: where the chain starts. mean_input: the mean input plane (CellResDM as "
+                         "published); mean_prediction: mu(x) of the regression bundle given with --mean-from (predict, "
+                         "then refine: the chain only adds what mu cannot know)")
+    tr.add_argument("--mean-from", default=None, metavar="BUNDLE",
+                    help="--residual-source mean_prediction: a regression bundle trained on the same data; its network "
+                         "is frozen and stored inside the new bundle")
+    tr.add_argument("--kappa", type=float, default=2.0, help="residual_shift: noise scale kappa of eq. (1)")
+    tr.add_argument("--max-minutes", type=float, default=None,
+                    help="time budget: after 20 steps, train only as many steps as fit (the lr schedule follows)")
     tr.add_argument("--steps", type=int, default=2000, help="optimiser steps in all (a resumed run counts on)")
     tr.add_argument("--batch-size", type=int, default=8, help="random crops per step")
     tr.add_argument("--crop-size", type=int, default=128,

@@ -65,14 +65,15 @@ def fast_bf16(device: torch.device) -> bool:
 def autocast_dtype(device: torch.device, half: bool | None) -> torch.dtype | None:
     """The reduced precision a forward pass runs in, or None for float32.
 
-    ``half`` None = automatic: bf16 where it is fast (see :func:`fast_bf16`), fp16 on CUDA cards without bf16 and on
-    MPS... only when asked; True = reduced precision wherever possible; False = float32 (the reference).
+    ``half`` None = automatic: bf16 (or fp16) on CUDA, float32 elsewhere — CPU inference stays float32 until bf16's
+    effect on a whole diffusion chain is measured (training uses bf16 on fast CPUs: ``train.loop``); True = bf16 where
+    fast (CUDA, AVX-512 bf16 / AMX CPUs), fp16 on other GPUs and MPS; False = float32 (the reference).
     """
-    if half is False:
+    if half is False or (half is None and device.type != "cuda"):
         return None
-    if device.type in ("cuda", "cpu") and fast_bf16(device):
+    if fast_bf16(device):
         return torch.bfloat16
-    if device.type == "cuda" or (half and device.type == "mps"):
+    if device.type in ("cuda", "mps"):
         return torch.float16
     return None
 
