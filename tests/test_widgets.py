@@ -339,7 +339,12 @@ def test_checkpoint_picker(make_napari_viewer, tmp_path, notes, tiny_bundle_dir,
     assert "demo-stain" in items and items[-1] == "Choose folder…"
     assert set(items[:-1]) <= set(bundled_checkpoints())
     assert controls.bundle.config.name == "demo-stain" and "Hoechst" in controls.summary.text()
-    assert not controls.steps.isEnabled() and controls.steps.value() == 15  # residual shift: fixed chain
+    # residual shift: 1 to its trained chain, defaulting to the count the checkpoint was validated with
+    cfg = controls.bundle.config
+    assert controls.steps.isEnabled() and controls.steps.maximum() == cfg.scheduler["num_train_timesteps"]
+    assert controls.steps.value() == cfg.sampling.get("steps", cfg.scheduler["num_train_timesteps"])
+    assert widget.samples.value() == cfg.sampling.get("samples", 1) and widget.samples.isEnabled()
+    assert widget.labels_from.currentText() == cfg.sampling.get("labels_from", "boundaries")
     (tmp_path / "empty").mkdir()
     assert controls.set_checkpoint(tmp_path / "empty") is None
     assert "config.json" in notes.errors()[-1]
@@ -357,7 +362,8 @@ def test_checkpoint_picker(make_napari_viewer, tmp_path, notes, tiny_bundle_dir,
     controls.sampler.setCurrentText("ddpm")
     assert (controls.settings().sampler, controls.settings().steps) == ("ddpm", 100)  # every training step
     controls.set_checkpoint(tiny_bundle_dir)
-    assert (controls.settings().sampler, controls.settings().steps) == (None, None)  # residual shift: its own chain
+    controls.steps.setValue(4)
+    assert controls.settings().steps == 4  # residual shift: a subset of its chain
     # devices: auto first, unavailable ones shown but disabled
     model = controls.device.model()
     labels = [controls.device.itemText(i) for i in range(controls.device.count())]

@@ -414,7 +414,6 @@ class TrainProgress:
     def __init__(self, total: int, start: int, desc: str, stream=None):
         self.stream = stream if stream is not None else sys.stderr
         self.total, self.start, self.desc = total, start, desc
-        self.every = max(1, round(total / 20))
         self.t0 = time.perf_counter()
         self.bar = None
         try:
@@ -431,10 +430,12 @@ class TrainProgress:
 
     def update(self, step: int, loss: float, seconds: float, validated: bool = False, val: dict | None = None) -> None:
         if self.bar is not None:
+            if self.bar.total != self.total:  # a time budget (max_minutes) has reset the total
+                self.bar.total = self.total
             self.bar.update(1)
             self.bar.set_postfix(loss=f"{loss:.4f}")
             return
-        if not validated and step % self.every and step != self.total:
+        if not validated and step % max(1, round(self.total / 20)) and step != self.total:  # ~every 5 %
             return
         rate = (step - self.start) / max(time.perf_counter() - self.t0, 1e-9)
         line = (f"{self.desc}: step {step}/{self.total} ({100 * step / self.total:.0f} %) loss {loss:.4f} "
