@@ -110,3 +110,24 @@ def test_respaced_schedule_keeps_the_chain_ends_and_matches_consecutive_steps():
     torch.testing.assert_close(b, ((e9 / e14) * x + (1 - e9 / e14) * x0 + 2.0 * np.sqrt(e9 / e14 * (e14 - e9)) * noise).float(),
                                rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(sched.step(x0, 0, x, noise=noise).prev_sample, x0)
+
+
+def test_anchored_ddpm_generates_the_residual_on_top_of_mu(anchored_pair, data_folder, tmp_path):  # noqa: F811
+    """CorrDiff-style DDPM: the chain makes x0 - mu(x); predictions and the x̂0 the maps average are mu + residual."""
+    from napari_virtualstain.core.uncertainty import predict_uncertainty
+
+    spec = load_folder(data_folder, input_names=["brightfield"], stain_names=["Hoechst"])
+    opts = TrainOptions(**TINY, objective="ddpm", prediction_type="v_prediction", residual_source="mean_prediction",
+                        mean_from=str(tmp_path / "mu"))
+    bundle, _ = train(spec, tmp_path / "ddpm", opts)
+    assert bundle.config.anchored and bundle.config.objective == "ddpm"
+    assert bundle.config.unet["in_channels"] == 3 + 1 + 3
+    bf, _, _ = _synthetic_field(9)
+    mu = predict_stain(load_bundle(tmp_path / "mu"), bf, half=False, make_labels=False).image
+    res = predict_stain(bundle, bf, half=False, make_labels=False, steps=3)
+    assert res.provenance["network_passes"] == 4 and np.isfinite(res.image).all()
+    unc = predict_uncertainty(bundle, bf, mode="steps", steps=5, window=(0.0, 1.0), half=False, make_labels=False)
+    # the averaged x̂0 lives in output units around mu, not around 0 (a residual that forgot mu would)
+    hoechst = 0
+    assert abs(unc.maps["avg"][hoechst].mean() - mu[hoechst].mean()) < abs(mu[hoechst].mean()) + 1e-6
+    assert np.corrcoef(unc.maps["avg"][hoechst].ravel(), mu[hoechst].ravel())[0, 1] > 0.3

@@ -74,6 +74,7 @@ class BundleConfig:
     description: str = ""
     classes: list[str] = field(default_factory=list)  # classcond: class names; embedding index len(classes) = null
     mean_unet: dict | None = None  # residual_source "mean_prediction": the mean predictor's UNet (inputs -> outputs)
+    # (residual shift: the chain runs from mu; ddpm: the chain generates x0 - mu, CorrDiff-style)
     sampling: dict = field(default_factory=dict)  # defaults chosen from validation: steps, samples, labels_from
     labels_from_stain: dict = field(default_factory=dict)  # labels set -> stain channel it can be segmented from
 
@@ -251,8 +252,8 @@ def _mean_model(d: dict, residual: str, objective: str, n_in: int, n_out: int) -
         if entry is not None:
             raise BundleError("config.json: 'mean_model' is only for residual_source 'mean_prediction'")
         return None
-    if objective != "residual_shift":
-        raise BundleError(f"config.json: residual_source 'mean_prediction' needs objective 'residual_shift', not {objective!r}")
+    if objective not in DIFFUSION_OBJECTIVES:
+        raise BundleError(f"config.json: residual_source 'mean_prediction' is for diffusion objectives, not {objective!r}")
     if not isinstance(entry, dict) or not isinstance(entry.get("unet"), dict):
         raise BundleError("config.json: residual_source 'mean_prediction' needs 'mean_model': {'unet': {...}, "
                           f"'weights': '{MEAN_WEIGHTS_NAME}'}}")

@@ -85,7 +85,7 @@ def setup_run(bundle, height: int, width: int, *, tile_size: int | None = None, 
     overlap = int(config.tile_overlap if tile_overlap is None else tile_overlap)
     factor = max(downsample_factor(config.unet), downsample_factor(config.mean_unet) if config.anchored else 1)
     plan = TilePlan(height, width, tile, overlap, factor)
-    anchor = len(config.output_channels) if config.anchored else 0
+    anchor = len(config.output_channels) if config.anchored and config.objective == "residual_shift" else 0
     mean = Denoiser(bundle.mean_unet.to(dev), half=half) if config.anchored else None
     return RunSetup(dev, plan, Denoiser(bundle.unet.to(dev), half=half, anchor_channels=anchor), time.perf_counter(), mean)
 

@@ -128,8 +128,8 @@ def load_mean_bundle(spec: TrainingSpec, opts: TrainOptions):
         raise VirtualStainError(f"residual source {opts.residual_source!r}: use mean_input or mean_prediction")
     if opts.residual_source == "mean_input":
         return None
-    if opts.objective != "residual_shift":
-        raise VirtualStainError("--residual-source mean_prediction is for --objective residual_shift")
+    if opts.objective not in DIFFUSION_OBJECTIVES:
+        raise VirtualStainError("--residual-source mean_prediction is for --objective residual_shift or ddpm")
     if not opts.mean_from:
         raise VirtualStainError("--residual-source mean_prediction needs --mean-from BUNDLE: a regression bundle "
                                 "trained on the same data first (virtualstain train DATA -o MEAN --objective regression)")
@@ -212,6 +212,8 @@ def training_loss(unet, scheduler, config: BundleConfig, cond, x0, generator: to
     t = torch.randint(0, scheduler.config.num_train_timesteps, (b,), generator=generator).to(x0.device)
     noise = torch.randn(x0.shape, generator=generator).to(x0.device)
     if config.objective == "ddpm":
+        if config.anchored:  # CorrDiff: generate the residual x0 - mu(x); mu is the condition's last channels
+            x0 = x0 - cond[:, -x0.shape[1]:]
         x_t = scheduler.add_noise(x0, noise, t)
         pred = unet(torch.cat([x_t, cond], dim=1), t).sample
         target = noise if scheduler.config.prediction_type == "epsilon" else scheduler.get_velocity(x0, noise, t)
@@ -226,7 +228,7 @@ def training_loss(unet, scheduler, config: BundleConfig, cond, x0, generator: to
 
 def validate(unet, config: BundleConfig, val_arrays, opts: TrainOptions, device, mean_unet=None) -> dict:
     """Full sampling on the held-out regions (at most max_val_size^2 each); PSNR/SSIM per channel on [0, 1]."""
-    anchor = len(config.output_channels) if config.anchored else 0
+    anchor = len(config.output_channels) if config.anchored and config.objective == "residual_shift" else 0
     denoiser = Denoiser(unet, anchor_channels=anchor)
     mean_denoiser = Denoiser(mean_unet) if mean_unet is not None else None
     scheduler = make_scheduler(config.objective, config.scheduler, steps=opts.val_steps)
@@ -471,7 +473,8 @@ def train(
     rng = np.random.default_rng(opts.seed)
     gen = torch.Generator().manual_seed(opts.seed)
     unet = build_unet(config.unet).to(device)
-    if job.mean_unet is not None:  # start as mu exactly: the residual head outputs 0 until it has learned something
+    if job.mean_unet is not None and config.objective == "residual_shift":
+        # start as mu exactly: the residual head outputs 0 until it has learned something
         torch.nn.init.zeros_(unet.conv_out.weight)
         torch.nn.init.zeros_(unet.conv_out.bias)
     ema = copy.deepcopy(unet).eval().requires_grad_(False)

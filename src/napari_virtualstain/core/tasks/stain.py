@@ -9,6 +9,9 @@ The residual-shift chain needs ``y`` with the shape of the output. Two sources (
   mu(x) beside the inputs and predicts x0 - mu(x) (``Denoiser(anchor_channels=...)`` adds mu back), so its first
   estimate is already mu's and the chain only adds what mu cannot know.
 
+The same anchor for the DDPM objective (CorrDiff): the DDPM generates the residual r = x0 - mu(x), conditioned on the
+inputs and mu(x); the prediction (and every step's x̂0 given to the hooks) is mu(x) + r.
+
 The network always sees the full input (every plane) as extra channels, concatenated to the scaled x_t.
 """
 
@@ -152,10 +155,14 @@ def run_stain_model(denoiser, config: BundleConfig, cond: torch.Tensor, plan: Ti
                                         lambda d, n: report and report(Progress(0, passes + 1, d, n)))
             hooks = _shifted(hooks, passes + 1)
             passes += 1
+        mu = cond[:, -len(config.output_channels):] if config.anchored and config.objective == "ddpm" else None
+        if mu is not None and hooks.on_step is not None:  # the chain's x̂0 is a residual: report mu + residual
+            inner = hooks.on_step
+            hooks = SamplerHooks(hooks.progress, hooks.should_cancel, lambda i, t, x0: inner(i, t, x0 + mu))
         generators = make_generators([seed] if isinstance(seed, int) else list(seed))
         x_start = initial_sample(config, scheduler, cond, generators)
         out = sample(denoiser, scheduler, x_start, plan, generators, condition=cond, batch_size=batch_size, hooks=hooks)
-        return out, passes
+        return (out + mu if mu is not None else out), passes
     hooks.check_cancel()
     progress = hooks.progress
     out = tiled_predict(denoiser, plan, cond, 0, batch_size, lambda d, n: progress and progress(Progress(0, 1, d, n)))
