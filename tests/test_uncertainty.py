@@ -255,3 +255,21 @@ def test_auroc_matches_pairwise_definition():
     assert auroc(scores, positive) == pytest.approx(pairwise, abs=1e-12)
     assert auroc(positive.astype(float), positive) == 1.0
     assert np.isnan(auroc(scores, np.zeros(300, bool)))
+
+
+def test_review_flags_merge_fragments_and_keep_the_most_uncertain():
+    """Many scattered specks above the threshold become at most ``max_regions`` regions, the strongest first."""
+    rng = np.random.default_rng(0)
+    m = rng.random((120, 120)).astype(np.float32) * 0.1
+    for i in range(30):  # 30 separate 6x6 blobs, the later ones stronger
+        y, x = 10 + (i // 6) * 20, 10 + (i % 6) * 20
+        m[y : y + 6, x : x + 6] = 0.5 + i * 0.01
+    m[60:66, 100:104] = 2.0  # two fragments 2 px apart: one region once merged
+    m[60:66, 106:110] = 2.0
+    plain = flag_regions(m, 0.3, median_size=1, min_area=16)
+    assert plain.labels.max() >= 30
+    review = flag_regions(m, 0.3, median_size=1, min_area=16, merge_radius=3, max_regions=5)
+    assert review.labels.max() == 5 and review.settings["regions_dropped"] > 0
+    assert review.labels[62, 101] > 0 and review.labels[62, 101] == review.labels[62, 108]  # merged and kept
+    assert review.labels[10 + 4 * 20 + 2, 10 + 5 * 20 + 2] > 0  # the strongest blob (i = 29) is kept
+    assert review.labels[12, 12] == 0  # the weakest (i = 0) is not

@@ -442,8 +442,9 @@ def test_uncertainty_maps_flags_threshold_and_export(make_napari_viewer, qtbot, 
     std = expected.map_channel("std_seeds", "Hoechst")
     flags = viewer.layers["flags"]
     assert widget.flag_channel.currentText() == "Hoechst" and widget.flag_map.currentText() == "std_seeds"
-    otsu = unc.flag_regions(std, None, median_size=3, min_area=16)
+    otsu = unc.flag_regions(std, None, median_size=3, min_area=16, **unc.REVIEW_DEFAULTS)
     assert np.array_equal(flags.data[0], otsu.labels) and flags.data[0].max() >= 1
+    assert flags.data[0].max() <= unc.REVIEW_DEFAULTS["max_regions"]  # a reviewable list
     from napari_virtualstain.core.uncertainty import flag_table
 
     assert flag_table(otsu.labels, std) == otsu.table  # the export's table (edited labels) = the core's columns
@@ -455,7 +456,7 @@ def test_uncertainty_maps_flags_threshold_and_export(make_napari_viewer, qtbot, 
         widget.threshold.setValue(pos)
         value = widget.threshold_value
         assert np.array_equal(viewer.layers["flags"].data[0],
-                              unc.flag_regions(std, value, median_size=3, min_area=16).labels)
+                              unc.flag_regions(std, value, median_size=3, min_area=16, **unc.REVIEW_DEFAULTS).labels)
         areas.append(int((viewer.layers["flags"].data > 0).sum()))
     assert areas[0] >= areas[1] >= areas[2] and areas[0] > areas[2]
 

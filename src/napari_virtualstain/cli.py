@@ -156,7 +156,8 @@ def _write_uncertainty(out: Path, stem: str, config, channel_names, maps: list[d
         c = channel_names.index(ch)
         labs = []
         for p, m in enumerate(maps):
-            fr = flag_regions(m[flag_map][c], args.flag_threshold, otsu=args.flag_otsu, min_area=args.flag_min_area)
+            fr = flag_regions(m[flag_map][c], args.flag_threshold, otsu=args.flag_otsu, min_area=args.flag_min_area,
+                              merge_radius=args.flag_merge, max_regions=args.flag_max_regions or None)
             labs.append(fr.labels)
             plane = prov["planes"][p] if len(maps) > 1 else None
             rows += [{"channel": ch, "plane": plane, "map": flag_map, "threshold": fr.threshold, **r} for r in fr.table]
@@ -446,6 +447,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="flag pixels above this std (in the channel's units); default: Otsu threshold of the map")
     pr.add_argument("--flag-otsu", action="store_true", help="Otsu again among the values above --flag-threshold")
     pr.add_argument("--flag-min-area", type=int, default=16, help="drop flagged regions smaller than this (pixels)")
+    pr.add_argument("--flag-merge", type=int, default=3, help="join flagged fragments closer than this (pixels)")
+    pr.add_argument("--flag-max-regions", type=int, default=20,
+                    help="keep the N regions with the most excess uncertainty (0: keep all)")
     pr.add_argument("--quiet", "-q", action="store_true")
     pr.set_defaults(func=cmd_predict)
 

@@ -242,7 +242,7 @@ class UncertaintyWidget(TaskWidget):
 
     def update_flags(self, threshold: float | None = None) -> None:
         """Recompute the ``flags`` layer from the cached map (no model run)."""
-        from ..core.uncertainty import flag_regions
+        from ..core.uncertainty import REVIEW_DEFAULTS, flag_regions
 
         m, cache = self.current_map(), self._cache
         if m is None or cache is None:
@@ -250,7 +250,7 @@ class UncertaintyWidget(TaskWidget):
         value = self._slider_to_value(self.threshold.value()) if threshold is None else float(threshold)
         message = ""
         try:
-            result = flag_regions(m, value, median_size=MEDIAN_SIZE, min_area=self.min_area.value())
+            result = flag_regions(m, value, median_size=MEDIAN_SIZE, min_area=self.min_area.value(), **REVIEW_DEFAULTS)
         except VirtualStainError as exc:  # threshold at the very top/bottom of the map: flag nothing
             result, message = None, str(exc)
         self._flags = result
