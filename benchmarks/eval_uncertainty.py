@@ -11,9 +11,9 @@ For every diffusion bundle and image, with seeds 0..k-1 run as one batch:
 - PCC/SSIM (truth's 1-99.8 percentile scale, as ``virtualstain evaluate``) of the final sample (seed 0), of the
   single-run DDPMavg (seed 0, window 0.3-0.8) and of the k-seed avg; the regression baseline beside them;
 - AUROC of std_steps / std_seeds at separating the top-10 % |final - truth| pixels from the rest;
-- large error regions (connected top-10 % error pixels, median-filtered, >= 16 px): fraction touched by a flag
-  (default flags: Otsu on the map, min area 16), and the fraction of the image flagged (flagging everything would
-  touch every error);
+- large error regions (connected top-10 % error pixels, median-filtered, >= 16 px): fraction touched by a flag, the
+  number of flags and the fraction of the image flagged (flagging everything would touch every error), for plain
+  Otsu flags (min area 16) and for the reviewable defaults (``REVIEW_DEFAULTS``: merged, at most 20 regions);
 - wall time: plain sampling, the same with step maps (one seed), k seeds batched with both maps.
 """
 
@@ -33,7 +33,7 @@ from napari_virtualstain.core.bundle import load_bundle
 from napari_virtualstain.core.io import read_image
 from napari_virtualstain.core.metrics import auroc, image_metrics, normalize_pair
 from napari_virtualstain.core.tasks.stain import predict_stain
-from napari_virtualstain.core.uncertainty import flag_regions, predict_uncertainty
+from napari_virtualstain.core.uncertainty import REVIEW_DEFAULTS, flag_regions, predict_uncertainty
 
 ROOT = Path(__file__).resolve().parents[2] / "shared/data"
 
@@ -118,12 +118,14 @@ def main(argv=None) -> int:
                 maps = {"std_steps": both.maps["std_steps"][c], "std_seeds": both.maps["std_seeds"][c]}
                 unc = {}
                 for mname, m in maps.items():
-                    fl = flag_regions(m, None, min_area=16)
-                    flagged = fl.labels > 0
-                    hit = [bool(flagged[regions == i].any()) for i in ids]
-                    unc[mname] = {"auroc_top10_error": auroc(m, top), "n_error_regions": int(ids.size),
-                                  "error_regions_flagged": float(np.mean(hit)) if hit else float("nan"),
-                                  "image_fraction_flagged": float(flagged.mean()), "n_flags": len(fl.table)}
+                    unc[mname] = {"auroc_top10_error": auroc(m, top), "n_error_regions": int(ids.size)}
+                    # plain Otsu flags, and the reviewable defaults of the CLI/widget (merged, at most 20)
+                    for rule, extra in (("otsu", {}), ("review", REVIEW_DEFAULTS)):
+                        fl = flag_regions(m, None, min_area=16, **extra)
+                        flagged = fl.labels > 0
+                        hit = [bool(flagged[regions == i].any()) for i in ids]
+                        unc[mname][rule] = {"error_regions_flagged": float(np.mean(hit)) if hit else float("nan"),
+                                            "image_fraction_flagged": float(flagged.mean()), "n_flags": len(fl.table)}
                 rows.append({"image": name, "bundle": b.config.name, "objective": b.config.objective,
                              "sampler": both.provenance["sampler"], "steps": both.provenance["steps"], "channel": ch,
                              "scores": scores, "uncertainty": unc})

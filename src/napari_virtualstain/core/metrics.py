@@ -244,9 +244,9 @@ def background_leak(pred: np.ndarray, truth: np.ndarray, image: np.ndarray, marg
     Background: pixels farther than ``margin`` px from the real stain's foreground (Otsu on a sigma=1 Gaussian).
     Structure: a band-pass (Gaussian sigma=1 minus sigma=4: the width of an outline, not pixel noise), on the truth's
     1-99.8 % scale. ``bg_structure`` = std of the prediction's band-pass in the background / the real stain's (1 = as
-    much structure as the real stain, > 1 = extra structure). ``bg_input_r`` = Pearson r between the prediction's and
-    the input's band-pass in the background (0 = nothing of the brightfield copied; the real stain's own value is
-    ``bg_input_r_truth``).
+    much structure as the real stain, > 1 = extra structure). ``bg_input_r`` = Pearson r between the magnitudes of the
+    prediction's and the input's band-pass in the background: whether the prediction has structure where the input has
+    edges (outlines copied from the brightfield, bright or dark); the real stain's own value is ``bg_input_r_truth``.
     """
     from scipy import ndimage as ndi
     from skimage.filters import threshold_otsu
@@ -266,7 +266,7 @@ def background_leak(pred: np.ndarray, truth: np.ndarray, image: np.ndarray, marg
     bp, bt, bi = band(p)[bg], band(t)[bg], band(image)[bg]
     return {
         "bg_structure": float(bp.std() / max(bt.std(), 1e-12)),
-        "bg_input_r": pearson(bp, bi),
-        "bg_input_r_truth": pearson(bt, bi),
+        "bg_input_r": pearson(np.abs(bp), np.abs(bi)),
+        "bg_input_r_truth": pearson(np.abs(bt), np.abs(bi)),
         "bg_fraction": float(bg.mean()),
     }
