@@ -142,6 +142,9 @@ def check_request(bundle: Bundle, mode: str, seeds: Sequence[int], window: tuple
             "uncertainty from; use a residual_shift or ddpm checkpoint"
         )
     seeds = check_seeds(mode, seeds)
+    if steps is None and config.objective == "residual_shift":
+        # maps over steps need the chain's steps: the full schedule, not a fast predict default of 1-2 steps
+        steps = config.scheduler["num_train_timesteps"]
     scheduler = bundle.make_scheduler(sampler, steps)
     return seeds, scheduler, window_mask(scheduler.timesteps, scheduler.config.num_train_timesteps, window)
 
