@@ -273,3 +273,19 @@ def test_review_flags_merge_fragments_and_keep_the_most_uncertain():
     assert review.labels[62, 101] > 0 and review.labels[62, 101] == review.labels[62, 108]  # merged and kept
     assert review.labels[10 + 4 * 20 + 2, 10 + 5 * 20 + 2] > 0  # the strongest blob (i = 29) is kept
     assert review.labels[12, 12] == 0  # the weakest (i = 0) is not
+
+
+def test_step_maps_use_the_full_chain_when_predict_defaults_to_one_step(tiny_bundle_dir, image, tmp_path):
+    """A bundle whose fast predict default is 1 step still gives step maps (the shipped demo-stain is such a bundle)."""
+    import json
+    import shutil
+
+    folder = tmp_path / "one-step"
+    shutil.copytree(tiny_bundle_dir, folder)
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg["sampling"] = {"steps": 1, "samples": 1}
+    (folder / "config.json").write_text(json.dumps(cfg))
+    rs = load_bundle(folder)
+    assert len(rs.make_scheduler(None, None).timesteps) == 1
+    res = predict_uncertainty(rs, image, mode="steps", seeds=[0], make_labels=False)
+    assert res.maps["std_steps"].max() > 0 and res.provenance["window_steps"] >= 2
