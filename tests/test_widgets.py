@@ -345,6 +345,10 @@ def test_checkpoint_picker(make_napari_viewer, tmp_path, notes, tiny_bundle_dir,
     assert controls.steps.value() == cfg.sampling.get("steps", cfg.scheduler["num_train_timesteps"])
     assert widget.samples.value() == cfg.sampling.get("samples", 1) and widget.samples.isEnabled()
     assert widget.labels_from.currentText() == cfg.sampling.get("labels_from", "boundaries")
+    # uncertainty: step maps need the whole chain, whatever the fast predict default is
+    from napari_virtualstain._widgets.uncertainty import UncertaintyWidget
+
+    assert UncertaintyWidget(viewer).controls.steps.value() == cfg.scheduler["num_train_timesteps"]
     (tmp_path / "empty").mkdir()
     assert controls.set_checkpoint(tmp_path / "empty") is None
     assert "config.json" in notes.errors()[-1]

@@ -58,6 +58,7 @@ class TaskWidget(QWidget):
     allow_all_planes = True
     show_tiles = True
     show_sampler = True
+    fast_steps = True  # residual shift: start at the bundle's validated step count (False: the whole chain)
 
     def __init__(self, napari_viewer, parent: QWidget | None = None):
         super().__init__(parent)
@@ -65,6 +66,7 @@ class TaskWidget(QWidget):
         self.controls = ModelControls(
             napari_viewer, tasks=self.tasks, needs_input=self.needs_input,
             allow_all_planes=self.allow_all_planes, show_tiles=self.show_tiles, show_sampler=self.show_sampler,
+            fast_steps=self.fast_steps,
         )
         self.options = QFormLayout()
         self.run_button = QPushButton(self.run_text)

@@ -66,15 +66,15 @@ class Sampling:
     editable: bool
 
 
-def sampling_options(bundle: Bundle) -> Sampling:
-    """Residual shift: 1 to its trained chain (default: the checkpoint's validated count); regression: one pass;
-    DDPM: DDIM (50 steps) or DDPM (every training step)."""
+def sampling_options(bundle: Bundle, fast_default: bool = True) -> Sampling:
+    """Residual shift: 1 to its trained chain (default: the checkpoint's validated count, or the whole chain with
+    ``fast_default=False``, as step maps need); regression: one pass; DDPM: DDIM (50 steps) or DDPM (every step)."""
     objective = bundle.config.objective
     if objective == "regression":
         return Sampling(("one pass",), {"one pass": 1}, 1, False)
     if objective == "residual_shift":
         n = int((bundle.config.scheduler or {}).get("num_train_timesteps", 15))
-        default = int(bundle.config.sampling.get("steps", n))
+        default = int(bundle.config.sampling.get("steps", n)) if fast_default else n
         return Sampling(("residual_shift",), {"residual_shift": default}, n, True)
     from ..core.schedulers import DEFAULT_DDIM_STEPS, DIFFUSION_SAMPLERS
 
@@ -145,7 +145,8 @@ class ModelControls(QWidget):
     bundle_changed = Signal(object)
 
     def __init__(self, viewer, *, tasks=("stain",), needs_input: bool = True, allow_all_planes: bool = True,
-                 show_tiles: bool = True, show_sampler: bool = True, parent: QWidget | None = None):
+                 show_tiles: bool = True, show_sampler: bool = True, fast_steps: bool = True,
+                 parent: QWidget | None = None):
         super().__init__(parent)
         self.viewer = viewer
         self.tasks = tuple(tasks)
@@ -198,7 +199,7 @@ class ModelControls(QWidget):
         self.sampler = QComboBox()
         self.sampler.setToolTip("DDIM: few deterministic steps; DDPM: every training step, slower")
         self.sampler.currentTextChanged.connect(self._on_sampler_changed)
-        self._show_sampler, self._show_tiles = show_sampler, show_tiles
+        self._show_sampler, self._show_tiles, self._fast_steps = show_sampler, show_tiles, fast_steps
         if show_sampler:
             form.addRow("Sampler", self.sampler)
         else:
@@ -312,7 +313,7 @@ class ModelControls(QWidget):
             c = bundle.config
             self.summary.setText(describe_bundle(bundle))
             self.summary.setToolTip(bundle.summary() + (f"\n\n{c.description}" if c.description else ""))
-            sampling = self._sampling = sampling_options(bundle)
+            sampling = self._sampling = sampling_options(bundle, self._fast_steps)
             self.sampler.blockSignals(True)
             self.sampler.clear()
             self.sampler.addItems(list(sampling.samplers))

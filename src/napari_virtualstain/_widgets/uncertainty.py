@@ -66,6 +66,7 @@ class UncertaintyWidget(TaskWidget):
 
     run_text = "Compute maps"
     allow_all_planes = False
+    fast_steps = False  # step maps need the chain's steps, not a 1-step fast default
 
     # -- UI ----------------------------------------------------------------------------------------------------
     def build_options(self, form: QFormLayout) -> None:
