@@ -22,6 +22,7 @@ import torch
 
 from .errors import Cancelled
 from .model import Denoiser, downsample_factor, pick_device
+from .threads import use_threads
 from .tiling import TilePlan
 
 
@@ -59,6 +60,7 @@ class RunSetup:
     denoiser: Denoiser
     started: float
     mean_denoiser: Denoiser | None = None  # mean-anchored bundles: the one-pass mu(x) network
+    threads: dict | None = None  # CPU runs: intra-op threads and why (``threads.use_threads``)
 
     def provenance(self, batch_size: int, image_shape, input_name: str | None) -> dict:
         """Run settings every output records (tiles, device, precision, input, time, package version)."""
@@ -69,6 +71,7 @@ class RunSetup:
             "batch_size": batch_size,
             "device": str(self.device),
             "precision": self.denoiser.precision(),
+            **(self.threads or {}),
             "input": input_name,
             "input_shape": list(image_shape),
             "seconds": round(time.perf_counter() - self.started, 3),
@@ -77,17 +80,20 @@ class RunSetup:
 
 
 def setup_run(bundle, height: int, width: int, *, tile_size: int | None = None, tile_overlap: int | None = None,
-              device: str | None = None, half: bool | None = None) -> RunSetup:
-    """Device, tiles (the bundle's defaults unless given) and the bundle's UNet on that device."""
+              device: str | None = None, half: bool | None = None, threads: int | None = None) -> RunSetup:
+    """Device, tiles (the bundle's defaults unless given), the bundle's UNet on that device and, on a CPU, the
+    intra-op threads (``threads``, else the environment's, else the free cores: :mod:`.threads`)."""
     config = bundle.config
     dev = pick_device(device)
+    used = use_threads(threads) if dev.type == "cpu" else None
     tile = int(tile_size or config.tile_size)
     overlap = int(config.tile_overlap if tile_overlap is None else tile_overlap)
     factor = max(downsample_factor(config.unet), downsample_factor(config.mean_unet) if config.anchored else 1)
     plan = TilePlan(height, width, tile, overlap, factor)
     anchor = len(config.output_channels) if config.anchored and config.objective == "residual_shift" else 0
     mean = Denoiser(bundle.mean_unet.to(dev), half=half) if config.anchored else None
-    return RunSetup(dev, plan, Denoiser(bundle.unet.to(dev), half=half, anchor_channels=anchor), time.perf_counter(), mean)
+    return RunSetup(dev, plan, Denoiser(bundle.unet.to(dev), half=half, anchor_channels=anchor), time.perf_counter(),
+                    mean, used)
 
 
 def make_generators(seeds: Sequence[int]) -> list[torch.Generator]:

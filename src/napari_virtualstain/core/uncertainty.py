@@ -162,6 +162,7 @@ def predict_uncertainty(
     batch_size: int = 4,
     device: str | None = None,
     half: bool | None = None,
+    threads: int | None = None,
     sampler: str | None = None,
     steps: int | None = None,
     progress: Callable[[Progress], None] | None = None,
@@ -177,7 +178,8 @@ def predict_uncertainty(
     config = bundle.config
     seeds, scheduler, in_window = check_request(bundle, mode, seeds, window, sampler, steps)
 
-    cond, run = prepare_stain_run(bundle, image, channel_axis, input_name, tile_size, tile_overlap, device, half)
+    cond, run = prepare_stain_run(bundle, image, channel_axis, input_name, tile_size, tile_overlap, device, half,
+                                  threads)
 
     stats = RunningStats()
 

@@ -151,7 +151,7 @@ def append_mean_prediction(arrays, mean_unet, opts: TrainOptions, factor: int):
     """Add mu(x) to every region's inputs once (mu is frozen), so training crops carry it like an input plane."""
     from ..core.tasks.stain import with_mean_prediction
 
-    denoiser = Denoiser(mean_unet)
+    denoiser = Denoiser(mean_unet, channels_last=False)  # the frozen mu also serves training: keep its layout
     out = []
     for cond, tgt in arrays:
         h, w = cond.shape[1:]
@@ -229,8 +229,8 @@ def training_loss(unet, scheduler, config: BundleConfig, cond, x0, generator: to
 def validate(unet, config: BundleConfig, val_arrays, opts: TrainOptions, device, mean_unet=None) -> dict:
     """Full sampling on the held-out regions (at most max_val_size^2 each); PSNR/SSIM per channel on [0, 1]."""
     anchor = len(config.output_channels) if config.anchored and config.objective == "residual_shift" else 0
-    denoiser = Denoiser(unet, anchor_channels=anchor)
-    mean_denoiser = Denoiser(mean_unet) if mean_unet is not None else None
+    denoiser = Denoiser(unet, anchor_channels=anchor, channels_last=False)  # the model being trained: keep its layout
+    mean_denoiser = Denoiser(mean_unet, channels_last=False) if mean_unet is not None else None
     scheduler = make_scheduler(config.objective, config.scheduler, steps=opts.val_steps)
     factor = downsample_factor(config.unet)
     per_channel: dict[str, list[dict]] = {n: [] for n in config.output_names}

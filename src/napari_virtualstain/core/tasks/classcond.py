@@ -104,6 +104,7 @@ def translate(
     batch_size: int = 4,
     device: str | None = None,
     half: bool | None = None,
+    threads: int | None = None,
     progress: Callable[[Progress], None] | None = None,
     should_cancel: Callable[[], bool] | None = None,
     input_name: str | None = None,
@@ -117,7 +118,7 @@ def translate(
     chw = prepare_input(image, config.output_names, channel_axis, what=input_name or "image")
     x0 = fixed_normalize(chw, _norms(config))
     run = setup_run(bundle, chw.shape[1], chw.shape[2], tile_size=tile_size, tile_overlap=tile_overlap,
-                    device=device, half=half)
+                    device=device, half=half, threads=threads)
     dev, plan, denoiser = run.device, run.plan, run.denoiser
     inverse = bundle.make_scheduler("ddim_inverse", steps)
     ddim = bundle.make_scheduler("ddim", steps)
@@ -178,6 +179,7 @@ def synthesize(
     batch_size: int = 4,
     device: str | None = None,
     half: bool | None = None,
+    threads: int | None = None,
     progress: Callable[[Progress], None] | None = None,
     should_cancel: Callable[[], bool] | None = None,
 ) -> SynthesisResult:
@@ -193,7 +195,7 @@ def synthesize(
         raise VirtualStainError(f"sample size {size} must be a multiple of {factor} (the network's downsampling), at least 8")
     tile = min(config.tile_size, size)
     run = setup_run(bundle, size, size, tile_size=tile, tile_overlap=0 if tile == size else config.tile_overlap,
-                    device=device, half=half)
+                    device=device, half=half, threads=threads)
     dev, plan = run.device, run.plan
     denoiser = GuidedDenoiser(run.denoiser, config.null_class, guidance)
     ddim = bundle.make_scheduler("ddim", steps)

@@ -181,11 +181,11 @@ def _shifted(hooks: SamplerHooks, total: int) -> SamplerHooks:
 
 def prepare_stain_run(bundle: Bundle, image: np.ndarray, channel_axis: int | None, input_name: str | None,
                       tile_size: int | None, tile_overlap: int | None, device: str | None,
-                      half: bool | None) -> tuple[torch.Tensor, RunSetup]:
+                      half: bool | None, threads: int | None = None) -> tuple[torch.Tensor, RunSetup]:
     """Checked, normalised inputs (1, C_in, H, W) on the device, and the run setup; shared by predict and uncertainty."""
     chw = prepare_input(image, bundle.config.input_names, channel_axis, what=input_name or "image")
     run = setup_run(bundle, chw.shape[1], chw.shape[2], tile_size=tile_size, tile_overlap=tile_overlap,
-                    device=device, half=half)
+                    device=device, half=half, threads=threads)
     return torch.from_numpy(encode_inputs(bundle.config, chw))[None].to(run.device), run
 
 
@@ -206,6 +206,7 @@ def predict_stain(
     batch_size: int = 4,
     device: str | None = None,
     half: bool | None = None,
+    threads: int | None = None,
     progress: Callable[[Progress], None] | None = None,
     should_cancel: Callable[[], bool] | None = None,
     make_labels: bool = True,
@@ -226,7 +227,8 @@ def predict_stain(
         raise VirtualStainError(f"checkpoint {config.name!r} is a {config.task!r} model, not a virtual-stain model")
     k = resolve_samples(config, samples)
     route = label_route(config, labels_from) if make_labels else None
-    cond, run = prepare_stain_run(bundle, image, channel_axis, input_name, tile_size, tile_overlap, device, half)
+    cond, run = prepare_stain_run(bundle, image, channel_axis, input_name, tile_size, tile_overlap, device, half,
+                                  threads)
     hooks = SamplerHooks(progress=progress, should_cancel=should_cancel)
     scheduler = bundle.make_scheduler(sampler, steps)
     seeds = [seed + i for i in range(k)] if scheduler is not None else seed
