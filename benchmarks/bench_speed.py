@@ -216,27 +216,27 @@ def speed_runs(image: Path, out_dir: Path, levers, busy_labels, timeout: float) 
 def precision_check(data: Path) -> dict:
     """bf16 vs float32 (and channels-last vs NCHW) on the held-out frames: max |difference| and Hoechst r."""
     import tifffile
-    import torch
 
+    from napari_virtualstain.core import model
     from napari_virtualstain.core.bundle import load_bundle
     from napari_virtualstain.core.metrics import pearson
     from napari_virtualstain.core.tasks.stain import predict_stain
 
-    torch.set_num_threads(1)
     stack = tifffile.imread(data)
+    default_layout = model.use_channels_last
     out = {}
     for name, steps in (("demo-stain", None), ("demo-stain", 15), ("demo-stain-regression", None)):
-        bundle = load_bundle(name)
         key = name + ("" if steps is None else f" ({steps} steps)")
         rows = {}
         for t in HELD_OUT:
             preds = {}
             for label, half, cl in (("float32", False, False), ("float32 channels-last", False, True),
                                     ("bf16 channels-last", True, True)):
-                res = predict_stain(bundle, stack[1, t], half=half, steps=steps, make_labels=False, threads=1)
+                model.use_channels_last = (lambda device: cl)  # a fresh bundle: the layout is set when it is wrapped
+                res = predict_stain(load_bundle(name), stack[1, t], half=half, steps=steps, make_labels=False,
+                                    threads=1)
                 preds[label] = res
-                if not cl:  # back to NCHW for the next float32 reference
-                    pass
+            model.use_channels_last = default_layout
             ref = preds["float32"].channel("Hoechst")
             truth = stack[0, t].astype(np.float32)
             span = float(ref.max() - ref.min())

@@ -102,6 +102,7 @@ def cmd_predict(args) -> int:
             common = dict(
                 channel_axis=args.channel_axis, tile_size=args.tile_size, tile_overlap=args.tile_overlap,
                 batch_size=args.batch_size, device=args.device, sampler=args.sampler, steps=args.steps,
+                **_compute(args),
                 progress=_progress_printer(what) if not args.quiet else None, make_labels=False, input_name=what,
             )
             if uncertainty:
@@ -276,8 +277,8 @@ def cmd_demo(args) -> int:
     data = read_image(path)  # (C, T, Y, X): Hoechst, brightfield, nuclei labels, cell labels
     t = data.shape[1] - 1
     bundle = load_bundle(args.checkpoint)
-    res = predict_stain(bundle, data[1, t], seed=args.seed, device=args.device, input_name=f"scratch assay t={t}",
-                        progress=_progress_printer(f"scratch assay t={t}"))
+    res = predict_stain(bundle, data[1, t], seed=args.seed, device=args.device, **_compute(args),
+                        input_name=f"scratch assay t={t}", progress=_progress_printer(f"scratch assay t={t}"))
     out = Path(args.output)
     written = [write_channels(out / "scratch_assay_virtualstain.tif", res.image, res.channel_names, res.provenance,
                               bundle.config.pixel_size_um)]
@@ -318,6 +319,7 @@ def cmd_translate(args) -> int:
             res = translate(bundle, arr, args.source, args.target, steps=args.steps, guidance=args.guidance,
                             strength=args.strength, channel_axis=args.channel_axis, tile_size=args.tile_size,
                             tile_overlap=args.tile_overlap, batch_size=args.batch_size, device=args.device,
+                            **_compute(args),
                             progress=_progress_printer(what) if not args.quiet else None, input_name=what)
             prov = res.provenance | {"input_file": str(path), "plane": list(idx)}
             stem = path.name.split(".")[0] + ("_" + "-".join(map(str, idx)) if idx else "")
@@ -342,7 +344,7 @@ def cmd_synthesize(args) -> int:
 
     bundle = load_bundle(args.checkpoint)
     res = synthesize(bundle, args.class_name, args.n, seed=args.seed, steps=args.steps, guidance=args.guidance,
-                     size=args.size, batch_size=args.batch_size, device=args.device,
+                     size=args.size, batch_size=args.batch_size, device=args.device, **_compute(args),
                      progress=_progress_printer(f"{args.n} x {args.class_name}") if not args.quiet else None)
     name = "".join(ch if ch.isalnum() or ch in "-_" else "_" for ch in args.class_name)
     path = write_channels(Path(args.output) / f"{name}_samples.tif", res.images, res.channel_names, res.provenance,
@@ -391,6 +393,22 @@ def cmd_evaluate(args) -> int:
                   f"PQ {r['panoptic_quality']:.3f}")
     print("\n".join(f"wrote {p}" for p in written))
     return 0
+
+
+PRECISIONS = {"auto": None, "bf16": True, "float32": False}
+
+
+def _compute_options(parser: argparse.ArgumentParser) -> None:
+    """Precision and CPU threads, the same on every command that runs a network."""
+    parser.add_argument("--precision", choices=list(PRECISIONS), default="auto",
+                        help="auto: bf16 where the CPU/GPU runs it fast (AVX-512 bf16/AMX CPUs, bf16 GPUs; fp16 on "
+                             "other GPUs), else float32; float32: the reference (slower)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="CPU threads (default: OMP_NUM_THREADS if set, else the cores that are idle at the start)")
+
+
+def _compute(args) -> dict:
+    return {"half": PRECISIONS[args.precision], "threads": args.threads}
 
 
 class _DefaultsFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -450,6 +468,7 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--flag-merge", type=int, default=3, help="join flagged fragments closer than this (pixels)")
     pr.add_argument("--flag-max-regions", type=int, default=20,
                     help="keep the N regions with the most excess uncertainty (0: keep all)")
+    _compute_options(pr)
     pr.add_argument("--quiet", "-q", action="store_true")
     pr.set_defaults(func=cmd_predict)
 
@@ -538,6 +557,7 @@ def build_parser() -> argparse.ArgumentParser:
     tl.add_argument("--device", default="auto")
     tl.add_argument("--channel-axis", type=int, default=None)
     tl.add_argument("--plane", default=None, help="indices of leading axes to pick (see predict)")
+    _compute_options(tl)
     tl.add_argument("--quiet", "-q", action="store_true")
     tl.set_defaults(func=cmd_translate)
 
@@ -552,6 +572,7 @@ def build_parser() -> argparse.ArgumentParser:
     sy.add_argument("--size", type=int, default=None, help="side in pixels (default: the training crop size)")
     sy.add_argument("--batch-size", type=int, default=4)
     sy.add_argument("--device", default="auto")
+    _compute_options(sy)
     sy.add_argument("--quiet", "-q", action="store_true")
     sy.set_defaults(func=cmd_synthesize)
 
@@ -564,6 +585,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--output", "-o", default="virtualstain-demo")
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--device", default="auto")
+    _compute_options(demo)
     demo.set_defaults(func=cmd_demo)
 
     ev = sub.add_parser(

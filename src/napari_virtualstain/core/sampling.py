@@ -103,17 +103,18 @@ def make_generators(seeds: Sequence[int]) -> list[torch.Generator]:
 def tiled_predict(
     denoiser: Callable[..., torch.Tensor],
     plan: TilePlan,
-    inputs: torch.Tensor,
+    inputs: torch.Tensor | Sequence[torch.Tensor],
     timestep,
     batch_size: int,
     on_tile: Callable[[int, int], None] | None = None,
     class_labels: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """One network evaluation over the whole canvas (B, C, H, W), tile by tile.
+    """One network evaluation over the whole canvas (B, C, H, W) — or several canvases joined along channels per
+    tile (``TilePlan.apply``) — tile by tile.
 
     ``class_labels`` (B,) follow their images: a network call holds whole tiles, each with all B images in order.
     """
-    b = inputs.shape[0]
+    b = inputs.shape[0] if isinstance(inputs, torch.Tensor) else max(p.shape[0] for p in inputs)
 
     def call(tiles: torch.Tensor) -> torch.Tensor:
         if class_labels is None:
@@ -152,19 +153,18 @@ def sample(
     timesteps = list(scheduler.timesteps if timesteps is None else timesteps)
     n = len(timesteps)
     x = x_start
-    if condition is not None and condition.shape[0] != x.shape[0]:
-        condition = condition.expand(x.shape[0], *condition.shape[1:])
     for i, t in enumerate(timesteps):
         hooks.check_cancel()
         net_in = scheduler.scale_model_input(x, t)
-        if condition is not None:
-            net_in = torch.cat([net_in, condition], dim=1)
+        if condition is not None:  # joined per tile, not as a whole-image copy (a batch-1 condition serves all seeds)
+            net_in = (net_in, condition)
 
         def on_tile(done, total, i=i):
             if hooks.progress is not None:
                 hooks.progress(Progress(i, n, done, total))
 
         model_output = tiled_predict(denoiser, plan, net_in, t, batch_size, on_tile, class_labels)
+        del net_in  # the scaled x_t: one canvas less while the step allocates its own
         # the step runs on the cropped canvas, so its noise has the image's size whatever the tiling
         out = scheduler.step(model_output, t, x, **({"generator": generators} if noisy else {}))
         x = out.prev_sample

@@ -1,15 +1,13 @@
 """CPU threads matched to the cores that are free right now.
 
-Torch's default (one intra-op thread per core) is fastest on an idle machine and disastrous on a busy one: with two
-threads on two cores and another process on one of them, every parallel region waits for the thread that lost its
-core, and a prediction ran 4x slower than on one thread (docs/benchmarks.md, "Speed"). So before a CPU run we count
-the cores that are idle (two samples of /proc/stat, 0.1 s apart; the 1-minute load average where /proc is missing)
-and use that many threads. An explicit choice always wins: the ``threads`` argument (CLI ``--threads``), else
-``OMP_NUM_THREADS`` / ``MKL_NUM_THREADS`` in the environment.
-
-The OpenMP wait policy is set to passive at import of the package (``napari_virtualstain/__init__``) unless the user
-chose one, so threads that finish early sleep instead of spinning against other processes; it only takes effect if
-torch was not imported before.
+Torch's default (one intra-op thread per core) is fastest on an idle machine and slow on a busy one: with two
+threads on two cores and another process spinning on one of them, every parallel region waits for the thread that
+lost its core — a 1024² prediction took 11.3 s on two threads against 5.7 s on one (and 3.9 s on two when idle;
+``benchmarks/bench_speed.py``, docs/benchmarks.md "Speed"). So before a CPU run we count the cores that are idle (two
+samples of /proc/stat, 0.1 s apart; the 1-minute load average where /proc is missing) and use that many threads.
+An explicit choice always wins: the ``threads`` argument (CLI ``--threads``), else ``OMP_NUM_THREADS`` /
+``MKL_NUM_THREADS`` in the environment. (A passive OpenMP wait policy was measured too: it rescues two threads on a
+busy machine, 6.1 s, but costs 40 % on an idle one, so it is left to the user.)
 """
 
 from __future__ import annotations

@@ -9,7 +9,7 @@ per pixel) grows with the image.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -106,23 +106,31 @@ class TilePlan:
     def apply(
         self,
         fn: Callable[[torch.Tensor], torch.Tensor],
-        inputs: torch.Tensor,
+        inputs: torch.Tensor | Sequence[torch.Tensor],
         batch_size: int = 4,
         on_tile: Callable[[int, int], None] | None = None,
     ) -> torch.Tensor:
         """Run ``fn`` over all tiles of ``inputs`` (B, C, H, W) and merge its outputs into (B, C_out, H, W).
 
-        ``batch_size`` counts network samples: the B images of a seed batch share it.
-        ``on_tile(done, total)`` is called after each network call.
+        ``inputs`` may be several canvases (e.g. x_t and the condition): they are joined along channels tile by tile,
+        never as a whole image, and one with batch 1 serves all B images — the whole-image concatenation was the
+        largest allocation of a big field. ``batch_size`` counts network samples: the B images of a seed batch share
+        it. ``on_tile(done, total)`` is called after each network call.
         """
-        padded = self.pad(inputs)
-        b = padded.shape[0]
+        parts = [self.pad(p) for p in ([inputs] if isinstance(inputs, torch.Tensor) else inputs)]
+        b = max(p.shape[0] for p in parts)
         per_call = max(1, batch_size // b)
         out = weight = None
         t = self.tile_size
+
+        def tile_of(tl: Tile) -> torch.Tensor:
+            pieces = [p[:, :, tl.y : tl.y + t, tl.x : tl.x + t] for p in parts]
+            pieces = [q.expand(b, *q.shape[1:]) if q.shape[0] != b else q for q in pieces]
+            return pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=1)
+
         for start in range(0, len(self.tiles), per_call):
             chunk = self.tiles[start : start + per_call]
-            batch = torch.cat([padded[:, :, tl.y : tl.y + t, tl.x : tl.x + t] for tl in chunk], dim=0)
+            batch = torch.cat([tile_of(tl) for tl in chunk], dim=0)
             pred = fn(batch).float()
             if out is None:
                 out = torch.zeros((b, pred.shape[1], *self.padded_shape), device=pred.device)
@@ -133,4 +141,5 @@ class TilePlan:
                 weight[tl.y : tl.y + t, tl.x : tl.x + t] += w
             if on_tile is not None:
                 on_tile(min(start + per_call, len(self.tiles)), len(self.tiles))
-        return self.crop(out / weight)
+        out /= weight  # in place: a second full-size canvas is not needed
+        return self.crop(out)

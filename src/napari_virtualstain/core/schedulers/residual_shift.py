@@ -58,7 +58,10 @@ def randn_per_item(shape, generator) -> torch.Tensor:
     if isinstance(generator, (list, tuple)):
         if len(generator) != shape[0]:
             raise ValueError(f"{len(generator)} generators for a batch of {shape[0]}")
-        return torch.stack([torch.randn(tuple(shape[1:]), generator=g) for g in generator])
+        out = torch.empty(tuple(shape))
+        for item, g in zip(out, generator):  # drawn into place: no per-item copies to stack
+            torch.randn(tuple(shape[1:]), generator=g, out=item)
+        return out
     return torch.randn(tuple(shape), generator=generator)
 
 
@@ -169,13 +172,14 @@ class ResidualShiftScheduler(ConfigMixin):
         eta = float(self.etas[t])
         eta_prev = self._prev_eta.get(t, float(self.etas_prev[t]))  # a timestep off the schedule: one trained step
         alpha = eta - eta_prev
-        mean = (eta_prev / eta) * sample + (alpha / eta) * x0_hat
+        # in place on one fresh canvas: a big field's step allocates one image, not four
+        mean = x0_hat.mul(alpha / eta).add_(sample, alpha=eta_prev / eta)
         if eta_prev > 0:
             if noise is None:
                 noise = randn_per_item(sample.shape, generator)
             noise = noise.to(device=sample.device, dtype=sample.dtype)
             std = math.sqrt(self.config.kappa**2 * (eta_prev / eta) * alpha)
-            prev = mean + std * noise
+            prev = mean.add_(noise, alpha=std)
         else:
             prev = mean
         if not return_dict:

@@ -160,8 +160,9 @@ def run_stain_model(denoiser, config: BundleConfig, cond: torch.Tensor, plan: Ti
             inner = hooks.on_step
             hooks = SamplerHooks(hooks.progress, hooks.should_cancel, lambda i, t, x0: inner(i, t, x0 + mu))
         generators = make_generators([seed] if isinstance(seed, int) else list(seed))
-        x_start = initial_sample(config, scheduler, cond, generators)
-        out = sample(denoiser, scheduler, x_start, plan, generators, condition=cond, batch_size=batch_size, hooks=hooks)
+        # x_T is handed over, not kept here: a big field's chain holds one x_t at a time
+        out = sample(denoiser, scheduler, initial_sample(config, scheduler, cond, generators), plan, generators,
+                     condition=cond, batch_size=batch_size, hooks=hooks)
         return (out + mu if mu is not None else out), passes
     hooks.check_cancel()
     progress = hooks.progress
@@ -234,13 +235,17 @@ def predict_stain(
     seeds = [seed + i for i in range(k)] if scheduler is not None else seed
     out, passes = run_stain_model(run.denoiser, config, cond, run.plan, seeds, batch_size, hooks, scheduler,
                                   run.mean_denoiser)
-    decoded = np.stack([decode_outputs(config, o) for o in out.cpu().numpy()])
-    result_img = decoded.mean(axis=0) if len(decoded) > 1 else decoded[0]
-    spread = decoded.std(axis=0) if len(decoded) > 1 else None
+    arrays = out.cpu().numpy()
+    del out
+    if len(arrays) == 1:  # no stacked copy of a big field
+        result_img, spread = decode_outputs(config, arrays[0]), None
+    else:
+        decoded = np.stack([decode_outputs(config, o) for o in arrays])
+        result_img, spread = decoded.mean(axis=0), decoded.std(axis=0)
     provenance = {
         **bundle.provenance(),
         "seed": int(seed) if scheduler is not None else None,
-        "samples": len(decoded),
+        "samples": len(arrays),
         "sampler": sampler_name(config, scheduler),
         "steps": len(scheduler.timesteps) if scheduler is not None else 1,
         "network_passes": passes,

@@ -1,0 +1,100 @@
+"""The fast default paths (bf16 autocast, channels-last, threads matched to the free cores) against the float32
+reference, and the GPU benchmark at toy scale on the CPU."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tifffile
+import torch
+
+from napari_virtualstain.core.bundle import load_bundle
+from napari_virtualstain.core.errors import VirtualStainError
+from napari_virtualstain.core.metrics import pearson
+from napari_virtualstain.core.model import Denoiser, fast_bf16
+from napari_virtualstain.core.tasks.stain import predict_stain
+from napari_virtualstain.core.threads import choose_threads, free_cores, usable_cores
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def held_out_crop(shared_data):
+    """A held-out brightfield crop (t=9, never trained on) with its real Hoechst."""
+    stack = tifffile.imread(shared_data / "ndev_scratch_assay" / "scratch-assay-labeled-10T-2Ch.tiff")
+    return stack[1, 9, :160, 200:456], stack[0, 9, :160, 200:456]
+
+
+def test_default_precision_matches_float32_on_a_real_crop(held_out_crop):
+    """What a user gets by default (bf16 where the CPU is fast) is the float32 prediction to within what a user could see."""
+    bf, truth = held_out_crop
+    bundle = load_bundle("demo-stain")
+    ref = predict_stain(bundle, bf, half=False, make_labels=False)
+    fast = predict_stain(bundle, bf, make_labels=False)
+    assert ref.provenance["precision"] == "float32"
+    assert fast.provenance["precision"] == ("bfloat16" if fast_bf16(torch.device("cpu")) else "float32")
+    hoechst_ref, hoechst_fast = ref.channel("Hoechst"), fast.channel("Hoechst")
+    span = float(hoechst_ref.max() - hoechst_ref.min())
+    assert np.abs(hoechst_fast - hoechst_ref).mean() < 0.01 * span
+    assert pearson(hoechst_fast, hoechst_ref) > 0.995
+    assert abs(pearson(hoechst_fast, truth) - pearson(hoechst_ref, truth)) < 0.01
+
+
+def test_channels_last_is_the_same_network():
+    torch.manual_seed(0)
+    bundle = load_bundle("demo-stain-regression")
+    x = torch.randn(2, 1, 64, 64)
+    nchw = Denoiser(bundle.unet, half=False, channels_last=False)(x, 0)
+    nhwc = Denoiser(bundle.unet, half=False, channels_last=True)(x, 0)
+    assert nhwc.is_contiguous() and nhwc.shape == nchw.shape
+    torch.testing.assert_close(nhwc, nchw, rtol=1e-4, atol=1e-4)
+
+
+def test_threads_follow_the_request_then_the_environment_then_the_free_cores(monkeypatch):
+    assert choose_threads(3) == (3, "requested")
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    assert choose_threads() == (1, "OMP_NUM_THREADS")
+    monkeypatch.delenv("OMP_NUM_THREADS")
+    monkeypatch.delenv("MKL_NUM_THREADS", raising=False)
+    n, why = choose_threads()
+    assert why == "free cores" and 1 <= n <= usable_cores()
+    with pytest.raises(VirtualStainError, match="--threads 0"):
+        choose_threads(0)
+
+
+def test_a_busy_core_is_not_counted_as_free(monkeypatch):
+    """Two /proc/stat samples: a core that was busy the whole time does not count."""
+    from napari_virtualstain.core import threads
+
+    samples = iter([{"cpu0": (100, 200), "cpu1": (100, 200)}, {"cpu0": (200, 300), "cpu1": (100, 300)}])
+    monkeypatch.setattr(threads, "_cpu_times", lambda: next(samples))
+    monkeypatch.setattr(threads, "usable_cores", lambda: 2)
+    monkeypatch.setattr(threads.os, "sched_getaffinity", lambda pid: {0, 1})
+    monkeypatch.setattr(threads.time, "sleep", lambda s: None)
+    assert free_cores() == 1
+
+
+def test_a_cpu_run_records_its_threads(held_out_crop):
+    res = predict_stain(load_bundle("demo-stain-regression"), held_out_crop[0][:64, :64], make_labels=False, threads=1)
+    assert res.provenance["threads"] == 1 and res.provenance["threads_from"] == "requested"
+    assert torch.get_num_threads() == 1
+
+
+def test_gpu_bench_smoke_runs_on_the_cpu(shared_data, tmp_path):
+    spec = importlib.util.spec_from_file_location("gpu_bench", REPO / "benchmarks" / "gpu_bench.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules["gpu_bench"] = mod
+    spec.loader.exec_module(mod)
+    assert mod.main(["--smoke", "-o", str(tmp_path), "--data-root", str(shared_data)]) == 0
+    report = json.loads((tmp_path / "gpu_bench.json").read_text())
+    assert report["smoke"] and "held-out ndev" in report["input"]
+    assert report["end_to_end"]["seconds_no_labels"] > 0
+    assert report["tiles"]["mean"]["gflops_per_tile"] > 0 and report["tiles"]["refinement"]["by_batch"]
+    assert [r["k"] for r in report["seeds"]["rows"]] == [1, 2]
+    assert report["transfer"]["share_of_end_to_end"] is not None
+    assert mod.peak_tflops("NVIDIA H100 80GB HBM3") == 989.0 and mod.peak_tflops("NVIDIA H200") == 989.0
