@@ -98,3 +98,31 @@ def test_gpu_bench_smoke_runs_on_the_cpu(shared_data, tmp_path):
     assert [r["k"] for r in report["seeds"]["rows"]] == [1, 2]
     assert report["transfer"]["share_of_end_to_end"] is not None
     assert mod.peak_tflops("NVIDIA H100 80GB HBM3") == 989.0 and mod.peak_tflops("NVIDIA H200") == 989.0
+
+
+def test_big_fields_are_planned_in_blocks_without_running_a_network():
+    from napari_virtualstain.core.tasks.stain import block_plan
+
+    config = load_bundle("demo-stain").config
+    assert block_plan(config, 2048, 2048) is None and block_plan(config, 4096, 4096, block_size=0) is None
+    plan = block_plan(config, 4096, 4096)
+    assert (plan.tile_size, len(plan)) == (1408, 9)
+    small = block_plan(config, 8192, 8192, block_size=1024)
+    assert small.tile_size <= 1024 and small.tile_size % 8 == 0
+    assert small.padded_shape == (8192, 8192)
+    with pytest.raises(VirtualStainError, match="block size 100 is too small"):
+        block_plan(config, 4096, 4096, block_size=100)
+
+
+def test_a_blocked_field_matches_the_whole_field_and_reports_its_blocks(held_out_crop):
+    bf = np.concatenate([held_out_crop[0], held_out_crop[0][::-1]], axis=0)  # 320 x 256
+    bundle = load_bundle("demo-stain")
+    whole = predict_stain(bundle, bf, make_labels=False, block_size=0)
+    events = []
+    blocked = predict_stain(bundle, bf, make_labels=False, block_size=192, progress=events.append)
+    assert "blocks" not in whole.provenance
+    assert blocked.provenance["blocks"] == {"block_size": 192, "block_overlap": 64, "num_blocks": 4}
+    assert blocked.image.shape == whole.image.shape
+    assert pearson(blocked.channel("Hoechst"), whole.channel("Hoechst")) > 0.9
+    fractions = [e.fraction for e in events]
+    assert fractions == sorted(fractions) and fractions[-1] == pytest.approx(1.0)

@@ -111,7 +111,8 @@ def cmd_predict(args) -> int:
                 res = unc.stain
                 maps.append(unc.maps)
             else:
-                res = predict_stain(bundle, arr, seed=args.seed, samples=args.samples, **common)
+                res = predict_stain(bundle, arr, seed=args.seed, samples=args.samples, block_size=args.block_size,
+                                    **common)
             if not args.no_labels:
                 route = label_route(bundle.config, args.labels_from)
                 res.labels = labels_from_channels(bundle.config, res.image, route, **thresholds)
@@ -435,6 +436,9 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--tile-size", type=int, default=None, help="default: the checkpoint's")
     pr.add_argument("--tile-overlap", type=int, default=None, help="default: the checkpoint's")
     pr.add_argument("--batch-size", type=int, default=4, help="tiles per network call")
+    pr.add_argument("--block-size", type=int, default=None,
+                    help="fields larger than this run block by block, so memory stays bounded (default 2048; 1024 "
+                         "for less memory; 0: the whole field at once)")
     pr.add_argument("--device", default="auto", help="auto (cuda > mps > cpu), cuda, mps or cpu")
     pr.add_argument("--channel-axis", type=int, default=None, help="axis that holds the input channels")
     pr.add_argument("--plane", default=None,
