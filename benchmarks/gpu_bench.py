@@ -169,13 +169,21 @@ def compiled(bundle, device, clock: Clock, batch: int, tile: int, repeats: int, 
     return rows
 
 
-def transfer_share(image, n_out: int, device, clock: Clock, e2e_seconds: float) -> dict:
+def transfer_share(image, bundle, device, clock: Clock, e2e_seconds: float) -> dict:
+    """Host <-> device copies of one prediction: the input up, the noise up (drawn on the CPU so a seed gives the same
+    pixels on any device: once per stochastic step), the output down."""
+    n_out = len(bundle.config.output_channels)
+    scheduler = bundle.make_scheduler()
+    noise_uploads = len(scheduler.timesteps) if scheduler is not None else 0  # x_T + every step but the last
     host_in = torch.from_numpy(image.astype(np.float32))[None, None]
+    host_noise = torch.randn(1, n_out, *image.shape)
     dev_out = torch.zeros(1, n_out, *image.shape, device=device)
     up = clock(lambda: host_in.to(device))
+    noise = clock(lambda: host_noise.to(device)) * noise_uploads
     down = clock(lambda: dev_out.cpu())
-    return {"upload_s": round(up, 5), "download_s": round(down, 5),
-            "share_of_end_to_end": round((up + down) / e2e_seconds, 4) if e2e_seconds else None}
+    total = up + noise + down
+    return {"upload_s": round(up, 5), "noise_upload_s": round(noise, 5), "noise_uploads": noise_uploads,
+            "download_s": round(down, 5), "share_of_end_to_end": round(total / e2e_seconds, 4) if e2e_seconds else None}
 
 
 def main(argv=None) -> int:
@@ -218,8 +226,7 @@ def main(argv=None) -> int:
     if device.type == "cpu":
         report["compile"]["note"] = "compile modes are measured on a GPU only (on this CPU: benchmarks/bench_speed.py)"
     print("compile:", report["compile"], flush=True)
-    report["transfer"] = transfer_share(image, len(bundle.config.output_channels), device, clock,
-                                        report["end_to_end"]["seconds_no_labels"])
+    report["transfer"] = transfer_share(image, bundle, device, clock, report["end_to_end"]["seconds_no_labels"])
     print("transfer:", report["transfer"], flush=True)
     report["seconds"] = round(time.perf_counter() - t0, 1)
     if device.type == "cuda":

@@ -89,10 +89,16 @@ def fixed_normalize(channels: np.ndarray, norms: list[FixedNorm]) -> np.ndarray:
     return out
 
 
-def fixed_denormalize(channels: np.ndarray, norms: list[FixedNorm]) -> np.ndarray:
-    out = np.empty_like(channels, dtype=np.float32)
+def fixed_denormalize(channels: np.ndarray, norms: list[FixedNorm], inplace: bool = False) -> np.ndarray:
+    """[-1, 1] -> units, per channel; ``inplace`` (a float32 array) reuses the input's memory, as a big field's
+    output would otherwise exist twice."""
+    out = channels if inplace and channels.dtype == np.float32 else np.empty_like(channels, dtype=np.float32)
     for c, (ch, n) in enumerate(zip(channels, norms)):
-        out[c] = (ch + 1.0) / 2.0 * (n.vmax - n.vmin) + n.vmin
+        if out is not channels:
+            out[c] = ch
+        out[c] += 1.0
+        out[c] *= (n.vmax - n.vmin) / 2.0
+        out[c] += n.vmin
     return out
 
 

@@ -79,14 +79,29 @@ class TilePlan:
         self.padded_shape = (ph, pw)
         ys, xs = _starts(ph, tile_size, overlap), _starts(pw, tile_size, overlap)
         self.tiles: list[Tile] = []
+        self._windows: dict[torch.device, list[torch.Tensor]] = {}
+        # the tiles form a product grid of separable windows, so the merged weight is row sum x column sum:
+        # two vectors instead of a weight plane the size of the image
+        self.row_weight, self.col_weight = torch.zeros(ph), torch.zeros(pw)
+        for x in xs:
+            self.col_weight[x : x + tile_size] += _ramp(tile_size, overlap, x > 0, x + tile_size < pw)
         for y in ys:
             wy = _ramp(tile_size, overlap, y > 0, y + tile_size < ph)
+            self.row_weight[y : y + tile_size] += wy
             for x in xs:
                 wx = _ramp(tile_size, overlap, x > 0, x + tile_size < pw)
                 self.tiles.append(Tile(y, x, wy[:, None] * wx[None, :]))
 
     def __len__(self) -> int:
         return len(self.tiles)
+
+    def _window_on(self, device: torch.device, index: int) -> torch.Tensor:
+        """Tile ``index``'s blend window on ``device``, copied there once per plan (not once per tile and step)."""
+        if device.type == "cpu":
+            return self.tiles[index].window
+        if device not in self._windows:
+            self._windows[device] = [tl.window.to(device) for tl in self.tiles]
+        return self._windows[device][index]
 
     def describe(self) -> dict:
         """Tile settings for provenance."""
@@ -120,7 +135,7 @@ class TilePlan:
         parts = [self.pad(p) for p in ([inputs] if isinstance(inputs, torch.Tensor) else inputs)]
         b = max(p.shape[0] for p in parts)
         per_call = max(1, batch_size // b)
-        out = weight = None
+        out = None
         t = self.tile_size
 
         def tile_of(tl: Tile) -> torch.Tensor:
@@ -134,12 +149,11 @@ class TilePlan:
             pred = fn(batch).float()
             if out is None:
                 out = torch.zeros((b, pred.shape[1], *self.padded_shape), device=pred.device)
-                weight = torch.zeros(self.padded_shape, device=pred.device)
             for i, tl in enumerate(chunk):
-                w = tl.window.to(pred.device)
+                w = self._window_on(pred.device, start + i)
                 out[:, :, tl.y : tl.y + t, tl.x : tl.x + t] += pred[i * b : (i + 1) * b] * w
-                weight[tl.y : tl.y + t, tl.x : tl.x + t] += w
             if on_tile is not None:
                 on_tile(min(start + per_call, len(self.tiles)), len(self.tiles))
-        out /= weight  # in place: a second full-size canvas is not needed
+        out /= self.row_weight.to(out.device)[:, None]  # in place: no second canvas, no weight plane
+        out /= self.col_weight.to(out.device)
         return self.crop(out)

@@ -64,11 +64,11 @@ def encode_targets(config: BundleConfig, chw: np.ndarray) -> np.ndarray:
     return fixed_normalize(chw, [_target_norm(s) for s in config.output_channels])
 
 
-def decode_outputs(config: BundleConfig, chw: np.ndarray) -> np.ndarray:
-    out = fixed_denormalize(chw, [_target_norm(s) for s in config.output_channels])
+def decode_outputs(config: BundleConfig, chw: np.ndarray, inplace: bool = False) -> np.ndarray:
+    out = fixed_denormalize(chw, [_target_norm(s) for s in config.output_channels], inplace=inplace)
     for c, spec in enumerate(config.output_channels):
         if spec.kind != "stain":
-            out[c] = np.clip(out[c], 0.0, 1.0)
+            np.clip(out[c], 0.0, 1.0, out=out[c])
     return out
 
 
@@ -252,7 +252,8 @@ def predict_stain(
     arrays = out.cpu().numpy()
     del out
     if len(arrays) == 1:  # no stacked copy of a big field
-        result_img, spread = decode_outputs(config, arrays[0]), None
+        # in place when the canvas is the image itself: a big field's output is held once
+        result_img, spread = decode_outputs(config, arrays[0], inplace=arrays[0].flags.c_contiguous), None
     else:
         decoded = np.stack([decode_outputs(config, o) for o in arrays])
         result_img, spread = decoded.mean(axis=0), decoded.std(axis=0)
