@@ -291,7 +291,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=None, help="write the results as JSON here")
     parser.add_argument("--size", type=int, default=1024)
-    parser.add_argument("--memory-runs", default="1024,4096,4096:1024",
+    parser.add_argument("--memory-runs", default="1024,4096,4096:0",
                         help="comma-separated SIDE[:BLOCK] for the memory runs (BLOCK: --block-size; '' skips)")
     parser.add_argument("--quick", action="store_true", help="three configurations, no busy runs, no memory runs")
     parser.add_argument("--skip", default="", help="comma-separated parts to skip: speed, precision, memory")

@@ -437,8 +437,8 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--tile-overlap", type=int, default=None, help="default: the checkpoint's")
     pr.add_argument("--batch-size", type=int, default=4, help="tiles per network call")
     pr.add_argument("--block-size", type=int, default=None,
-                    help="fields larger than this run block by block, so memory stays bounded (default 2048; 1024 "
-                         "for less memory; 0: the whole field at once)")
+                    help="fields with a side longer than twice this run in blocks of at most this side, so memory "
+                         "stays bounded (default 1024; 0: always the whole field at once)")
     pr.add_argument("--device", default="auto", help="auto (cuda > mps > cpu), cuda, mps or cpu")
     pr.add_argument("--channel-axis", type=int, default=None, help="axis that holds the input channels")
     pr.add_argument("--plane", default=None,

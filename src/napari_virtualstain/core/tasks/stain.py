@@ -222,8 +222,8 @@ def predict_stain(
 ) -> StainResult:
     """Predict every output channel of ``bundle`` for one 2D image (any size; tiled when larger than a tile).
 
-    Fields larger than ``block_size`` (default ``MAX_BLOCK``; 0: never) run block by block (:func:`block_plan`), so
-    memory stays that of one block plus the output whatever the field's size.
+    Fields with a side longer than twice ``block_size`` (default ``MAX_BLOCK``; 0: never) run block by block
+    (:func:`block_plan`), so memory stays that of one block plus the output whatever the field's size.
 
     ``samples`` k > 1: k chains (seeds ``seed .. seed+k-1``) run as one batch and their mean is returned, with their
     std in ``sample_std`` — sample averaging trades realism for accuracy (Whang et al. 2022). Default: the bundle's
@@ -275,23 +275,24 @@ def predict_stain(
                        spread)
 
 
-MAX_BLOCK = 2048  # a 2048² canvas is ~0.5 GB; beyond it blocks (``--block-size 1024``: ~0.1 GB, ~17 % more work)
+MAX_BLOCK = 1024  # blocks of at most 1024² for fields with a side over 2048 (docs/benchmarks.md, "Memory")
 BLOCK_OVERLAP = 64
 BLOCK_SEED_STRIDE = 1_000_003  # block j draws its noise from seed + j * stride: blocks must not share a noise field
 
 
 def block_plan(config: BundleConfig, height: int, width: int, block_size: int | None = None) -> TilePlan | None:
-    """Square overlapping blocks for a field larger than ``block_size`` (None: ``MAX_BLOCK``; 0: one block).
+    """Square overlapping blocks of at most ``block_size`` (None: ``MAX_BLOCK``; 0: never) for a field with a side
+    longer than twice that; smaller fields run whole (blocking them would buy little memory for extra work).
 
     Each block runs the whole chain on its own canvas (inputs normalised over the whole field first), and the blocks'
-    outputs are blended with the tiler's smooth windows, so peak memory no longer grows with the field. The block side
-    is the smallest multiple of the network's downsampling that covers the field in as many blocks as
-    ``block_size`` needs (a 4096² field: 3 x 3 blocks of 1408², 7 % extra pixels; with 1024: 5 x 5 of 872², 14 %).
-    Blocks draw their own noise, so a blocked field is not pixel-identical to an unblocked run of the same seed; a
-    deterministic pass differs as much as any other tile grid does (the networks normalise per tile).
+    outputs are blended with the tiler's smooth windows, so peak memory no longer grows with the field beyond the
+    output itself. The block side is the smallest multiple of the network's downsampling that covers the field in as
+    many blocks as ``block_size`` needs (a 4096² field: 5 x 5 blocks of 872², 14 % extra pixels, no measurable extra
+    time). Blocks draw their own noise, so a blocked field is not pixel-identical to an unblocked run of the same seed;
+    a deterministic pass differs as much as any other tile grid does (the networks normalise per tile).
     """
     limit = MAX_BLOCK if block_size is None else int(block_size)
-    if limit <= 0 or (height <= limit and width <= limit):
+    if limit <= 0 or (height <= 2 * limit and width <= 2 * limit):
         return None
     multiple = max(downsample_factor(config.unet), downsample_factor(config.mean_unet) if config.anchored else 1)
     smallest = max(config.tile_size, 2 * BLOCK_OVERLAP + multiple)
