@@ -101,8 +101,9 @@ def test_fp16_save(saved, tmp_path):
     assert all(v.dtype == torch.float16 for v in half.state_dict.values())
     full = load_bundle(path)
     assert half.id != full.id
-    a = predict_stain(full, IMAGE, seed=2, make_labels=False).image
-    b = predict_stain(half, IMAGE, seed=2, make_labels=False).image
+    # float32 compute, so only the weights' storage differs (bf16 compute is compared in tests/test_speed.py)
+    a = predict_stain(full, IMAGE, seed=2, make_labels=False, half=False).image
+    b = predict_stain(half, IMAGE, seed=2, make_labels=False, half=False).image
     # stain channel in raw units (range 100..4000), probabilities 0..1
     np.testing.assert_allclose(a[0], b[0], atol=3900 * 2e-3)
     np.testing.assert_allclose(a[1:], b[1:], atol=2e-3)
