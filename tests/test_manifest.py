@@ -138,3 +138,17 @@ def test_scratch_assay_missing_package_message(monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec", fake_find_spec)
     with pytest.raises(ModuleNotFoundError, match="pip install ndev-sampledata"):
         _sample_data.scratch_assay()
+
+
+def test_the_readme_setup_command_installs_a_qt_binding(repo_root):
+    """napari needs a Qt binding: the README's first command must bring one (its extras, not the test extras)."""
+    import re
+    import tomllib
+
+    readme = (repo_root / "README.md").read_text()
+    section = readme.split("## Two commands", 1)[1]
+    first_block = section.split("```bash", 1)[1].split("```", 1)[0]
+    extras = re.search(r'pip install -e "\.\[([^\]]*)\]"', first_block).group(1).split(",")
+    optional = tomllib.loads((repo_root / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    requirements = [req for extra in extras for req in optional[extra.strip()]]
+    assert any(re.search(r"napari\[[^\]]*(pyqt|pyside|all)|^(pyqt|pyside)", r, re.I) for r in requirements), requirements
