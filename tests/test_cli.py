@@ -180,3 +180,23 @@ def test_train_help_shows_every_default_and_the_validation_strip(capsys):
     assert "(default: None)" not in out and "(default: False)" not in out
     assert "held out" in out and "--val-fraction (0.15)" in out and "split: val" in out
     assert "brightfield, phase" in out  # --input-names asks to name the input
+
+
+def test_plane_errors_name_the_axes_and_their_advice_works(shared_data, tmp_path, capsys):
+    """A CTYX OME-TIFF (C first!): the error names the axes in the file's order, and both suggestions run."""
+    import re
+
+    full = tifffile.imread(shared_data / "ndev_scratch_assay" / "scratch-assay-labeled-10T-2Ch.tiff")
+    path = tmp_path / "ctyx.ome.tif"
+    tifffile.imwrite(path, full[:, 7:10, :64, :96], ome=True, metadata={"axes": "CTYX"})
+    base = ["predict", "-c", "demo-stain-regression", str(path), "-q", "--no-labels"]
+    for extra in ([], ["--plane", "9"]):
+        assert main([*base, "-o", str(tmp_path / "bad"), *extra]) == 2
+        err = capsys.readouterr().err
+        assert "C T Y X" in err and "C 0-3, T 0-2" in err and "Traceback" not in err
+    suggestions = re.findall(r"e\.g\. (--plane [0-9,]+(?: --all-planes)?)", err)
+    assert suggestions == ["--plane 1,1", "--plane 1 --all-planes"]
+    for i, suggestion in enumerate(suggestions):
+        assert main([*base, "-o", str(tmp_path / f"ok{i}"), *suggestion.split()]) == 0
+    assert tifffile.imread(tmp_path / "ok0" / "ctyx_virtualstain.tif").shape == (5, 64, 96)
+    assert tifffile.imread(tmp_path / "ok1" / "ctyx_virtualstain.tif").shape == (3, 5, 64, 96)  # every T of C=1

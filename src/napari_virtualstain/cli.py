@@ -48,13 +48,38 @@ def expand_inputs(paths: list[str]) -> list[Path]:
     return out
 
 
-def iter_planes(image: np.ndarray, plane: tuple[int, ...] | None, all_planes: bool, plane_ndim: int):
+def plane_help(axes: str | None, shape: tuple[int, ...], plane_ndim: int) -> str:
+    """How --plane maps onto this file's leading axes, in the file's own order (e.g. C then T for an OME CTYX)."""
+    extra = len(shape) - plane_ndim
+    if extra <= 0:
+        return ""
+    letters = list(axes) if axes and len(axes) == len(shape) else [f"axis {i}" for i in range(len(shape))]
+    lead = letters[:extra]
+    sizes = ", ".join(f"{a} 0-{n - 1}" for a, n in zip(lead, shape))
+    example = ",".join(str(min(1, n - 1)) for n in shape[:extra])
+    named = f"the file's axes are {' '.join(letters)} (shape {tuple(shape)})" if axes else f"shape {tuple(shape)}"
+    return (f"{named}: --plane takes one index per leading axis, in that order ({sizes}), e.g. --plane {example}; "
+            f"give fewer indices with --all-planes to predict every plane of the rest (e.g. --plane {example.split(',')[0]}"
+            " --all-planes)")
+
+
+def iter_planes(image: np.ndarray, plane: tuple[int, ...] | None, all_planes: bool, plane_ndim: int,
+                axes: str | None = None):
     """Yield (plane index, array of ``plane_ndim`` dims): the chosen plane, or every plane with --all-planes."""
+    extra = image.ndim - plane_ndim
     if plane is not None:
+        if len(plane) > max(extra, 0):
+            raise VirtualStainError(f"--plane {','.join(map(str, plane))} has {len(plane)} indices but the image has "
+                                    f"{max(extra, 0)} leading axis/axes; {plane_help(axes, image.shape, plane_ndim)}")
         try:
             image = image[plane]
         except IndexError:
-            raise VirtualStainError(f"--plane {plane} does not fit an image of shape {image.shape}") from None
+            raise VirtualStainError(f"--plane {','.join(map(str, plane))} is out of range; "
+                                    f"{plane_help(axes, np.shape(image), plane_ndim)}") from None
+    elif (extra > 0 and not all_planes and axes and len(axes) == image.ndim and "S" not in axes
+          and not (extra == 1 and image.shape[0] == 1)):
+        raise VirtualStainError(f"this checkpoint predicts from one {plane_ndim}D plane; "
+                                f"{plane_help(axes, image.shape, plane_ndim)}")
     extra = image.ndim - plane_ndim
     if extra <= 0 or not all_planes:
         yield (plane or ()), image
@@ -73,7 +98,7 @@ def _parse_window(text: str) -> tuple[float, float]:
 
 def cmd_predict(args) -> int:
     from .core.bundle import load_bundle
-    from .core.io import read_image, write_channels, write_labels
+    from .core.io import read_axes, read_image, write_channels, write_labels
     from .core.tasks.stain import label_route, labels_from_channels, predict_stain
     from .core.uncertainty import check_request, predict_uncertainty
 
@@ -96,7 +121,7 @@ def cmd_predict(args) -> int:
     for path in images:
         image = read_image(path)
         results, maps = [], []
-        for idx, arr in iter_planes(image, plane, args.all_planes, plane_ndim):
+        for idx, arr in iter_planes(image, plane, args.all_planes, plane_ndim, read_axes(path)):
             what = f"{path.name}" + (f" plane {idx}" if idx else "")
             log.info("predicting %s %s", what, arr.shape)
             common = dict(
@@ -297,7 +322,7 @@ def cmd_demo(args) -> int:
 def cmd_translate(args) -> int:
     """Invert each image under --from, regenerate under --to; write translation, control and difference."""
     from .core.bundle import load_bundle
-    from .core.io import read_image, write_channels
+    from .core.io import read_axes, read_image, write_channels
     from .core.tasks.classcond import translate
 
     bundle = load_bundle(args.checkpoint)
@@ -315,7 +340,7 @@ def cmd_translate(args) -> int:
     plane_ndim = 2 if len(config.output_channels) == 1 and args.channel_axis is None else 3
     for path in expand_inputs(args.images):
         image = read_image(path)
-        for idx, arr in iter_planes(image, plane, False, plane_ndim):
+        for idx, arr in iter_planes(image, plane, False, plane_ndim, read_axes(path)):
             what = path.name + (f" plane {idx}" if idx else "")
             res = translate(bundle, arr, args.source, args.target, steps=args.steps, guidance=args.guidance,
                             strength=args.strength, channel_axis=args.channel_axis, tile_size=args.tile_size,

@@ -38,6 +38,21 @@ def read_image(path: str | Path) -> np.ndarray:
     )
 
 
+def read_axes(path: str | Path) -> str | None:
+    """The file's axis letters as its metadata states them (e.g. 'CTYX' for an OME-TIFF, 'TZCYX' for ImageJ), or None.
+
+    Only for messages: which index of ``--plane`` is which axis."""
+    path = Path(path)
+    if path.suffix.lower() not in (".tif", ".tiff"):
+        return None
+    try:
+        with tifffile.TiffFile(path) as tif:
+            axes = tif.series[0].axes
+    except Exception:  # noqa: BLE001 - a file that reads but has no series metadata simply has no axis names
+        return None
+    return axes or None
+
+
 def list_images(folder: str | Path) -> list[Path]:
     folder = Path(folder)
     return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith("."))
