@@ -200,3 +200,38 @@ def test_plane_errors_name_the_axes_and_their_advice_works(shared_data, tmp_path
         assert main([*base, "-o", str(tmp_path / f"ok{i}"), *suggestion.split()]) == 0
     assert tifffile.imread(tmp_path / "ok0" / "ctyx_virtualstain.tif").shape == (5, 64, 96)
     assert tifffile.imread(tmp_path / "ok1" / "ctyx_virtualstain.tif").shape == (3, 5, 64, 96)  # every T of C=1
+
+
+def test_pixel_size_mismatch_warns_and_rescale_fixes_it(shared_data, tmp_path, capsys):
+    """A held-out frame upsampled 2x ("40x" at 0.31 um) for a 0.62 um model: a warning, and its advice works."""
+    from skimage.transform import rescale
+
+    from napari_virtualstain.core.io import read_pixel_size, read_provenance
+    from napari_virtualstain.core.metrics import pearson
+
+    full = tifffile.imread(shared_data / "ndev_scratch_assay" / "scratch-assay-labeled-10T-2Ch.tiff")
+    up = lambda a: rescale(a[:, :256].astype(np.float32), 2.0, order=1, preserve_range=True)  # noqa: E731
+    path = tmp_path / "field40x.ome.tif"
+    tifffile.imwrite(path, up(full[1, 9]).astype(np.uint16), ome=True,
+                     metadata={"axes": "YX", "PhysicalSizeX": 0.3095, "PhysicalSizeY": 0.3095})
+    truth = up(full[0, 9])
+    base = ["predict", "-c", "demo-stain-regression", str(path), "-q", "--no-labels"]
+    assert main([*base, "-o", str(tmp_path / "plain")]) == 0
+    err = capsys.readouterr().err
+    assert "0.3095 um pixels" in err and "0.619 um" in err and "--rescale" in err
+    assert main([*base, "-o", str(tmp_path / "fixed"), "--rescale"]) == 0
+    assert "warning" not in capsys.readouterr().err
+    plain = tifffile.imread(tmp_path / "plain" / "field40x_virtualstain.tif")[0]
+    fixed = tifffile.imread(tmp_path / "fixed" / "field40x_virtualstain.tif")[0]
+    assert fixed.shape == plain.shape == truth.shape  # back on the input's grid
+    assert pearson(fixed, truth) > pearson(plain, truth) + 0.1
+    prov = read_provenance(tmp_path / "fixed" / "field40x_virtualstain.tif")
+    assert (prov["input_pixel_size_um"], prov["model_pixel_size_um"], prov["rescaled_by"]) == (0.3095, 0.619, 0.5)
+    assert read_pixel_size(tmp_path / "fixed" / "field40x_virtualstain.tif") == pytest.approx(0.3095)
+    # --pixel-size overrides wrong metadata; --rescale without any pixel size says what is missing
+    assert main([*base, "-o", str(tmp_path / "same"), "--pixel-size", "0.619"]) == 0
+    assert "warning" not in capsys.readouterr().err
+    bare = tmp_path / "bare.tif"
+    tifffile.imwrite(bare, full[1, 9, :64, :64])
+    assert main(["predict", "-c", "demo-stain-regression", str(bare), "-o", str(tmp_path / "x"), "-q", "--rescale"]) == 2
+    assert "--pixel-size UM" in capsys.readouterr().err

@@ -98,7 +98,8 @@ def _parse_window(text: str) -> tuple[float, float]:
 
 def cmd_predict(args) -> int:
     from .core.bundle import load_bundle
-    from .core.io import read_axes, read_image, write_channels, write_labels
+    from .core.inputs import pixel_size_warning
+    from .core.io import read_axes, read_image, read_pixel_size, write_channels, write_labels
     from .core.tasks.stain import label_route, labels_from_channels, predict_stain
     from .core.uncertainty import check_request, predict_uncertainty
 
@@ -114,12 +115,19 @@ def cmd_predict(args) -> int:
         check_request(bundle, uncertainty, seeds, _parse_window(args.window), args.sampler, args.steps)
     elif args.seeds != 1:
         raise VirtualStainError("--seeds is for --uncertainty seeds|both (to average samples, use --samples K)")
+    if uncertainty and args.rescale:
+        raise VirtualStainError("--rescale is for plain predictions; resample the image to the checkpoint's pixel size "
+                                "(see 'virtualstain info') before --uncertainty")
     if uncertainty and args.samples is not None:
         raise VirtualStainError("--samples averages plain predictions; with --uncertainty use --seeds K "
                                 "(the 'avg' map is the mean over seeds)")
     images = expand_inputs(args.images)
     for path in images:
         image = read_image(path)
+        input_um = args.pixel_size or read_pixel_size(path)
+        warning = None if args.rescale else pixel_size_warning(bundle.config.pixel_size_um, input_um, bundle.config.name)
+        if warning:
+            print(f"warning: {path.name}: {warning}", file=sys.stderr)
         results, maps = [], []
         for idx, arr in iter_planes(image, plane, args.all_planes, plane_ndim, read_axes(path)):
             what = f"{path.name}" + (f" plane {idx}" if idx else "")
@@ -137,7 +145,7 @@ def cmd_predict(args) -> int:
                 maps.append(unc.maps)
             else:
                 res = predict_stain(bundle, arr, seed=args.seed, samples=args.samples, block_size=args.block_size,
-                                    **common)
+                                    pixel_size_um=input_um, rescale=args.rescale, **common)
             if not args.no_labels:
                 route = label_route(bundle.config, args.labels_from)
                 res.labels = labels_from_channels(bundle.config, res.image, route, **thresholds)
@@ -152,7 +160,7 @@ def cmd_predict(args) -> int:
 
         first = results[0][1]
         written = [write_channels(out / f"{stem}_virtualstain.tif", stacked([r.image for _, r in results]),
-                                  first.channel_names, prov, bundle.config.pixel_size_um)]
+                                  first.channel_names, prov, input_um or bundle.config.pixel_size_um)]
         for name in first.labels:
             written.append(write_labels(out / f"{stem}_{name.replace(' ', '_')}_labels.tif",
                                         stacked([r.labels[name] for _, r in results]), prov | {"labels": name}))
@@ -466,6 +474,11 @@ def build_parser() -> argparse.ArgumentParser:
                          "stays bounded (default 1024; 0: always the whole field at once)")
     pr.add_argument("--device", default="auto", help="auto (cuda > mps > cpu), cuda, mps or cpu")
     pr.add_argument("--channel-axis", type=int, default=None, help="axis that holds the input channels")
+    pr.add_argument("--pixel-size", type=float, default=None, metavar="UM",
+                    help="the images' pixel size in um (default: from the OME/ImageJ metadata); compared with the "
+                         "checkpoint's, a warning beyond +-20 %%")
+    pr.add_argument("--rescale", action="store_true",
+                    help="resample each image to the checkpoint's pixel size, predict, and resample the prediction back")
     pr.add_argument("--plane", default=None,
                     help="indices of leading axes to pick, e.g. '3' (t=3) or '1,0' (C=1, T=0 of a CTYX file)")
     pr.add_argument("--all-planes", action="store_true", help="predict every plane of a stack")

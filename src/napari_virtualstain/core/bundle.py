@@ -419,7 +419,8 @@ class Bundle:
             f"{c.name} [{self.short_id}] task={c.task} objective={c.objective}"
             f"{' (mean-anchored: mu(x) + residual-shift refinement)' if c.anchored else ''}\n"
             f"{io}"
-            f"  tile {c.tile_size} overlap {c.tile_overlap}; pixel size {c.pixel_size_um} um\n"
+            f"  tile {c.tile_size} overlap {c.tile_overlap}; pixel size "
+            f"{f'{c.pixel_size_um} um' if c.pixel_size_um else 'not recorded (train with --pixel-size)'}\n"
             f"  trained on: {c.training.get('data', 'unknown')}"
         )
 

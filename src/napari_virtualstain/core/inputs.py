@@ -70,3 +70,33 @@ def prepare_input(image: np.ndarray, channel_names: list[str], channel_axis: int
     """Shape check + float32 conversion (uint8, uint16 and float images all become the same float scale)."""
     chw = to_channels_first(image, channel_names, channel_axis, what)
     return as_float(chw, what)
+
+
+PIXEL_SIZE_TOLERANCE = 0.2  # beyond +-20 % the cells' size in pixels is not what the model learned
+
+
+def pixel_size_warning(model_um: float | None, input_um: float | None, model_name: str = "the checkpoint") -> str | None:
+    """A warning when the input's pixel size differs from the model's by more than ``PIXEL_SIZE_TOLERANCE``."""
+    if not model_um or not input_um:
+        return None
+    ratio = input_um / model_um
+    if abs(ratio - 1.0) <= PIXEL_SIZE_TOLERANCE:
+        return None
+    return (f"the image has {input_um:g} um pixels but {model_name} was trained at {model_um:g} um ({ratio:.2f}x): "
+            "cells are not the size it learned and its predictions are unreliable. Resample to the model's pixel size "
+            "(CLI: --rescale) or correct the pixel size (--pixel-size) if the metadata is wrong")
+
+
+def rescale_planes(chw: np.ndarray, factor: float) -> np.ndarray:
+    """Resample (C, Y, X) by ``factor`` (< 1 shrinks; anti-aliased), linear interpolation, values preserved."""
+    from skimage.transform import rescale
+
+    out = [rescale(ch, factor, order=1, anti_aliasing=factor < 1, preserve_range=True) for ch in chw]
+    return np.stack(out).astype(np.float32)
+
+
+def resize_planes(chw: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """(C, y, x) -> (C, *shape), linear interpolation: a rescaled prediction back onto the input's pixel grid."""
+    from skimage.transform import resize
+
+    return np.stack([resize(ch, shape, order=1, preserve_range=True) for ch in chw]).astype(np.float32)

@@ -53,6 +53,34 @@ def read_axes(path: str | Path) -> str | None:
     return axes or None
 
 
+# ImageJ writes the micro sign as the literal text \u00B5m
+MICRONS_PER = {"um": 1.0, "µm": 1.0, "\\u00B5m": 1.0, "micron": 1.0, "microns": 1.0, "nm": 1e-3, "mm": 1e3}
+
+
+def read_pixel_size(path: str | Path) -> float | None:
+    """The file's pixel size in um (OME PhysicalSizeX, else ImageJ/TIFF resolution with a length unit), or None."""
+    import re
+
+    path = Path(path)
+    if path.suffix.lower() not in (".tif", ".tiff"):
+        return None
+    try:
+        with tifffile.TiffFile(path) as tif:
+            if tif.ome_metadata:
+                size = re.search(r'PhysicalSizeX="([0-9.eE+-]+)"', tif.ome_metadata)
+                unit = re.search(r'PhysicalSizeXUnit="([^"]+)"', tif.ome_metadata)
+                if size:
+                    return float(size.group(1)) * MICRONS_PER.get(unit.group(1) if unit else "um", 1.0)
+            unit = (tif.imagej_metadata or {}).get("unit")
+            tag = tif.pages.first.tags.get("XResolution")
+            if unit in MICRONS_PER and tag is not None:
+                num, den = tag.value
+                return den / num * MICRONS_PER[unit] if num else None
+    except Exception:  # noqa: BLE001 - unreadable metadata means an unknown pixel size, not a failure
+        return None
+    return None
+
+
 def list_images(folder: str | Path) -> list[Path]:
     folder = Path(folder)
     return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith("."))

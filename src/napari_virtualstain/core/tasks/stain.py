@@ -26,7 +26,7 @@ import torch
 
 from ..bundle import Bundle, BundleConfig
 from ..errors import VirtualStainError
-from ..inputs import prepare_input
+from ..inputs import prepare_input, rescale_planes, resize_planes
 from ..normalize import FixedNorm, fixed_denormalize, fixed_normalize, percentile_normalize
 from ..model import downsample_factor
 from ..postprocess import boundaries_to_labels, stain_to_labels
@@ -219,11 +219,16 @@ def predict_stain(
     samples: int | None = None,
     labels_from: str | None = None,
     block_size: int | None = None,
+    pixel_size_um: float | None = None,
+    rescale: bool = False,
 ) -> StainResult:
     """Predict every output channel of ``bundle`` for one 2D image (any size; tiled when larger than a tile).
 
     Fields with a side longer than twice ``block_size`` (default ``MAX_BLOCK``; 0: never) run block by block
     (:func:`block_plan`), so memory stays that of one block plus the output whatever the field's size.
+
+    ``pixel_size_um``: the input's, recorded in the provenance; with ``rescale`` the input is resampled to the model's
+    pixel size, predicted, and the prediction resampled back onto the input's grid (labels are made after that).
 
     ``samples`` k > 1: k chains (seeds ``seed .. seed+k-1``) run as one batch and their mean is returned, with their
     std in ``sample_std`` — sample averaging trades realism for accuracy (Whang et al. 2022). Default: the bundle's
@@ -235,6 +240,10 @@ def predict_stain(
     k = resolve_samples(config, samples)
     route = label_route(config, labels_from) if make_labels else None
     chw = prepare_input(image, config.input_names, channel_axis, what=input_name or "image")
+    input_shape = chw.shape[1:]
+    factor = rescale_factor(config, pixel_size_um) if rescale else None
+    if factor is not None:
+        chw = rescale_planes(chw, factor)
     blocks = block_plan(config, chw.shape[1], chw.shape[2], block_size)
     side = (blocks.tile_size,) * 2 if blocks is not None else chw.shape[1:]
     run = setup_run(bundle, *side, tile_size=tile_size, tile_overlap=tile_overlap, device=device, half=half,
@@ -257,6 +266,9 @@ def predict_stain(
     else:
         decoded = np.stack([decode_outputs(config, o) for o in arrays])
         result_img, spread = decoded.mean(axis=0), decoded.std(axis=0)
+    if factor is not None:  # back onto the input's pixel grid
+        result_img = resize_planes(result_img, input_shape)
+        spread = resize_planes(spread, input_shape) if spread is not None else None
     provenance = {
         **bundle.provenance(),
         "seed": int(seed) if scheduler is not None else None,
@@ -266,6 +278,9 @@ def predict_stain(
         "network_passes": passes,
         "labels_from": route,
         **run.provenance(batch_size, np.shape(image), input_name),
+        "input_pixel_size_um": pixel_size_um,
+        "model_pixel_size_um": config.pixel_size_um,
+        "rescaled_by": factor,
     }
     if blocks is not None:
         provenance["blocks"] = {"block_size": blocks.tile_size, "block_overlap": blocks.overlap,
@@ -324,6 +339,16 @@ def _run_in_blocks(run: RunSetup, config: BundleConfig, cond: torch.Tensor, bloc
 
     merged = blocks.apply(one_block, cond, batch_size=1)
     return merged.reshape(-1, n_out, *merged.shape[-2:]), passes
+
+
+def rescale_factor(config: BundleConfig, input_um: float | None) -> float | None:
+    """How much to resample the input so its pixels are the model's (None: already within 1 %)."""
+    if not input_um or not config.pixel_size_um:
+        raise VirtualStainError(
+            "rescaling needs both pixel sizes: give the image's (--pixel-size UM, or a layer scale in napari)"
+            if not input_um else f"checkpoint {config.name!r} records no pixel size, so there is nothing to rescale to")
+    factor = input_um / config.pixel_size_um
+    return None if abs(factor - 1.0) < 0.01 else factor
 
 
 def resolve_samples(config: BundleConfig, samples: int | None) -> int:
