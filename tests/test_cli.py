@@ -73,10 +73,9 @@ def test_predict_folder_and_all_planes(tiny_bundle_dir, tmp_path):
         (lambda p: tifffile.imwrite(p, np.zeros((2, 3, 40, 56), np.uint16), photometric="minisblack"), "--plane"),
         (lambda p: tifffile.imwrite(p, np.where(_image() > 3000, np.nan, 1.0).astype(np.float32)), "NaN"),
         (lambda p: tifffile.imwrite(p, np.full((40, 56), 7, np.uint16)), "constant"),
-        (lambda p: tifffile.imwrite(p, np.stack([_image()] * 3, axis=-1).astype(np.uint8)), "RGB"),
         (lambda p: p.write_bytes(b"not a tiff at all"), "could not read"),
     ],
-    ids=["3d-stack", "4d-stack", "nan", "constant", "rgb", "corrupt-file"],
+    ids=["3d-stack", "4d-stack", "nan", "constant", "corrupt-file"],
 )
 def test_predict_bad_images_clear_error(tiny_bundle_dir, tmp_path, capsys, make, expect):
     path = tmp_path / "bad.tif"

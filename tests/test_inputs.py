@@ -48,11 +48,21 @@ def message(exc_info) -> str:
 
 
 @pytest.mark.parametrize("c", [3, 4])
-def test_rgb_for_grey_model_refused(bundle, c):
-    img = np.zeros((24, 20, c), np.uint8)
-    with pytest.raises(VirtualStainError) as exc:
-        predict_stain(bundle, img)
-    assert "RGB" in message(exc) and "1 input channel" in message(exc)
+def test_rgb_for_grey_model_takes_the_luminance(bundle, c):
+    """A colour camera's brightfield: the luminance is predicted, and the provenance says so."""
+    from napari_virtualstain.core.inputs import RGB_NOTE, rgb_to_luminance
+
+    rgb = np.random.default_rng(0).integers(0, 255, (24, 20, c)).astype(np.uint8)
+    res = predict_stain(bundle, rgb, seed=1, make_labels=False)
+    grey = predict_stain(bundle, rgb_to_luminance(rgb), seed=1, make_labels=False)
+    np.testing.assert_allclose(res.image, grey.image, rtol=1e-5, atol=1e-5)
+    assert res.provenance["input_conversion"] == RGB_NOTE and grey.provenance["input_conversion"] is None
+    assert rgb_to_luminance(np.full((2, 2, 3), 100, np.uint8)) == pytest.approx(100.0)
+
+
+def test_rgb_for_a_two_input_model_refused():
+    with pytest.raises(VirtualStainError, match="RGB"):
+        to_channels_first(np.zeros((24, 20, 3)), ["a", "b"])
 
 
 def test_rgb_for_rgb_model_accepted():

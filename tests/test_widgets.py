@@ -124,6 +124,25 @@ def test_stain_predicts_current_plane_like_the_core(stain_setup, qtbot, crop, ti
     assert not notes.errors()
 
 
+def test_an_rgb_brightfield_layer_is_predicted_from_its_luminance(stain_setup, qtbot, crop, tiny_bundle, notes):
+    from napari_virtualstain.core.inputs import RGB_NOTE, rgb_to_luminance
+    from napari_virtualstain.core.tasks.stain import predict_stain
+
+    viewer, _, widget = stain_setup
+    grey = (crop[2] / crop[2].max() * 255).astype(np.uint8)
+    photo = viewer.add_image(np.stack([grey, grey, (grey * 0.8).astype(np.uint8)], axis=-1), name="colour camera",
+                             rgb=True)
+    before = np.array(photo.data, copy=True)
+    assert widget.run(photo)
+    wait_done(qtbot, widget)
+    assert widget.runner.last_outcome == "done", notes.all()
+    hoechst = viewer.layers["Hoechst (virtual)"]
+    assert hoechst.metadata["input_conversion"] == RGB_NOTE and hoechst.data.shape[-2:] == (48, 64)
+    expected = predict_stain(tiny_bundle, rgb_to_luminance(before), seed=0, tile_size=32, tile_overlap=8)
+    np.testing.assert_allclose(hoechst.data.reshape(48, 64), expected.channel("Hoechst"), rtol=1e-5, atol=1e-4)
+    assert np.array_equal(photo.data, before)
+
+
 def test_stain_all_planes_probabilities_and_save(stain_setup, qtbot, crop, tiny_bundle, notes, tmp_path):
     from napari_virtualstain.core.tasks.stain import predict_stain
 
@@ -216,17 +235,20 @@ def test_bad_layers_give_a_notification_and_no_layer(stain_setup, qtbot, crop, n
     rgb = viewer.add_image(np.zeros((48, 64, 3), np.uint8), name="photo", rgb=True)
     points = viewer.add_points(np.zeros((2, 2)), name="pts")
     n = len(viewer.layers)
-    for bad, words in ((labels, "Labels layer"), (rgb, "RGB"), (points, "Points layer")):
+    for bad, words in ((labels, "Labels layer"), (points, "Points layer")):
         assert not widget.run(bad)
         assert any(words in m for m in notes.errors()), (words, notes.all())
     assert len(viewer.layers) == n and not widget.runner.running
-    # neither the labels nor the RGB layer is offered, and the note says why the RGB one is hidden
+    assert widget.run(rgb)  # an RGB layer is taken (its luminance); an all-black one is refused as constant
+    wait_done(qtbot, widget)
+    assert any("constant" in m for m in notes.errors()) and len(viewer.layers) == n
+    # the labels layer is not offered; an RGB layer is (a one-input checkpoint takes its luminance)
     offered = [widget.controls.layer.itemText(i) for i in range(widget.controls.layer.count())]
-    assert offered == ["Brightfield"]
-    assert "'photo' (RGB)" in widget.controls.layer_note.toolTip()
+    assert offered == ["photo", "Brightfield"]
 
     # the picker follows the layer list: additions, renames, removals; a new layer does not steal the choice
     combo = widget.controls.layer
+    viewer.layers.remove("photo")
     viewer.add_image(np.zeros((32, 32), np.float32), name="second")
     assert [combo.itemText(i) for i in range(combo.count())] == ["second", "Brightfield"]
     assert combo.currentText() == "Brightfield"
@@ -617,7 +639,8 @@ def test_rgb_checkpoint_takes_rgb_layers(make_napari_viewer, qtbot, shared_data,
     """An RGB class-conditional checkpoint (H&E) takes napari's RGB layers as they are and gives RGB layers back."""
     import imageio.v3 as iio
 
-    from napari_virtualstain._widgets import StainWidget, SynthesizeWidget, TranslateWidget
+    from napari_virtualstain._widgets import SynthesizeWidget, TranslateWidget
+    from napari_virtualstain.core.errors import VirtualStainError
 
     bundle_dir = _save_tiny_classcond(tmp_path / "tiny-he", ["R", "G", "B"], ["NORM", "TUM"])
     tile = iio.imread(min((shared_data / "crc_he_tiles").glob("TUM-*.png")))[:40, :48, :3]
@@ -648,7 +671,10 @@ def test_rgb_checkpoint_takes_rgb_layers(make_napari_viewer, qtbot, shared_data,
     out = viewer.layers["RGB synthetic (NORM)"]
     assert out.rgb and out.data.shape == (2, 32, 32, 3)
 
-    # a greyscale model still refuses the RGB layer, with the fix in the message
-    stain = StainWidget(viewer)
-    assert stain.controls.input_layer() is None
-    assert not stain.run(he) and "Split RGB" in notes.errors()[-1]
+    # a one-input (greyscale) model takes the RGB layer's luminance; a two-input model refuses it
+    from napari_virtualstain._widgets._layers import select_input, why_not_fit
+
+    assert why_not_fit(he, 1) is None and why_not_fit(he, 2) == "RGB"
+    assert select_input(he, 1, ["brightfield"]).arrays[0].shape == (40, 48)
+    with pytest.raises(VirtualStainError, match="Split RGB"):
+        select_input(he, 2, ["a", "b"])

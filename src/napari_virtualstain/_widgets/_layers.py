@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..core.errors import VirtualStainError
+from ..core.inputs import RGB_NOTE, rgb_to_luminance
 
 LayerTuple = tuple  # napari LayerDataTuple: (data, kwargs, layer_type)
 
@@ -68,13 +69,15 @@ class InputSelection:
     contrast_limits: tuple[float, float] | None = None
     colormap: str | None = None
     rgb: bool = False  # an RGB layer for an RGB checkpoint: arrays are (Y, X, C)
+    conversion: str | None = None  # e.g. an RGB layer turned into luminance for a one-input checkpoint
 
     @property
     def plane_note(self) -> dict:
         """What goes into provenance about the planes."""
+        note = {"input_conversion": self.conversion} if self.conversion else {}
         if len(self.planes) == 1:
-            return {"plane": list(self.planes[0])} if self.planes[0] else {}
-        return {"planes": "all", "lead_shape": list(self.lead_shape)}
+            return note | ({"plane": list(self.planes[0])} if self.planes[0] else {})
+        return note | {"planes": "all", "lead_shape": list(self.lead_shape)}
 
 
 def layer_kind(layer) -> str:
@@ -88,8 +91,8 @@ def why_not_fit(layer, n_inputs: int) -> str | None:
     if not isinstance(layer, Image):
         return f"a {layer_kind(layer)} layer"
     shape = _base_shape(layer)
-    if layer.rgb:
-        return None if shape[-1] == n_inputs else "RGB"
+    if layer.rgb:  # an RGB checkpoint takes the colours; a one-input checkpoint their luminance
+        return None if shape[-1] == n_inputs or n_inputs == 1 else "RGB"
     if n_inputs == 1:
         return None if len(shape) >= 2 else "not 2D"
     if len(shape) < 3 or shape[-3] != n_inputs:
@@ -118,6 +121,11 @@ def select_input(layer, n_inputs: int, input_names: list[str], world_point=None,
     data = layer.data[0] if layer.multiscale else layer.data
     shape = tuple(int(s) for s in data.shape)
     rgb = bool(layer.rgb)
+    if rgb and n_inputs == 1 and shape[-1] != 1:  # colour camera brightfield: its luminance, noted in provenance
+        sel = _select(layer, data, shape[:-1], 0, world_point, all_planes, channel_axis=None)
+        sel.arrays = [rgb_to_luminance(a) for a in sel.arrays]
+        sel.conversion = RGB_NOTE
+        return sel
     if rgb and shape[-1] != n_inputs:
         raise VirtualStainError(
             f"'{name}' is an RGB image; {need}. Split it (right-click the layer > Split RGB) and pick the channel "

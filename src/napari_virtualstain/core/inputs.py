@@ -48,11 +48,12 @@ def to_channels_first(
         if image.shape[-1] in (3, 4) and image.shape[0] > 4:
             if n == image.shape[-1]:
                 return np.moveaxis(image, -1, 0)
+            if n == 1:  # a colour camera's brightfield: its luminance (recorded as RGB_NOTE in the provenance)
+                return rgb_to_luminance(image)[None]
             kind = "an RGB" if image.shape[-1] == 3 else "an RGBA"
             raise VirtualStainError(
-                f"{what} is {kind} image of shape {image.shape}; {need}. Convert it to greyscale "
-                "(e.g. skimage.color.rgb2gray) or pick the channel that holds the transmitted light "
-                "(--channel-axis -1 with a single-channel selection)"
+                f"{what} is {kind} image of shape {image.shape}; {need}. Give one image per input channel "
+                "(channels first) instead of a colour image"
             )
         raise VirtualStainError(
             f"{what} has shape {image.shape}; {need}. If the first axis is z or time, pick one plane "
@@ -64,6 +65,23 @@ def to_channels_first(
         "(--plane T or --plane T,Z) or predict every plane (--all-planes), and give --channel-axis if channels "
         "are not first"
     )
+
+
+LUMINANCE = (0.2125, 0.7154, 0.0721)  # Rec. 709 weights, as skimage.color.rgb2gray
+RGB_NOTE = "RGB converted to luminance (0.2125 R + 0.7154 G + 0.0721 B)"
+
+
+def is_colour_for_grey(image: np.ndarray, n_inputs: int, channel_axis: int | None = None) -> bool:
+    """Whether ``to_channels_first`` turns this (Y, X, 3|4) colour image into one luminance plane."""
+    shape = np.shape(image)
+    return (n_inputs == 1 and channel_axis is None and len(shape) == 3 and shape[-1] in (3, 4) and shape[0] > 4)
+
+
+def rgb_to_luminance(rgb: np.ndarray) -> np.ndarray:
+    """(..., 3 or 4) -> (...) float32 luminance; alpha is ignored."""
+    rgb = np.asarray(rgb)
+    return (rgb[..., 0] * np.float32(LUMINANCE[0]) + rgb[..., 1] * np.float32(LUMINANCE[1])
+            + rgb[..., 2] * np.float32(LUMINANCE[2])).astype(np.float32)
 
 
 def prepare_input(image: np.ndarray, channel_names: list[str], channel_axis: int | None = None, what: str = "image") -> np.ndarray:

@@ -26,7 +26,7 @@ import torch
 
 from ..bundle import Bundle, BundleConfig
 from ..errors import VirtualStainError
-from ..inputs import prepare_input, rescale_planes, resize_planes
+from ..inputs import RGB_NOTE, is_colour_for_grey, prepare_input, rescale_planes, resize_planes
 from ..normalize import FixedNorm, fixed_denormalize, fixed_normalize, percentile_normalize
 from ..model import downsample_factor
 from ..postprocess import boundaries_to_labels, stain_to_labels
@@ -281,6 +281,7 @@ def predict_stain(
         "input_pixel_size_um": pixel_size_um,
         "model_pixel_size_um": config.pixel_size_um,
         "rescaled_by": factor,
+        "input_conversion": RGB_NOTE if is_colour_for_grey(image, len(config.input_channels), channel_axis) else None,
     }
     if blocks is not None:
         provenance["blocks"] = {"block_size": blocks.tile_size, "block_overlap": blocks.overlap,
