@@ -234,3 +234,35 @@ def test_pixel_size_mismatch_warns_and_rescale_fixes_it(shared_data, tmp_path, c
     tifffile.imwrite(bare, full[1, 9, :64, :64])
     assert main(["predict", "-c", "demo-stain-regression", str(bare), "-o", str(tmp_path / "x"), "-q", "--rescale"]) == 2
     assert "--pixel-size UM" in capsys.readouterr().err
+
+
+def test_progress_lines_rise_and_end_at_100_once(tiny_bundle_dir, tmp_path, capsys):
+    from napari_virtualstain._widgets._base import describe_progress
+    from napari_virtualstain.cli import _progress_printer
+    from napari_virtualstain.core.sampling import Progress
+
+    path = tmp_path / "field.tif"
+    tifffile.imwrite(path, _image())
+    assert main(["predict", "-c", str(tiny_bundle_dir), str(path), "-o", str(tmp_path / "out"), "--no-labels"]) == 0
+    lines = [ln for ln in capsys.readouterr().err.splitlines() if "field.tif:" in ln]
+    percents = [int(ln.split(":")[1].split("%")[0]) for ln in lines]
+    assert percents == sorted(percents) and percents.count(100) == 1 and percents[-1] == 100
+    # one line per step when steps are slow enough; the closing report never repeats 100 %
+    report = _progress_printer("x", min_interval=0.0)
+    for step in range(3):
+        for tile in (1, 2):
+            report(Progress(step, 3, tile, 2))
+    report(Progress(3, 3, 0, 2))
+    lines = capsys.readouterr().err.splitlines()
+    assert [ln.split("(")[1] for ln in lines] == ["step 1/3)", "step 2/3)", "step 3/3)", "3/3 steps)"]
+    assert describe_progress(Progress(3, 3, 0, 10)) == "step 3/3 · done"
+
+
+def test_a_labels_plane_given_to_predict_gets_a_warning(shared_data, tmp_path, capsys):
+    full = tifffile.imread(shared_data / "ndev_scratch_assay" / "scratch-assay-labeled-10T-2Ch.tiff")
+    tifffile.imwrite(tmp_path / "nuclei.tif", full[2, 9, :96, :128])
+    tifffile.imwrite(tmp_path / "bf.tif", full[1, 9, :96, :128])
+    for name, warned in (("nuclei.tif", True), ("bf.tif", False)):
+        assert main(["predict", "-c", "demo-stain-regression", str(tmp_path / name), "-o", str(tmp_path / "o"),
+                     "-q", "--no-labels"]) == 0
+        assert ("looks like a labels image" in capsys.readouterr().err) == warned

@@ -191,3 +191,16 @@ def test_image_smaller_than_a_tile(bundle, shape):
     assert res.provenance["num_tiles"] == 1 and res.provenance["padded_shape"] == [16, 16]
     assert res.provenance["input_shape"] == list(shape)
     assert np.isfinite(res.image).all()
+
+
+def test_a_labels_image_is_recognised_and_a_microscope_image_is_not(shared_data):
+    import tifffile
+
+    from napari_virtualstain.core.inputs import labels_warning
+
+    stack = tifffile.imread(shared_data / "ndev_scratch_assay" / "scratch-assay-labeled-10T-2Ch.tiff")
+    assert "labels image" in labels_warning(stack[2, 9]) and "labels image" in labels_warning(stack[3, 9])
+    assert labels_warning(stack[1, 9]) is None and labels_warning(stack[0, 9]) is None  # brightfield, Hoechst
+    assert labels_warning(tifffile.imread(shared_data / "nuclei_dsb2018" / "img2d.tif")) is None
+    assert "labels image" in labels_warning(tifffile.imread(shared_data / "nuclei_dsb2018" / "mask2d.tif"))
+    assert labels_warning(stack[2, 9].astype(np.float32)) is None  # float images are never taken for labels

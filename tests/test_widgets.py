@@ -143,6 +143,17 @@ def test_an_rgb_brightfield_layer_is_predicted_from_its_luminance(stain_setup, q
     assert np.array_equal(photo.data, before)
 
 
+def test_a_labels_image_layer_gets_a_warning(stain_setup, qtbot, shared_data, notes):
+    import tifffile
+
+    viewer, _, widget = stain_setup
+    nuclei = tifffile.imread(shared_data / "ndev_scratch_assay" / "scratch-assay-labeled-10T-2Ch.tiff")[2, 9, :48, :64]
+    masks = viewer.add_image(nuclei, name="nuclei masks as image")
+    assert widget.run(masks)
+    assert any("looks like a labels image" in m for m in notes.warnings()), notes.all()
+    wait_done(qtbot, widget)
+
+
 def test_stain_all_planes_probabilities_and_save(stain_setup, qtbot, crop, tiny_bundle, notes, tmp_path):
     from napari_virtualstain.core.tasks.stain import predict_stain
 

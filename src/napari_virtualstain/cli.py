@@ -98,7 +98,7 @@ def _parse_window(text: str) -> tuple[float, float]:
 
 def cmd_predict(args) -> int:
     from .core.bundle import load_bundle
-    from .core.inputs import pixel_size_warning
+    from .core.inputs import labels_warning, pixel_size_warning
     from .core.io import read_axes, read_image, read_pixel_size, write_channels, write_labels
     from .core.tasks.stain import label_route, labels_from_channels, predict_stain
     from .core.uncertainty import check_request, predict_uncertainty
@@ -132,6 +132,8 @@ def cmd_predict(args) -> int:
         for idx, arr in iter_planes(image, plane, args.all_planes, plane_ndim, read_axes(path)):
             what = f"{path.name}" + (f" plane {idx}" if idx else "")
             log.info("predicting %s %s", what, arr.shape)
+            if not results and (note := labels_warning(arr, what)):
+                print(f"warning: {note}", file=sys.stderr)
             common = dict(
                 channel_axis=args.channel_axis, tile_size=args.tile_size, tile_overlap=args.tile_overlap,
                 batch_size=args.batch_size, device=args.device, sampler=args.sampler, steps=args.steps,
@@ -204,14 +206,25 @@ def _write_uncertainty(out: Path, stem: str, config, channel_names, maps: list[d
     return written
 
 
-def _progress_printer(what: str):
-    last = [-1]
+def _progress_printer(what: str, min_interval: float = 1.0):
+    """One line per finished step (at most one a second), and 100 % exactly once."""
+    import time
+
+    state = {"step": None, "printed": 0.0, "done": False}
 
     def report(p):
-        pct = int(100 * p.fraction)
-        if pct // 10 != last[0] // 10 or pct == 100:
-            print(f"  {what}: {pct:3d}% (step {min(p.step + 1, p.num_steps)}/{p.num_steps})", file=sys.stderr, flush=True)
-        last[0] = pct
+        if state["done"]:
+            return
+        finished = p.step >= p.num_steps or (p.step == p.num_steps - 1 and p.tile >= p.num_tiles)
+        now = time.monotonic()
+        if finished:
+            state["done"] = True
+            print(f"  {what}: 100% ({p.num_steps}/{p.num_steps} steps)", file=sys.stderr, flush=True)
+        elif p.step != state["step"] and (state["step"] is None or now - state["printed"] >= min_interval):
+            print(f"  {what}: {int(100 * p.fraction):3d}% (step {p.step + 1}/{p.num_steps})", file=sys.stderr,
+                  flush=True)
+            state["printed"] = now
+        state["step"] = p.step
 
     return report
 

@@ -21,6 +21,7 @@ from qtpy.QtWidgets import (
 )
 
 from ..core.errors import VirtualStainError
+from ..core.inputs import labels_warning
 from ._controls import ModelControls, RunSettings, image_channels
 from ._layers import InputSelection, select_input
 from ._notify import notify_error, notify_info, notify_warning
@@ -31,8 +32,10 @@ PROGRESS_MAX = 1000
 
 def describe_progress(p, plane: int = 0, n_planes: int = 1) -> str:
     """'plane 2/5 · step 3/15 · tile 4/6' for a core ``Progress``."""
-    step = min(p.step + 1, p.num_steps)
-    text = f"step {step}/{p.num_steps} · tile {p.tile}/{p.num_tiles}"
+    if p.step >= p.num_steps:  # the sampler's closing report: every step and tile is done
+        text = f"step {p.num_steps}/{p.num_steps} · done"
+    else:
+        text = f"step {p.step + 1}/{p.num_steps} · tile {p.tile}/{p.num_tiles}"
     return f"plane {plane + 1}/{n_planes} · {text}" if n_planes > 1 else text
 
 
@@ -126,7 +129,11 @@ class TaskWidget(QWidget):
                 f"No input layer: open an image with {len(names)} channel(s) ({', '.join(names)}) and pick it under "
                 "'Input layer' (File > Open Sample > Virtual Staining has a brightfield time-lapse)"
             )
-        return select_input(layer, len(names), names, self.viewer.dims.point, settings.all_planes)
+        sel = select_input(layer, len(names), names, self.viewer.dims.point, settings.all_planes)
+        warning = labels_warning(sel.arrays[0], f"'{sel.layer_name}'")
+        if warning:
+            notify_warning(warning)
+        return sel
 
     def warn_if_input_gone(self, sel: InputSelection) -> None:
         if sel.layer_name not in self.viewer.layers:

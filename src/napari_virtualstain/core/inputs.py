@@ -118,3 +118,19 @@ def resize_planes(chw: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
     from skimage.transform import resize
 
     return np.stack([resize(ch, shape, order=1, preserve_range=True) for ch in chw]).astype(np.float32)
+
+
+def labels_warning(image: np.ndarray, what: str = "the image") -> str | None:
+    """A warning when ``image`` looks like instance labels or a mask (integers, mostly zero background, few distinct
+    values), not a microscope image: the model would run on it and return nonsense without complaint."""
+    a = np.asarray(image)
+    if not np.issubdtype(a.dtype, np.integer) or a.size < 64:
+        return None
+    zeros = float(np.count_nonzero(a == 0)) / a.size
+    if zeros < 0.2:
+        return None
+    n = len(np.unique(a))
+    if n > max(3, a.size // 1000):
+        return None
+    return (f"{what} looks like a labels image or mask ({n} distinct values, {zeros:.0%} zeros), not a microscope "
+            "image; predictions from it are meaningless. Pick the brightfield (transmitted-light) channel/plane")
