@@ -286,6 +286,8 @@ def cmd_train(args) -> int:
         extra={"cond_dropout": args.cond_dropout} if args.cond_dropout is not None else {},
     )
     bundle, history = train(spec, args.output, opts, resume=args.resume)
+    if bundle is None:  # another rank of a torchrun job: rank 0 reports
+        return 0
     print(bundle.summary())
     if history and "val" in history[-1]:
         print("validation (held-out):", json.dumps(history[-1]["val"], indent=1))

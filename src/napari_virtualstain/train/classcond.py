@@ -16,6 +16,7 @@ from ..core.normalize import fit_fixed_norm, fixed_normalize
 from ..core.schedulers import default_ddpm_config
 from ..core.tiling import reflect_pad
 from .classcond_data import ClassCondSpec
+from .distributed import draw_noise
 
 __all__ = ["ClassCondSpec", "classcond_job", "build_classcond_config"]
 
@@ -87,8 +88,8 @@ def classcond_job(spec: ClassCondSpec, opts):
 
     def loss(unet, scheduler, batch, gen: torch.Generator) -> torch.Tensor:
         x0, cls = batch
-        t = torch.randint(0, scheduler.config.num_train_timesteps, (x0.shape[0],), generator=gen).to(x0.device)
-        noise = torch.randn(x0.shape, generator=gen).to(x0.device)
+        t, noise = draw_noise(scheduler.config.num_train_timesteps, tuple(x0.shape), gen)
+        t, noise = t.to(x0.device), noise.to(x0.device)
         pred = unet(scheduler.add_noise(x0, noise, t), t, class_labels=cls).sample
         target = noise if scheduler.config.prediction_type == "epsilon" else scheduler.get_velocity(x0, noise, t)
         return F.mse_loss(pred, target)

@@ -12,6 +12,7 @@ honest baseline that the diffusion model has to beat.
 from __future__ import annotations
 
 import copy
+import io
 import itertools
 import math
 import json
@@ -37,7 +38,10 @@ from ..core.sampling import SamplerHooks
 from ..core.schedulers import ResidualShiftScheduler, default_ddpm_config, make_scheduler
 from ..core.tasks.stain import encode_inputs, encode_targets, residual_source, run_stain_model
 from ..core.tiling import TilePlan, reflect_pad
+from . import distributed
 from .data import TrainingSpec, split_regions
+from .distributed import draw_noise
+from .progress import TrainProgress  # noqa: F401 - re-exported: the loop's progress lines
 
 log = logging.getLogger(__name__)
 STATE_DIR = "training_state"
@@ -208,9 +212,8 @@ def training_loss(unet, scheduler, config: BundleConfig, cond, x0, generator: to
     if scheduler is None:
         pred = unet(cond, torch.zeros(cond.shape[0], device=cond.device, dtype=torch.long)).sample
         return F.mse_loss(pred, x0)
-    b = x0.shape[0]
-    t = torch.randint(0, scheduler.config.num_train_timesteps, (b,), generator=generator).to(x0.device)
-    noise = torch.randn(x0.shape, generator=generator).to(x0.device)
+    t, noise = draw_noise(scheduler.config.num_train_timesteps, tuple(x0.shape), generator)
+    t, noise = t.to(x0.device), noise.to(x0.device)
     if config.objective == "ddpm":
         if config.anchored:  # CorrDiff: generate the residual x0 - mu(x); mu is the condition's last channels
             x0 = x0 - cond[:, -x0.shape[1]:]
@@ -409,48 +412,6 @@ def _earlier_commands(out: Path) -> list[str]:
         return []
 
 
-class TrainProgress:
-    """A tqdm bar on a terminal; elsewhere (a log file, a pipe) a plain line every ~5 % and at each validation,
-    because a bar's carriage returns turn a log into one unreadable line."""
-
-    def __init__(self, total: int, start: int, desc: str, stream=None):
-        self.stream = stream if stream is not None else sys.stderr
-        self.total, self.start, self.desc = total, start, desc
-        self.t0 = time.perf_counter()
-        self.bar = None
-        try:
-            tty = bool(self.stream.isatty())
-        except (AttributeError, ValueError):  # no isatty, or a closed stream
-            tty = False
-        if tty:
-            try:
-                from tqdm.auto import tqdm
-
-                self.bar = tqdm(total=total, initial=start, desc=desc, unit="step", dynamic_ncols=True, file=self.stream)
-            except ImportError:  # pragma: no cover
-                pass
-
-    def update(self, step: int, loss: float, seconds: float, validated: bool = False, val: dict | None = None) -> None:
-        if self.bar is not None:
-            if self.bar.total != self.total:  # a time budget (max_minutes) has reset the total
-                self.bar.total = self.total
-            self.bar.update(1)
-            self.bar.set_postfix(loss=f"{loss:.4f}")
-            return
-        if not validated and step % max(1, round(self.total / 20)) and step != self.total:  # ~every 5 %
-            return
-        rate = (step - self.start) / max(time.perf_counter() - self.t0, 1e-9)
-        line = (f"{self.desc}: step {step}/{self.total} ({100 * step / self.total:.0f} %) loss {loss:.4f} "
-                f"{seconds:.1f} s {rate:.2f} steps/s")
-        if val:
-            line += " | val " + ", ".join(f"{n} r {m['pearson']:.3f}" for n, m in val.items() if "pearson" in m)
-        print(line, file=self.stream, flush=True)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-
-
 def train(
     spec,
     out: str | Path,
@@ -460,6 +421,8 @@ def train(
 ):
     """Train and write a bundle to ``out`` (and resume state to ``out/training_state``); returns (bundle, history).
 
+    Under ``torchrun`` every process runs this; rank 0 writes and returns the bundle, the others return None.
+
     ``spec``: a paired-stain :class:`TrainingSpec` or a class-conditional ``ClassCondSpec``.
     """
     from .classcond import ClassCondSpec, classcond_job
@@ -467,8 +430,9 @@ def train(
     out = Path(out)
     job = classcond_job(spec, opts) if isinstance(spec, ClassCondSpec) else stain_job(spec, opts)
     config = job.config
-    print(describe_split(spec, job), file=sys.stderr, flush=True)
-    device = pick_device(opts.device)
+    ranks, device = distributed.setup(pick_device(opts.device))  # torchrun: this process's rank and device
+    if ranks.main:
+        print(describe_split(spec, job), file=sys.stderr, flush=True)
     torch.manual_seed(opts.seed)
     rng = np.random.default_rng(opts.seed)
     gen = torch.Generator().manual_seed(opts.seed)
@@ -478,6 +442,7 @@ def train(
         torch.nn.init.zeros_(unet.conv_out.weight)
         torch.nn.init.zeros_(unet.conv_out.bias)
     ema = copy.deepcopy(unet).eval().requires_grad_(False)
+    model = distributed.wrap(unet, ranks, device)  # DDP under torchrun: gradients averaged over the ranks
     opt = torch.optim.AdamW(unet.parameters(), lr=opts.lr, weight_decay=opts.weight_decay)
     scheduler = training_scheduler(config)
     start, history = (0, [])
@@ -492,7 +457,8 @@ def train(
         "options": {k: v for k, v in asdict(opts).items() if k not in ("command", "extra")},
         "train_regions": job.train_regions, "val_regions": job.val_regions, **job.provenance, **opts.extra,
     }
-    progress = TrainProgress(opts.steps, start, f"train {config.task}/{config.objective}")
+    progress = TrainProgress(opts.steps, start, f"train {config.task}/{config.objective}",
+                             None if ranks.main else io.StringIO())
     amp = training_autocast(opts.precision, device)
     config.training["precision"] = "bf16" if amp else "float32"
     unet.train()
@@ -504,9 +470,10 @@ def train(
             break
         for group in opt.param_groups:
             group["lr"] = learning_rate(opts, step)
-        batch = tuple(t.to(device) for t in job.next_batch(rng))
+        # every rank draws the same global batch and trains on its slice (train/distributed.py)
+        batch = tuple(t.to(device) for t in distributed.shard(job.next_batch(rng), ranks))
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-            loss = job.loss(unet, scheduler, batch, gen).float()
+            loss = job.loss(model, scheduler, batch, gen).float()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
@@ -517,13 +484,16 @@ def train(
                 pe.lerp_(p, 1 - decay)
             for be, b in zip(ema.buffers(), unet.buffers()):
                 be.copy_(b)
-        running = loss.item() if running is None else 0.98 * running + 0.02 * loss.item()
+        value = distributed.mean_over_ranks(loss.item(), device)
+        running = value if running is None else 0.98 * running + 0.02 * value
         if on_step is not None:
-            on_step(step + 1, loss.item())
+            on_step(step + 1, value)
         done = step + 1
         if opts.max_minutes and done == start + BUDGET_PROBE_STEPS:
-            total = budgeted_steps(opts, done - start, time.perf_counter() - t0, start)
+            total = distributed.agree(budgeted_steps(opts, done - start, time.perf_counter() - t0, start), device)
             config.training["steps"] = progress.total = total
+        if not ranks.main:
+            continue
         if done % opts.val_every == 0 or done == total:
             record = {"step": done, "loss": running, "seconds": round(earlier + time.perf_counter() - t0, 1)}
             if job.validate is not None:
@@ -537,7 +507,13 @@ def train(
         else:
             progress.update(done, running, earlier + time.perf_counter() - t0)
     progress.close()
-    config.training["history"] = history
-    bundle = save_bundle(out, config, ema, half=opts.half_weights, mean_unet=job.mean_unet)
-    (out / "training_log.json").write_text(json.dumps(history, indent=2))
+    bundle = None
+    if ranks.main:
+        config.training["history"] = history
+        if ranks.world > 1:
+            config.training["processes"] = ranks.world
+        bundle = save_bundle(out, config, ema, half=opts.half_weights, mean_unet=job.mean_unet)
+        (out / "training_log.json").write_text(json.dumps(history, indent=2))
+    distributed.barrier()
+    distributed.teardown()
     return bundle, history
