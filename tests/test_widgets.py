@@ -689,3 +689,70 @@ def test_rgb_checkpoint_takes_rgb_layers(make_napari_viewer, qtbot, shared_data,
     assert select_input(he, 1, ["brightfield"]).arrays[0].shape == (40, 48)
     with pytest.raises(VirtualStainError, match="Split RGB"):
         select_input(he, 2, ["a", "b"])
+
+
+def test_review_flags_decide_edit_survive_thresholds_export_and_reopen(make_napari_viewer, qtbot, crop, tiny_bundle,
+                                                                       tmp_path, notes):
+    from napari_virtualstain._widgets import UncertaintyWidget
+    from napari_virtualstain._widgets.review import KEYS
+
+    viewer = make_napari_viewer()
+    viewer.add_image(crop, name="Brightfield", scale=SCALE)
+    widget = UncertaintyWidget(viewer)
+    widget.controls.set_checkpoint(tiny_bundle.path)
+    assert widget.run()
+    wait_done(qtbot, widget)
+    assert widget.runner.last_outcome == "done", notes.all()
+    # readable by default: stain + flag outlines; maps and labels hidden, one click away
+    assert viewer.layers["Hoechst (virtual)"].visible and viewer.layers["flags"].contour == 2
+    assert not viewer.layers["Hoechst std_steps"].visible and not viewer.layers["nuclei (virtual)"].visible
+    widget.min_area.setValue(4)
+    for pos in range(50, 1000, 25):  # a threshold with several regions
+        widget.threshold.setValue(pos)
+        if len(widget.review.regions) >= 3:
+            break
+    panel, review = widget.review_panel, widget.review
+    ids = panel.ids()
+    assert len(ids) >= 3 and panel.isEnabled()
+    assert [review.regions[i].mean_std for i in ids] == sorted((r.mean_std for r in review.regions.values()),
+                                                               reverse=True)
+    # Next centres the view on the region and selects it for editing
+    panel.step(1)
+    second = review.regions[ids[1]]
+    flags = viewer.layers["flags"]
+    world = flags.data_to_world([0, *second.centroid])
+    from napari_virtualstain._widgets.review import REGION_SHARE, camera_of, canvas_size
+
+    camera = camera_of(viewer)
+    np.testing.assert_allclose(camera.center[-2:], world[-2:], atol=1e-6)
+    extent = (np.asarray(second.bbox[2:]) - np.asarray(second.bbox[:2])) * np.asarray(SCALE[-2:])
+    assert camera.zoom == pytest.approx(REGION_SHARE * np.min(canvas_size(viewer) / extent))
+    assert flags.selected_label == ids[1]
+    # the keys are bound on the viewer; a decision moves on to the next region still to review
+    bound = {str(k) for k in viewer.keymap}
+    assert all(any(key.replace("-", "").lower() in b.replace("-", "").replace("+", "").lower() for b in bound)
+               for key in KEYS), bound
+    panel.decide("hallucination")
+    assert widget.review.regions[ids[1]].decision == "hallucination" and panel.current_id() == ids[2]
+    panel.decide("fine")
+    assert widget.review.regions[ids[2]].decision == "fine"
+    # a region drawn by hand, then another threshold: the drawn region and both decisions are kept
+    data = flags.data.copy()
+    data[0, :3, :3] = 99
+    flags.data = data
+    widget.threshold.setValue(widget.threshold.value() + 25)
+    widget.threshold.setValue(widget.threshold.value() - 25)
+    after = widget.review
+    hand = [r for r in after.regions.values() if r.by_hand]
+    assert len(hand) == 1 and hand[0].area == 9
+    assert sorted(r.decision for r in after.regions.values() if r.decision != "unreviewed") == ["fine",
+                                                                                              "hallucination"]
+    # export, change everything, reopen: the review is back
+    csv_path, tif_path = widget.export_flags(tmp_path / "review.csv")
+    saved = {r.centroid: r.decision for r in widget.review.regions.values()}
+    widget.threshold.setValue(900)
+    widget.open_review(csv_path)
+    assert {r.centroid: r.decision for r in widget.review.regions.values()} == saved
+    assert np.array_equal(viewer.layers["flags"].data[0], widget.review.labels)
+    assert "to review" in panel.counts.text() and panel.list.count() == len(saved)
+    assert not notes.errors()

@@ -2,7 +2,10 @@
 
 The model runs once (``core.uncertainty.predict_uncertainty``, the same call as ``virtualstain predict
 --uncertainty``); the flags are a cheap function of the cached std map (``flag_regions``), so the threshold slider
-and the minimum area update the ``flags`` layer instantly without running the model again.
+and the minimum area update the ``flags`` layer instantly without running the model again. The review panel
+(``review.py``) steps through the regions; decisions and hand edits of the ``flags`` layer survive threshold changes
+(``core.review`` states the merge rule) and are exported with the regions. After a run the view is readable: the
+stain with the flags as outlines; the std maps and labels are added hidden, one click away.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from qtpy.QtWidgets import (
 )
 
 from ..core.errors import VirtualStainError
+from ..core.review import merge
 from ._base import TaskWidget, describe_progress
 from ._controls import RunSettings
 from ._layers import (
@@ -43,6 +47,7 @@ from ._layers import (
 )
 from ._notify import notify_error, notify_info
 from ._runner import Job
+from .review import ReviewPanel
 
 SLIDER_MAX = 1000
 MEDIAN_SIZE = 3
@@ -132,12 +137,24 @@ class UncertaintyWidget(TaskWidget):
         self.flag_summary = QLabel("")
         self.flag_summary.setWordWrap(True)
         form.addRow(self.flag_summary)
-        self.export_button = QPushButton("Export flags… (CSV + labels TIFF)")
-        form.addRow(self.export_button)
+        self.export_button = QPushButton("Export review… (CSV + labels TIFF)")
+        self.open_button = QPushButton("Open review…")
+        row = QHBoxLayout()
+        row.addWidget(self.export_button)
+        row.addWidget(self.open_button)
+        holder = QWidget()
+        holder.setLayout(row)
+        row.setContentsMargins(0, 0, 0, 0)
+        form.addRow(holder)
         layout.addWidget(self.flags_box)
         self.flags_box.setEnabled(False)
-        self.flags_box.setToolTip("Run 'Compute maps' first. Moving the threshold recomputes the flags layer "
-                                  "(replacing hand edits); export writes the layer as it is now.")
+        self.flags_box.setToolTip("Run 'Compute maps' first. Moving the threshold recomputes the automatic regions; "
+                                  "decisions and regions edited by hand are kept (core/review.py). Export writes the "
+                                  "regions as they are now, with the decisions; Open restores such an export.")
+        self.review = None  # core.review.Review of the flags layer
+        self._auto = None  # the labels last written to the layer (hand edits are what differs from them)
+        self.review_panel = ReviewPanel(self.viewer, lambda: self.review, self.decide, self._flags_layer)
+        layout.addWidget(self.review_panel)
 
         self._cache: CachedMaps | None = None
         self._flags = None  # last FlagResult
@@ -149,6 +166,7 @@ class UncertaintyWidget(TaskWidget):
         self.flag_map.currentTextChanged.connect(lambda _: self._reset_threshold())
         self.otsu_button.clicked.connect(lambda: self._reset_threshold())
         self.export_button.clicked.connect(self._export_clicked)
+        self.open_button.clicked.connect(self._open_clicked)
 
     # -- run ---------------------------------------------------------------------------------------------------
     def make_job(self, bundle, s: RunSettings, layer) -> Job:
@@ -176,10 +194,12 @@ class UncertaintyWidget(TaskWidget):
             if add_prediction:
                 st = result.stain
                 lead = sel.lead_shape
-                tuples += stain_layer_tuples(
+                stain = stain_layer_tuples(
                     st.image.reshape(*lead, *st.image.shape), st.channel_names, st.channel_kinds,
                     {k: v.reshape(*lead, *v.shape) for k, v in st.labels.items()}, provenance, sel.geometry,
                 )
+                # a readable view: the stain with the flags on it; its labels are one click away
+                tuples += [(d, {**kw, "visible": False} if kind == "labels" else kw, kind) for d, kw, kind in stain]
             tuples += map_layer_tuples(result.maps, result.stain.channel_names, result.stain.channel_kinds,
                                        provenance, sel, all_channels)
             return tuples, CachedMaps(result.maps, result.stain.channel_names, result.stain.channel_kinds, sel,
@@ -220,12 +240,16 @@ class UncertaintyWidget(TaskWidget):
         return lo + (hi - lo) * pos / (SLIDER_MAX + 1)  # the top position stays below the max: [lo, hi)
 
     def _reset_threshold(self) -> None:
-        """New channel/map (or the Otsu button): slider range from the map, threshold from Otsu."""
+        """New channel/map (or the Otsu button): slider range from the map, threshold from Otsu. A review belongs to
+        one map: another channel or map starts a new one."""
         from ..core.uncertainty import flag_regions
 
         m = self.current_map()
         if m is None:
             return
+        if (self.flag_channel.currentText(), self.flag_map.currentText()) != getattr(self, "_reviewed", None):
+            self.review = self._auto = None
+        self._reviewed = (self.flag_channel.currentText(), self.flag_map.currentText())
         from scipy import ndimage as ndi
 
         smooth = ndi.median_filter(m, size=MEDIAN_SIZE)  # flag_regions thresholds the filtered map
@@ -256,7 +280,9 @@ class UncertaintyWidget(TaskWidget):
             result, message = None, str(exc)
         self._flags = result
         sel = cache.selection
-        labels = result.labels if result is not None else np.zeros(m.shape, np.int32)
+        automatic = result.labels if result is not None else np.zeros(m.shape, np.int32)
+        self.review = merge(automatic, self._synced_review(m), m)  # decisions and hand edits carry over
+        labels = self._auto = self.review.labels
         data = labels.reshape(*sel.lead_shape, *labels.shape)
         used = self.threshold_value = result.threshold if result is not None else value
         self.threshold_label.setText(f"{used:.4g}")
@@ -266,37 +292,83 @@ class UncertaintyWidget(TaskWidget):
         if layer is None or layer.data.shape != data.shape:
             if layer is not None:
                 self.viewer.layers.remove(layer)
-            add_layers(self.viewer, [(data, {"name": FLAGS_LAYER, "opacity": 0.6, "metadata": json_safe(meta),
+            add_layers(self.viewer, [(data, {"name": FLAGS_LAYER, "opacity": 0.9, "metadata": json_safe(meta),
                                              **sel.geometry.kwargs()}, "labels")])
+            self.viewer.layers[FLAGS_LAYER].contour = 2  # outlines: the stain stays visible inside
         else:
             layer.data = data
             layer.metadata = json_safe(meta)
         n = len(result.table) if result is not None else 0
+        kept = len(self.review.regions) - n
         self.flag_summary.setText(
-            f"{n} region{'s' if n != 1 else ''} above {used:.4g} ({self.flag_map.currentText()} of "
-            f"{self.flag_channel.currentText()})" if result is not None else message
+            (f"{n} region{'s' if n != 1 else ''} above {used:.4g} ({self.flag_map.currentText()} of "
+             f"{self.flag_channel.currentText()})" if result is not None else message)
+            + (f"; {kept} more kept from hand edits" if kept > 0 else "")
         )
+        self.review_panel.refresh()
+
+    # -- review ------------------------------------------------------------------------------------------------
+    def _flags_layer(self):
+        return self.viewer.layers[FLAGS_LAYER] if FLAGS_LAYER in self.viewer.layers else None
+
+    def _synced_review(self, m: np.ndarray):
+        """The review with the person's edits of the flags layer taken in (None before the first flags)."""
+        from ..core.review import sync
+
+        layer = self._flags_layer()
+        if self.review is None or self._auto is None or layer is None:
+            return self.review
+        current = np.asarray(layer.data).reshape(layer.data.shape[-2:])
+        if current.shape != self._auto.shape:
+            return self.review
+        if not np.array_equal(current, self._auto):
+            self.review = sync(self.review, current, self._auto, m)
+            self._auto = self.review.labels
+        return self.review
+
+    def decide(self, region_id: int, decision: str) -> None:
+        m = self.current_map()
+        if m is not None:
+            self._synced_review(m)
+        self.review.decide(region_id, decision)
 
     def export_flags(self, path: str | Path) -> tuple[Path, Path]:
-        """Write the ``flags`` layer as it is now (hand edits included): CSV of regions + labels TIFF."""
-        from ..core.io import write_labels
-        from ..core.uncertainty import flag_table, write_flag_table
+        """Write the review as it is now (hand edits of the flags layer and decisions included): a CSV row per region
+        and the labels TIFF with the provenance; ``open_review`` restores it."""
+        from ..core.review import write_review
 
-        if self._cache is None or FLAGS_LAYER not in self.viewer.layers:
-            raise VirtualStainError("Nothing to export: compute the maps first (the 'flags' layer holds the regions)")
-        layer = self.viewer.layers[FLAGS_LAYER]
-        labels = np.asarray(layer.data).reshape(layer.data.shape[-2:])
         m = self.current_map()
-        if m is None or m.shape != labels.shape:
+        if self._cache is None or self._flags_layer() is None or m is None:
+            raise VirtualStainError("Nothing to export: compute the maps first (the 'flags' layer holds the regions)")
+        layer = self._flags_layer()
+        if tuple(layer.data.shape[-2:]) != m.shape:
             raise VirtualStainError("The 'flags' layer no longer matches the maps; move the threshold to redo it")
-        path = Path(path)
-        csv_path = path.with_suffix(".csv")
-        tif_path = path.with_name(path.stem + "_labels.tif")
+        review = self._synced_review(m)
         extra = {"channel": self.flag_channel.currentText(), "map": self.flag_map.currentText(),
                  "threshold": self.threshold_value}
-        write_flag_table(csv_path, flag_table(labels, m), extra=extra)
-        write_labels(tif_path, labels, json_safe(layer.metadata))
-        return csv_path, tif_path
+        return write_review(path, review, json_safe(layer.metadata), extra)
+
+    def open_review(self, path: str | Path) -> None:
+        """Restore an exported review onto the maps of the current run (same image: same shape)."""
+        from ..core.io import read_provenance
+        from ..core.review import read_review
+
+        if self._cache is None:
+            raise VirtualStainError("Compute the maps of the image first, then open its review")
+        path = Path(path)
+        tif = path.with_name((path.stem[: -len("_labels")] if path.stem.endswith("_labels") else path.stem)
+                             + "_labels.tif")
+        info = read_provenance(tif).get("review", {}) if tif.is_file() else {}
+        for combo, key in ((self.flag_channel, "channel"), (self.flag_map, "map")):
+            if info.get(key) and combo.findText(info[key]) >= 0:
+                combo.setCurrentText(info[key])
+        m = self.current_map()
+        review, _ = read_review(path, m)
+        self.review, self._auto = review, review.labels
+        layer, sel = self._flags_layer(), self._cache.selection
+        layer.data = review.labels.reshape(*sel.lead_shape, *review.labels.shape)
+        self.flag_summary.setText(f"{len(review.regions)} regions from {path.name}")
+        self.review_panel.refresh()
 
     def _export_clicked(self) -> None:
         path, _ = QFileDialog.getSaveFileName(self, "Export flags", "flags.csv", "CSV (*.csv)")
@@ -308,6 +380,15 @@ class UncertaintyWidget(TaskWidget):
             notify_error(str(exc))
             return
         notify_info(f"Wrote {csv_path.name} and {tif_path.name} to {csv_path.parent}")
+
+    def _open_clicked(self) -> None:
+        path, _ = QFileDialog.getOpenFileName(self, "Open review", "", "Review (*.csv *_labels.tif)")
+        if not path:
+            return
+        try:
+            self.open_review(path)
+        except (VirtualStainError, OSError) as exc:
+            notify_error(str(exc))
 
 
 def map_layer_tuples(maps: dict[str, np.ndarray], channel_names, channel_kinds, provenance: dict,
@@ -326,7 +407,7 @@ def map_layer_tuples(maps: dict[str, np.ndarray], channel_names, channel_kinds, 
                       "contrast_limits": robust_limits(data), "visible": False}
             else:
                 hi = robust_limits(data)[1]
-                kw = {"colormap": HEATMAP, "contrast_limits": (0.0, max(hi, 1e-6))}
+                kw = {"colormap": HEATMAP, "contrast_limits": (0.0, max(hi, 1e-6)), "visible": False}
             out.append((data, {"name": f"{name} {MAP_LABELS[key]}", "blending": "additive", "metadata": meta,
                                **kw, **sel.geometry.kwargs()}, "image"))
     return out
