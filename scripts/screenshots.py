@@ -85,10 +85,15 @@ def stain_and_uncertainty(app, out: Path) -> None:
     widget.mode.setCurrentText("both")
     widget.n_seeds.setValue(3)
     run_and_wait(app, widget)
-    for name in ("nuclei (virtual)", "cells (virtual)", "Hoechst std_steps", "Brightfield (scratch assay)"):
-        viewer.layers[name].visible = False
-    viewer.layers["flags"].contour = 2
+    viewer.layers["Brightfield (scratch assay)"].visible = False  # the rest is the widget's default view
     grab(app, viewer, out / "uncertainty_widget.png")
+
+    # the review: the first region centred and zoomed, one decision made
+    panel = widget.review_panel
+    panel.decide("hallucination")
+    panel.step(0)
+    spin(app, seconds=0.5)
+    grab(app, viewer, out / "flag_review.png")
     viewer.close()
 
 
