@@ -194,6 +194,8 @@ def test_cli_evaluate_writes_report(tmp_path, capsys):
     assert rc == 0
     printed = capsys.readouterr().out
     assert "perfect Hoechst" in printed and "wrote" in printed and "F1 1.000" in printed
+    notes = [ln for ln in printed.splitlines() if ln.startswith("note:")]
+    assert len(notes) == len(set(notes)) == 2 and all("'nuclei boundary', 'nuclei foreground'" in ln for ln in notes)
 
     rows = _read_csv(out / "metrics.csv")
     image_rows = [r for r in rows if r["metric_type"] == "image"]

@@ -119,6 +119,7 @@ def test_stain_predicts_current_plane_like_the_core(stain_setup, qtbot, crop, ti
     np.testing.assert_allclose(hoechst.data[0], expected.channel("Hoechst"), rtol=1e-5, atol=1e-4)
     assert np.array_equal(nuclei.data[0], expected.labels["nuclei"])
     assert hoechst.blending == "additive" and hoechst.colormap.name == "cyan"
+    assert nuclei.contour == 1  # outlines over the virtual stain, not filled
     lo, hi = hoechst.contrast_limits
     assert hoechst.data.min() <= lo < hi <= hoechst.data.max()
     assert not notes.errors()

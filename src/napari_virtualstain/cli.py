@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+from collections import Counter
 import logging
 import shlex
 import sys
@@ -430,8 +431,8 @@ def cmd_evaluate(args) -> int:
         progress=(lambda stem: log.info("evaluating %s", stem)),
     )
     written = write_report(report, args.output)
-    for note in report.notes:
-        print(f"note: {note}")
+    for note, n in Counter(report.notes).items():  # one line per distinct note, not one per image
+        print(f"note: {note}" + (f" ({n} images)" if n > 1 else ""))
     for r in report.summary:
         if r["metric_type"] == "image":
             print(f"{r['method']} {r['target']} ({r['n_images']} image(s)): Pearson r {r['pearson']:.3f} "

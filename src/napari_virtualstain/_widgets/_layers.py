@@ -280,8 +280,8 @@ def stain_layer_tuples(
             }, "image"))
     for name, lab in labels.items():
         meta = {**prov, "channel": name, "kind": "labels"}
-        out.append((np.ascontiguousarray(lab), {
-            "name": f"{name} {suffix}", "opacity": 0.5, "metadata": meta, **geometry.kwargs(),
+        out.append((np.ascontiguousarray(lab), {  # outlines: the virtual stain stays visible inside each object
+            "name": f"{name} {suffix}", "opacity": 0.8, "contour": 1, "metadata": meta, **geometry.kwargs(),
         }, "labels"))
     return out
 
@@ -296,6 +296,10 @@ def iter_add_layers(viewer, tuples: list[LayerTuple]):
     from napari.layers import Layer
 
     for data, kwargs, kind in tuples:
-        layer = Layer.create(data, dict(kwargs), kind)
+        kwargs = dict(kwargs)
+        contour = kwargs.pop("contour", None)  # a Labels property that its constructor does not take
+        layer = Layer.create(data, kwargs, kind)
+        if contour is not None:
+            layer.contour = contour
         viewer.layers.append(layer)
         yield layer

@@ -292,9 +292,8 @@ class UncertaintyWidget(TaskWidget):
         if layer is None or layer.data.shape != data.shape:
             if layer is not None:
                 self.viewer.layers.remove(layer)
-            add_layers(self.viewer, [(data, {"name": FLAGS_LAYER, "opacity": 0.9, "metadata": json_safe(meta),
-                                             **sel.geometry.kwargs()}, "labels")])
-            self.viewer.layers[FLAGS_LAYER].contour = 2  # outlines: the stain stays visible inside
+            add_layers(self.viewer, [(data, {"name": FLAGS_LAYER, "opacity": 0.9, "contour": 2,  # outlines
+                                             "metadata": json_safe(meta), **sel.geometry.kwargs()}, "labels")])
         else:
             layer.data = data
             layer.metadata = json_safe(meta)

@@ -265,12 +265,13 @@ def _pair_channels(method, pred_names, truth_names, pred_path, truth_path, notes
             "--truth-channels as the predictions name them"
         )
     matched = {p[0].lower() for p in pairs}
-    for n in truth_names:
-        if n.lower() not in matched:
-            notes.append(f"truth channel {n!r} is not predicted by method {method!r} - skipped")
-    for n in pred_names:
-        if n.lower() not in matched:
-            notes.append(f"prediction channel {n!r} of method {method!r} has no truth channel - skipped")
+    missing = [n for n in truth_names if n.lower() not in matched]
+    extra = [n for n in pred_names if n.lower() not in matched]
+    if missing:
+        notes.append(f"truth channel(s) {', '.join(map(repr, missing))} not predicted by method {method!r}: not scored")
+    if extra:
+        notes.append(f"method {method!r}: channel(s) {', '.join(map(repr, extra))} have no truth channel: not scored "
+                     "(instance labels are scored with --labels)")
     return pairs
 
 
