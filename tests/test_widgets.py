@@ -757,3 +757,32 @@ def test_review_flags_decide_edit_survive_thresholds_export_and_reopen(make_napa
     assert np.array_equal(viewer.layers["flags"].data[0], widget.review.labels)
     assert "to review" in panel.counts.text() and panel.list.count() == len(saved)
     assert not notes.errors()
+
+
+def test_a_layer_at_another_pixel_size_warns_and_rescale_fixes_it(make_napari_viewer, qtbot, scratch, notes):
+    """A held-out plane upsampled 2x with its scale halved ("40x"): a warning naming both sizes; the option works."""
+    from skimage.transform import rescale
+
+    from napari_virtualstain._widgets import StainWidget
+    from napari_virtualstain.core.metrics import pearson
+
+    viewer = make_napari_viewer()
+    up = rescale(scratch[9, :64, :96].astype(np.float32), 2.0, order=1, preserve_range=True)
+    layer = viewer.add_image(up, name="40x", scale=(0.3095, 0.3095))
+    widget = StainWidget(viewer)
+    viewer.window.add_dock_widget(widget)
+    assert widget.controls.set_checkpoint("demo-stain-regression") is not None
+    assert widget.run(layer)
+    assert any("0.3095 um pixels" in m and "rescale to the checkpoint's pixel size" in m for m in notes.warnings())
+    wait_done(qtbot, widget)
+    plain = viewer.layers["Hoechst (virtual)"].data.reshape(up.shape)
+    n_warnings = len(notes.warnings())
+    widget.rescale.setChecked(True)
+    assert widget.run(layer)
+    wait_done(qtbot, widget)
+    assert widget.runner.last_outcome == "done", notes.all()
+    assert len(notes.warnings()) == n_warnings  # no warning once rescaling
+    fixed = viewer.layers["Hoechst (virtual) [1]"]
+    assert fixed.data.reshape(up.shape).shape == up.shape and fixed.metadata["rescaled_by"] == pytest.approx(0.5)
+    np.testing.assert_allclose(fixed.scale[-2:], (0.3095, 0.3095))
+    assert pearson(fixed.data.reshape(up.shape), plain) < 0.99  # a different (resampled) prediction, not a copy

@@ -9,10 +9,11 @@ import numpy as np
 from qtpy.QtWidgets import QCheckBox, QComboBox, QFileDialog, QFormLayout, QPushButton, QSpinBox, QVBoxLayout
 
 from ..core.errors import VirtualStainError
+from ..core.inputs import pixel_size_warning
 from ._base import TaskWidget, per_plane
 from ._controls import RunSettings
 from ._layers import InputSelection, LayerTuple, iter_add_layers, stack_planes, stain_layer_tuples
-from ._notify import notify_error, notify_info
+from ._notify import notify_error, notify_info, notify_warning
 from ._runner import Job
 
 
@@ -45,7 +46,8 @@ def stack_stain_results(results: list, sel: InputSelection) -> StackedStain:
 
 
 def predict_selection(bundle, sel: InputSelection, s: RunSettings, progress, should_cancel,
-                      samples: int | None = None, labels_from: str | None = None) -> StackedStain:
+                      samples: int | None = None, labels_from: str | None = None,
+                      rescale: bool = False) -> StackedStain:
     """The worker side of a virtual-stain run: the same ``predict_stain`` the CLI calls, once per plane."""
     from ..core.tasks.stain import predict_stain
 
@@ -54,7 +56,7 @@ def predict_selection(bundle, sel: InputSelection, s: RunSettings, progress, sho
             bundle, array, channel_axis=sel.channel_axis, seed=s.seed, tile_size=s.tile_size,
             tile_overlap=s.tile_overlap, batch_size=s.batch_size, device=s.device, sampler=s.sampler, steps=s.steps,
             progress=cb, should_cancel=should_cancel, input_name=sel.layer_name, samples=samples,
-            labels_from=labels_from,
+            labels_from=labels_from, pixel_size_um=sel.geometry.pixel_size_um(), rescale=rescale,
         )
 
     return stack_stain_results(per_plane(sel, predict, progress, should_cancel), sel)
@@ -75,6 +77,10 @@ class StainWidget(TaskWidget):
         self.labels_from.setToolTip("Nuclei from the predicted boundary channels, or by segmenting the predicted "
                                     "stain (Otsu + distance-transform watershed)")
         form.addRow("Nuclei from", self.labels_from)
+        self.rescale = QCheckBox("rescale to the checkpoint's pixel size")
+        self.rescale.setToolTip("Resample the plane to the pixel size the model was trained at (the layer's scale "
+                                "gives the image's), predict, and resample the result back onto the layer's grid")
+        form.addRow(self.rescale)
         self.probabilities = QCheckBox("also add boundary / foreground probabilities")
         self.probabilities.setToolTip("The raw per-pixel probabilities the instance labels are made from")
         form.addRow(self.probabilities)
@@ -103,12 +109,18 @@ class StainWidget(TaskWidget):
 
     def make_job(self, bundle, settings: RunSettings, layer) -> Job:
         sel = self.select_input(bundle, settings, layer)
+        rescale = self.rescale.isChecked()
+        warning = None if rescale else pixel_size_warning(bundle.config.pixel_size_um, sel.geometry.pixel_size_um(),
+                                                          bundle.config.name)
+        if warning:
+            notify_warning(f"'{sel.layer_name}': {warning}")
         probabilities = self.probabilities.isChecked()
         samples = int(self.samples.value()) if bundle.config.objective != "regression" else None
         labels_from = self.labels_from.currentText() or None
 
         def work(progress, should_cancel) -> tuple[StackedStain, list[LayerTuple]]:
-            stacked = predict_selection(bundle, sel, settings, progress, should_cancel, samples, labels_from)
+            stacked = predict_selection(bundle, sel, settings, progress, should_cancel, samples, labels_from,
+                                        rescale)
             return stacked, stain_layer_tuples(
                 stacked.image, stacked.channel_names, stacked.channel_kinds, stacked.labels, stacked.provenance,
                 sel.geometry, probabilities=probabilities,

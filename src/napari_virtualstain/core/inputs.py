@@ -102,7 +102,8 @@ def pixel_size_warning(model_um: float | None, input_um: float | None, model_nam
         return None
     return (f"the image has {input_um:g} um pixels but {model_name} was trained at {model_um:g} um ({ratio:.2f}x): "
             "cells are not the size it learned and its predictions are unreliable. Resample to the model's pixel size "
-            "(CLI: --rescale) or correct the pixel size (--pixel-size) if the metadata is wrong")
+            "(CLI: --rescale; napari: tick 'rescale to the checkpoint's pixel size') or correct the image's pixel "
+            "size if its metadata is wrong (CLI: --pixel-size; napari: the layer's scale)")
 
 
 def rescale_planes(chw: np.ndarray, factor: float) -> np.ndarray:
