@@ -28,10 +28,10 @@ OBJECTIVES = ("residual_shift", "regression", "ddpm")
 DIFFUSION_OBJECTIVES = ("residual_shift", "ddpm")
 KINDS = ("stain", "boundary", "foreground")
 PICKLE_SUFFIXES = (".pt", ".pth", ".ckpt", ".pkl", ".pickle", ".bin", ".tar")
-_PICKLE_EXPLANATION = (
-    "PyTorch/pickle files can run arbitrary code when loaded, so napari-virtualstain never opens them. "
-    "A checkpoint is a folder with config.json and model.safetensors; convert trusted weights yourself with "
-    "safetensors.torch.save_file(state_dict, 'model.safetensors') and write a config.json (see docs/checkpoints.md)"
+_PICKLE_EXPLANATION = (  # the advice first: a notification may show only its start
+    "Pick a checkpoint folder (config.json + model.safetensors) instead; pickle files can run code when loaded, so "
+    "they are never opened. To convert trusted weights: safetensors.torch.save_file(state_dict, "
+    "'model.safetensors') plus a config.json (docs/checkpoints.md)"
 )
 
 

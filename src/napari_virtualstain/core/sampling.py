@@ -4,7 +4,8 @@ It works with any scheduler that has diffusers' ``scale_model_input``/``step`` A
 here, or diffusers' DDPM/DDIM), and exposes hooks instead of being copied per task:
 
 - ``progress(event)`` after every network call (per tile) and every step;
-- ``should_cancel()`` checked between steps; raises :class:`Cancelled` (nothing partial is returned);
+- ``should_cancel()`` checked between steps and between the network calls of a step; raises :class:`Cancelled`
+  (nothing partial is returned);
 - ``on_step(i, t, x0_hat)`` with the merged x̂0 of every step (running averages / std maps are built from it).
 
 Noise is drawn on the CPU from one ``torch.Generator`` per batch item (one per seed), at the image size, so a seed
@@ -162,6 +163,8 @@ def sample(
         def on_tile(done, total, i=i):
             if hooks.progress is not None:
                 hooks.progress(Progress(i, n, done, total))
+            if done < total:  # Cancel answers between network calls, not only between steps
+                hooks.check_cancel()
 
         model_output = tiled_predict(denoiser, plan, net_in, t, batch_size, on_tile, class_labels)
         del net_in  # the scaled x_t: one canvas less while the step allocates its own

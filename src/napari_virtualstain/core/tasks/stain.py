@@ -153,8 +153,13 @@ def run_stain_model(denoiser, config: BundleConfig, cond: torch.Tensor, plan: Ti
                 raise VirtualStainError(f"checkpoint {config.name!r} is mean-anchored but its mean network is missing")
             hooks.check_cancel()
             report = hooks.progress
-            cond = with_mean_prediction(mean_denoiser, cond, plan, batch_size,
-                                        lambda d, n: report and report(Progress(0, passes + 1, d, n)))
+            def on_mean_tile(done, total):
+                if report is not None:
+                    report(Progress(0, passes + 1, done, total))
+                if done < total:
+                    hooks.check_cancel()
+
+            cond = with_mean_prediction(mean_denoiser, cond, plan, batch_size, on_mean_tile)
             hooks = _shifted(hooks, passes + 1)
             passes += 1
         mu = cond[:, -len(config.output_channels):] if config.anchored and config.objective == "ddpm" else None
@@ -168,7 +173,13 @@ def run_stain_model(denoiser, config: BundleConfig, cond: torch.Tensor, plan: Ti
         return (out + mu if mu is not None else out), passes
     hooks.check_cancel()
     progress = hooks.progress
-    out = tiled_predict(denoiser, plan, cond, 0, batch_size, lambda d, n: progress and progress(Progress(0, 1, d, n)))
+    def on_tile(done, total):
+        if progress is not None:
+            progress(Progress(0, 1, done, total))
+        if done < total:
+            hooks.check_cancel()
+
+    out = tiled_predict(denoiser, plan, cond, 0, batch_size, on_tile)
     hooks.check_cancel()
     return out, 1
 
