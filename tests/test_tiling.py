@@ -283,6 +283,6 @@ def test_predict_stain_progress_and_cancel(bundle):
     events.clear()
     with pytest.raises(Cancelled):
         predict_stain(bundle, img, seed=0, progress=events.append, should_cancel=should_cancel)
-    # checked before the step and after each network call but the step's last: the request made after the first
-    # call of step 0 stops the run there — within a network call, not at the end of the step
-    assert [(e.step, e.tile) for e in events] == [(0, 4)]
+    # checked before each step and after each network call but a step's last: the third check (after the second call
+    # of step 0) stops the run there — one network call after the request, not at the end of the step
+    assert [(e.step, e.tile) for e in events] == [(0, 4), (0, 8)]
