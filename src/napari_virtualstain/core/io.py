@@ -2,12 +2,16 @@
 
 Predictions are ImageJ-hyperstack TIFFs (Fiji and napari show the channel names) whose ``Info`` holds the
 provenance as JSON; labels are plain TIFFs with the provenance JSON as the image description. Both read back with
-:func:`read_provenance`.
+:func:`read_provenance`. Every file is written under a temporary name and renamed when complete
+(:func:`atomic_write`), so a full disk or a crash never leaves a half-written file under the real name.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +20,29 @@ import tifffile
 from .errors import VirtualStainError
 
 IMAGE_SUFFIXES = (".tif", ".tiff", ".png", ".jpg", ".jpeg", ".bmp")
+
+
+@contextlib.contextmanager
+def atomic_write(path: str | Path):
+    """Yield a temporary path beside ``path``; rename it to ``path`` only when the block completes. An OSError
+    (read-only folder, full disk, ...) becomes one clear error, and nothing is left under either name."""
+    path = Path(path)
+    part = path.with_name(f".{path.name}.part")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        yield part
+        os.replace(part, path)
+    except OSError as exc:
+        with contextlib.suppress(OSError):
+            part.unlink()
+        why = {errno.ENOSPC: "the disk is full", errno.EROFS: "the file system is read-only",
+               errno.EACCES: "permission denied", errno.EPERM: "permission denied"}.get(exc.errno, exc.strerror or exc)
+        raise VirtualStainError(f"cannot write {path}: {why}; choose another output folder (-o) with write access "
+                                "and free space") from None
+    finally:
+        with contextlib.suppress(OSError):
+            if part.exists():
+                part.unlink()
 
 
 def read_image(path: str | Path) -> np.ndarray:
@@ -99,7 +126,8 @@ def write_channels(path: str | Path, image: np.ndarray, channel_names: list[str]
     if pixel_size_um:
         kwargs["resolution"] = (1.0 / pixel_size_um, 1.0 / pixel_size_um)
         metadata["unit"] = "um"
-    tifffile.imwrite(path, np.ascontiguousarray(image, dtype=np.float32), imagej=True, metadata=metadata, **kwargs)
+    with atomic_write(path) as part:
+        tifffile.imwrite(part, np.ascontiguousarray(image, dtype=np.float32), imagej=True, metadata=metadata, **kwargs)
     return path
 
 
@@ -107,8 +135,9 @@ def write_labels(path: str | Path, labels: np.ndarray, provenance: dict) -> Path
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     dtype = np.uint16 if labels.max(initial=0) < 2**16 else np.uint32
-    tifffile.imwrite(path, labels.astype(dtype), description=json.dumps(provenance, default=str), metadata=None,
-                     photometric="minisblack")  # a 3- or 4-plane stack is planes, not RGB
+    with atomic_write(path) as part:
+        tifffile.imwrite(part, labels.astype(dtype), description=json.dumps(provenance, default=str), metadata=None,
+                         photometric="minisblack")  # a 3- or 4-plane stack is planes, not RGB
     return path
 
 

@@ -131,13 +131,13 @@ def merge(new_automatic: np.ndarray, previous: Review | None, std_map: np.ndarra
 
 def write_review(path: str | Path, review: Review, provenance: dict, extra: dict | None = None) -> tuple[Path, Path]:
     """``<stem>.csv`` (a row per region) and ``<stem>_labels.tif`` (regions + provenance + decisions)."""
-    from .io import write_labels
+    from .io import atomic_write, write_labels
 
     path = Path(path)
     csv_path, tif_path = path.with_suffix(".csv"), path.with_name(path.stem + "_labels.tif")
     csv_path.parent.mkdir(parents=True, exist_ok=True)
     extra = extra or {}
-    with open(csv_path, "w", newline="") as fh:
+    with atomic_write(csv_path) as part, open(part, "w", newline="") as fh:
         w = csv.DictWriter(fh, fieldnames=[*extra, *REVIEW_COLUMNS])
         w.writeheader()
         for i in review.order():

@@ -8,6 +8,7 @@ per pixel) grows with the image.
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -18,6 +19,20 @@ import torch.nn.functional as F
 from .errors import VirtualStainError
 
 MIN_IMAGE_SIZE = 8
+log = logging.getLogger(__name__)
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """CUDA/MPS/CPU allocation failures, whatever torch version raises them."""
+    oom = getattr(torch, "OutOfMemoryError", None) or getattr(torch.cuda, "OutOfMemoryError", None)
+    if oom is not None and isinstance(exc, oom):
+        return True
+    return isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower()
+
+
+def free_device_memory() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def reflect_pad(x: torch.Tensor, bottom: int, right: int) -> torch.Tensor:
@@ -80,6 +95,8 @@ class TilePlan:
         ys, xs = _starts(ph, tile_size, overlap), _starts(pw, tile_size, overlap)
         self.tiles: list[Tile] = []
         self._windows: dict[torch.device, list[torch.Tensor]] = {}
+        self.oom_retries = 0  # network calls split after the device ran out of memory (recorded in provenance)
+        self._max_tiles_per_call: int | None = None
         # the tiles form a product grid of separable windows, so the merged weight is row sum x column sum:
         # two vectors instead of a weight plane the size of the image
         self.row_weight, self.col_weight = torch.zeros(ph), torch.zeros(pw)
@@ -103,6 +120,27 @@ class TilePlan:
             self._windows[device] = [tl.window.to(device) for tl in self.tiles]
         return self._windows[device][index]
 
+    def _call(self, fn, batch: torch.Tensor, b: int) -> torch.Tensor:
+        """``fn(batch)``; when the device runs out of memory, the same tiles in two halves (and fewer tiles per call
+        from then on), down to one tile — then a message that says what to change."""
+        try:
+            return fn(batch)
+        except Exception as exc:  # noqa: BLE001 - only out-of-memory is handled; everything else re-raised
+            if not is_out_of_memory(exc):
+                raise
+        free_device_memory()
+        n = batch.shape[0] // b
+        if n <= 1:
+            raise VirtualStainError(
+                f"the device ran out of memory even for one tile of {self.tile_size}x{self.tile_size} pixels; use a "
+                f"smaller tile size (--tile-size {max(self.multiple, self.tile_size // 2 // self.multiple * self.multiple)}"
+                ") or --device cpu") from None
+        self.oom_retries += 1
+        self._max_tiles_per_call = max(1, n // 2)
+        log.warning("out of memory with %d tiles per network call; retrying with %d", n, n // 2)
+        half = (n // 2) * b
+        return torch.cat([self._call(fn, batch[:half], b), self._call(fn, batch[half:], b)])
+
     def describe(self) -> dict:
         """Tile settings for provenance."""
         return {
@@ -110,6 +148,7 @@ class TilePlan:
             "tile_overlap": self.overlap,
             "num_tiles": len(self.tiles),
             "padded_shape": list(self.padded_shape),
+            **({"oom_retries": self.oom_retries} if self.oom_retries else {}),
         }
 
     def pad(self, x: torch.Tensor) -> torch.Tensor:
@@ -135,6 +174,8 @@ class TilePlan:
         parts = [self.pad(p) for p in ([inputs] if isinstance(inputs, torch.Tensor) else inputs)]
         b = max(p.shape[0] for p in parts)
         per_call = max(1, batch_size // b)
+        if self._max_tiles_per_call:
+            per_call = min(per_call, self._max_tiles_per_call)
         out = None
         t = self.tile_size
 
@@ -146,7 +187,7 @@ class TilePlan:
         for start in range(0, len(self.tiles), per_call):
             chunk = self.tiles[start : start + per_call]
             batch = torch.cat([tile_of(tl) for tl in chunk], dim=0)
-            pred = fn(batch).float()
+            pred = self._call(fn, batch, b).float()
             if out is None:
                 out = torch.zeros((b, pred.shape[1], *self.padded_shape), device=pred.device)
             for i, tl in enumerate(chunk):

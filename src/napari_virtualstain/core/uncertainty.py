@@ -340,7 +340,9 @@ def write_flag_table(path: str | Path, table: list[dict], extra: dict | None = N
     path.parent.mkdir(parents=True, exist_ok=True)
     extra = extra or {}
     columns = [*extra, *(c for c in extra_columns if c not in extra), *FLAG_COLUMNS]
-    with open(path, "w", newline="") as fh:
+    from .io import atomic_write
+
+    with atomic_write(path) as part, open(part, "w", newline="") as fh:
         w = csv.DictWriter(fh, fieldnames=columns, extrasaction="ignore")
         w.writeheader()
         for row in table:
