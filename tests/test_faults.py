@@ -78,10 +78,18 @@ def test_out_of_memory_retries_with_fewer_tiles_then_says_what_to_do(tiny_bundle
         res = predict_stain(bundle, image, batch_size=8, make_labels=False)
         assert res.provenance["oom_retries"] >= 1
         np.testing.assert_allclose(res.image, reference.image, rtol=1e-4, atol=1e-3)  # same tiles, same result
-        mp.setattr(Denoiser, "forward", limited(0))
+        # a device where not even one 32x32 tile fits, but a 16x16 one does: the message names 16, and 16 works
+        def tile_limited(self, x, *a, **k):
+            if x.shape[-1] > 16:
+                raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+            return real_forward(self, x, *a, **k)
+
+        mp.setattr(Denoiser, "forward", tile_limited)
         with pytest.raises(VirtualStainError, match=r"even for one tile of 32x32 pixels; use a smaller tile size "
                                                     r"\(--tile-size 16\) or --device cpu"):
             predict_stain(bundle, image, batch_size=8, make_labels=False)
+        followed = predict_stain(bundle, image, batch_size=8, make_labels=False, tile_size=16, tile_overlap=4)
+        assert followed.image.shape[-2:] == image.shape
 
 
 @pytest.mark.parametrize("code, words", [(errno.ENOSPC, "the disk is full"),
