@@ -99,17 +99,10 @@ def _parse_window(text: str) -> tuple[float, float]:
 
 def cmd_predict(args) -> int:
     from .core.bundle import load_bundle
-    from .core.inputs import labels_warning, pixel_size_warning
-    from .core.io import read_axes, read_image, read_pixel_size, write_channels, write_labels
-    from .core.tasks.stain import label_route, labels_from_channels, predict_stain
-    from .core.uncertainty import check_request, predict_uncertainty
+    from .core.uncertainty import check_request
 
     bundle = load_bundle(args.checkpoint)
-    out = Path(args.output)
-    plane = _parse_plane(args.plane)
-    n_in = len(bundle.config.input_channels)
-    plane_ndim = 2 if n_in == 1 and args.channel_axis is None else 3
-    thresholds = {"boundary_threshold": args.boundary_threshold, "foreground_threshold": args.foreground_threshold}
+    _parse_plane(args.plane)  # a bad --plane is refused before any work
     uncertainty = args.uncertainty
     seeds = [args.seed + k for k in range(args.seeds)]
     if uncertainty:  # refuse bad settings before any image is read
@@ -123,54 +116,122 @@ def cmd_predict(args) -> int:
         raise VirtualStainError("--samples averages plain predictions; with --uncertainty use --seeds K "
                                 "(the 'avg' map is the mean over seeds)")
     images = expand_inputs(args.images)
-    for path in images:
-        image = read_image(path)
-        input_um = args.pixel_size or read_pixel_size(path)
-        warning = None if args.rescale else pixel_size_warning(bundle.config.pixel_size_um, input_um, bundle.config.name)
-        if warning:
-            print(f"warning: {path.name}: {warning}", file=sys.stderr)
-        results, maps = [], []
-        for idx, arr in iter_planes(image, plane, args.all_planes, plane_ndim, read_axes(path)):
-            what = f"{path.name}" + (f" plane {idx}" if idx else "")
-            log.info("predicting %s %s", what, arr.shape)
-            if not results and (note := labels_warning(arr, what)):
-                print(f"warning: {note}", file=sys.stderr)
-            common = dict(
-                channel_axis=args.channel_axis, tile_size=args.tile_size, tile_overlap=args.tile_overlap,
-                batch_size=args.batch_size, device=args.device, sampler=args.sampler, steps=args.steps,
-                **_compute(args),
-                progress=_progress_printer(what) if not args.quiet else None, make_labels=False, input_name=what,
-            )
-            if uncertainty:
-                unc = predict_uncertainty(bundle, arr, mode=uncertainty, seeds=seeds, window=_parse_window(args.window),
-                                          **common)
-                res = unc.stain
-                maps.append(unc.maps)
-            else:
-                res = predict_stain(bundle, arr, seed=args.seed, samples=args.samples, block_size=args.block_size,
-                                    pixel_size_um=input_um, rescale=args.rescale, **common)
-            if not args.no_labels:
-                route = label_route(bundle.config, args.labels_from)
-                res.labels = labels_from_channels(bundle.config, res.image, route, **thresholds)
-                res.provenance["labels_from"] = route
-            res.provenance.update({"plane": list(idx), "input_file": str(path), **thresholds})
-            results.append((idx, res))
-        stem = path.name.split(".")[0]
-        prov = results[0][1].provenance | {"planes": [list(i) for i, _ in results]}
+    key = settings_key(bundle, args)
+    todo = [p for p in images if not already_written(Path(args.output), p, key, args)]
+    if len(todo) < len(images):
+        print(f"skipped {len(images) - len(todo)} file(s) already written with the same checkpoint and settings "
+              f"(delete their outputs to recompute)", file=sys.stderr)
+    if args.workers or args.scheduler:
+        from .runner import run_distributed
 
-        def stacked(arrays):
-            return np.stack(arrays) if len(arrays) > 1 else arrays[0]
-
-        first = results[0][1]
-        written = [write_channels(out / f"{stem}_virtualstain.tif", stacked([r.image for _, r in results]),
-                                  first.channel_names, prov, input_um or bundle.config.pixel_size_um)]
-        for name in first.labels:
-            written.append(write_labels(out / f"{stem}_{name.replace(' ', '_')}_labels.tif",
-                                        stacked([r.labels[name] for _, r in results]), prov | {"labels": name}))
-        if uncertainty:
-            written += _write_uncertainty(out, stem, bundle.config, first.channel_names, maps, prov, args)
+        failed = run_distributed(todo, args, key)
+        if failed:
+            raise VirtualStainError(f"{len(failed)} of {len(todo)} file(s) failed (after retries); the others are "
+                                    "written, and a rerun does only what is missing:\n"
+                                    + "\n".join(f"  {name}: {why}" for name, why in failed))
+        return 0
+    for path in todo:
+        written = predict_file(path, bundle, args, key)
         print("\n".join(f"wrote {p}" for p in written))
     return 0
+
+
+SETTINGS = ("seed", "samples", "steps", "sampler", "tile_size", "tile_overlap", "block_size", "labels_from",
+            "boundary_threshold", "foreground_threshold", "no_labels", "uncertainty", "seeds", "window", "flag_map",
+            "flag_threshold", "flag_otsu", "flag_min_area", "flag_merge", "flag_max_regions", "plane", "all_planes",
+            "channel_axis", "pixel_size", "rescale", "precision")
+
+
+def settings_key(bundle, args) -> str:
+    """What makes an output what it is: the checkpoint's id and every option that changes pixels (not speed)."""
+    import hashlib
+
+    settings = {"bundle_id": bundle.id, **{k: getattr(args, k, None) for k in SETTINGS}}
+    return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def output_stem(path: Path) -> str:
+    return path.name.split(".")[0]
+
+
+def already_written(out: Path, path: Path, key: str, args) -> bool:
+    """True when this file's outputs exist, complete, from the same checkpoint and settings (files are renamed into
+    place only when complete, so an existing one is whole)."""
+    from .core.io import read_provenance
+
+    stain = out / f"{output_stem(path)}_virtualstain.tif"
+    if not stain.is_file():
+        return False
+    try:
+        prov = read_provenance(stain)
+    except Exception:  # noqa: BLE001 - an unreadable file is recomputed, not trusted
+        return False
+    if prov.get("settings_key") != key:
+        return False
+    return all((out / name).is_file() for name in prov.get("outputs", []))
+
+
+def predict_file(path: Path, bundle, args, key: str) -> list[Path]:
+    """One input file (every selected plane) -> its output files; the unit of work in-process and on Dask workers."""
+    from .core.inputs import labels_warning, pixel_size_warning
+    from .core.io import read_axes, read_image, read_pixel_size, write_channels, write_labels
+    from .core.tasks.stain import label_route, labels_from_channels, predict_stain
+    from .core.uncertainty import predict_uncertainty
+
+    out = Path(args.output)
+    plane = _parse_plane(args.plane)
+    n_in = len(bundle.config.input_channels)
+    plane_ndim = 2 if n_in == 1 and args.channel_axis is None else 3
+    thresholds = {"boundary_threshold": args.boundary_threshold, "foreground_threshold": args.foreground_threshold}
+    uncertainty = args.uncertainty
+    seeds = [args.seed + k for k in range(args.seeds)]
+    image = read_image(path)
+    input_um = args.pixel_size or read_pixel_size(path)
+    warning = None if args.rescale else pixel_size_warning(bundle.config.pixel_size_um, input_um, bundle.config.name)
+    if warning:
+        print(f"warning: {path.name}: {warning}", file=sys.stderr)
+    results, maps = [], []
+    for idx, arr in iter_planes(image, plane, args.all_planes, plane_ndim, read_axes(path)):
+        what = f"{path.name}" + (f" plane {idx}" if idx else "")
+        log.info("predicting %s %s", what, arr.shape)
+        if not results and (note := labels_warning(arr, what)):
+            print(f"warning: {note}", file=sys.stderr)
+        common = dict(
+            channel_axis=args.channel_axis, tile_size=args.tile_size, tile_overlap=args.tile_overlap,
+            batch_size=args.batch_size, device=args.device, sampler=args.sampler, steps=args.steps,
+            **_compute(args),
+            progress=_progress_printer(what) if not args.quiet else None, make_labels=False, input_name=what,
+        )
+        if uncertainty:
+            unc = predict_uncertainty(bundle, arr, mode=uncertainty, seeds=seeds, window=_parse_window(args.window),
+                                      **common)
+            res = unc.stain
+            maps.append(unc.maps)
+        else:
+            res = predict_stain(bundle, arr, seed=args.seed, samples=args.samples, block_size=args.block_size,
+                                pixel_size_um=input_um, rescale=args.rescale, **common)
+        if not args.no_labels:
+            route = label_route(bundle.config, args.labels_from)
+            res.labels = labels_from_channels(bundle.config, res.image, route, **thresholds)
+            res.provenance["labels_from"] = route
+        res.provenance.update({"plane": list(idx), "input_file": str(path), **thresholds})
+        results.append((idx, res))
+    stem = output_stem(path)
+    first = results[0][1]
+    label_files = [f"{stem}_{name.replace(' ', '_')}_labels.tif" for name in first.labels]
+    prov = first.provenance | {"planes": [list(i) for i, _ in results], "settings_key": key, "outputs": label_files}
+
+    def stacked(arrays):
+        return np.stack(arrays) if len(arrays) > 1 else arrays[0]
+
+    written = []
+    for name, file in zip(first.labels, label_files):  # labels first: the stain file marks the field as done
+        written.append(write_labels(out / file, stacked([r.labels[name] for _, r in results]), prov | {"labels": name}))
+    if uncertainty:
+        written += _write_uncertainty(out, stem, bundle.config, first.channel_names, maps, prov, args)
+    written.insert(0, write_channels(out / f"{stem}_virtualstain.tif", stacked([r.image for _, r in results]),
+                                     first.channel_names, prov, input_um or bundle.config.pixel_size_um))
+    return written
 
 
 def _write_uncertainty(out: Path, stem: str, config, channel_names, maps: list[dict], prov: dict, args) -> list[Path]:
@@ -566,6 +627,13 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--flag-max-regions", type=int, default=20,
                     help="keep the N regions with the most excess uncertainty (0: keep all)")
     _compute_options(pr)
+    pr.add_argument("--workers", type=int, default=None,
+                    help="predict the files as tasks on a local Dask cluster of N worker processes (a file per task, "
+                         "retried on failure; a rerun skips files already written with the same checkpoint and "
+                         "settings)")
+    pr.add_argument("--scheduler", default=None, metavar="ADDRESS",
+                    help="run the tasks on an existing Dask cluster (e.g. tcp://host:8786; dask-jobqueue, Kubernetes)")
+    pr.add_argument("--retries", type=int, default=1, help="with --workers/--scheduler: retries of a failed file")
     pr.add_argument("--quiet", "-q", action="store_true")
     pr.set_defaults(func=cmd_predict)
 

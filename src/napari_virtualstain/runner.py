@@ -1,0 +1,98 @@
+"""Many files as tasks on Dask distributed: ``virtualstain predict FOLDER -o OUT --workers N`` (or ``--scheduler``).
+
+Each file is one task running ``cli.predict_file`` — the same code as an in-process run — on a worker that loads the
+checkpoint once and writes its own outputs straight into the output folder (nothing is sent back but file names).
+Files are written under temporary names and renamed when complete, so a killed job leaves no half-written output; a
+rerun skips files already written with the same checkpoint and settings (``cli.already_written``), so it continues
+where the job stopped. A failed task is retried (``--retries``), then reported with its error at the end.
+
+Without ``--scheduler`` a ``LocalCluster`` is sized to the machine: one worker per GPU where there are GPUs, else
+``--workers`` processes sharing the cores (each gets cores // workers torch threads unless ``--threads`` is given).
+With ``--scheduler ADDRESS`` any running cluster is used unchanged (dask-jobqueue on SLURM, Kubernetes, ...).
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import logging
+import sys
+import time
+from pathlib import Path
+
+
+@functools.lru_cache(maxsize=2)
+def _bundle(checkpoint: str):
+    """One load per worker process (tasks of a job share it)."""
+    from .core.bundle import load_bundle
+
+    return load_bundle(checkpoint)
+
+
+def predict_task(path: str, options: dict, key: str) -> list[str]:
+    """Runs on a worker: one file, the bundle cached, outputs written by the worker itself."""
+    from .cli import predict_file
+
+    args = argparse.Namespace(**options)
+    return [str(p) for p in predict_file(Path(path), _bundle(args.checkpoint), args, key)]
+
+
+def default_workers() -> int:
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.cuda.device_count()
+    from .core.threads import usable_cores
+
+    return max(1, usable_cores())
+
+
+def run_distributed(paths: list[Path], args, key: str) -> list[tuple[str, str]]:
+    """Predict ``paths`` as Dask tasks; print progress per file; return [(file name, error)] of failed files."""
+    from dask.distributed import Client, LocalCluster, as_completed
+
+    from .core.errors import VirtualStainError
+
+    if not paths:
+        return []
+
+    logging.getLogger("distributed").setLevel(logging.ERROR)  # start/stop chatter is not for the user
+    options = {k: v for k, v in vars(args).items() if k != "func"}
+    options["quiet"] = True  # per-step lines from many workers would interleave; progress is per file here
+    cluster = None
+    if args.scheduler:
+        client = Client(args.scheduler)
+    else:
+        n = max(1, args.workers or default_workers())
+        if options.get("threads") is None:
+            from .core.threads import usable_cores
+
+            options["threads"] = max(1, usable_cores() // n)
+        cluster = LocalCluster(n_workers=n, threads_per_worker=1, processes=True, dashboard_address=None,
+                               silence_logs=logging.CRITICAL)  # a failed task is reported once, below
+        client = Client(cluster)
+    t0 = time.perf_counter()
+    try:
+        futures = {client.submit(predict_task, str(p), options, key, retries=max(0, args.retries),
+                                 key=f"virtualstain-{key}-{p.name}", pure=False): p for p in paths}
+        failed = []
+        for done, fut in enumerate(as_completed(futures), start=1):
+            path = futures[fut]
+            if fut.status == "finished":
+                status = "done"
+            else:
+                exc = fut.exception()
+                why = str(exc) if isinstance(exc, VirtualStainError) else f"{type(exc).__name__}: {exc}"
+                failed.append((path.name, why))
+                status = "FAILED"
+            print(f"[{done}/{len(paths)}] {path.name}: {status} ({time.perf_counter() - t0:.1f} s)", file=sys.stderr,
+                  flush=True)
+    finally:
+        client.close()
+        if cluster is not None:
+            cluster.close()
+    print(f"{len(paths) - len(failed)} of {len(paths)} file(s) written to {args.output} by "
+          f"{'the cluster at ' + args.scheduler if args.scheduler else str(options.get('workers')) + ' local workers'}",
+          file=sys.stderr)
+    return failed
+
