@@ -5,8 +5,9 @@ the nucleus, do the cells stay the same cells, and how good is the reconstructio
         --figure docs/images/translation_nfkb.png
 
 Held-out: rows 768-1023 of each well (configs/demo-nfkb.yaml trains on rows 0-767 only), cut into crops.
-Per crop: nuclei from the DNA channel (Otsu, fill holes, >= 30 px), a cytoplasm ring (dilation by 6 px minus the
-nuclei); ratio = mean NF-kB in nuclei / mean NF-kB in the ring. Reported: the ratio of real A12 crops (before),
+Per crop: the median per-cell ratio of ``core.phenotype`` (nuclei from the DNA channel by Otsu + watershed, a 6 px
+cytoplasmic ring per cell; ratio = mean NF-kB in the nucleus / in its ring; ``virtualstain phenotype`` reports the
+same per-cell distributions). Results before this change used a per-crop pooled ratio (Otsu mask, 6 px dilation). Reported: the ratio of real A12 crops (before),
 their translations (after), real A01 crops (target), "fraction of the way" = (after - before) / (target - before);
 SSIM of the DNA channel translation vs source (same cells?) on the source's 1-99.8 percentile scale; PSNR of the
 reconstruction control vs the source on the same scale, and of the NF-kB channel.
@@ -27,6 +28,8 @@ import torch
 from napari_virtualstain.core.bundle import load_bundle
 from napari_virtualstain.core.io import read_image
 from napari_virtualstain.core.metrics import image_metrics, normalize_pair
+from napari_virtualstain.core.phenotype import measure_image
+from napari_virtualstain.core.postprocess import stain_to_labels
 from napari_virtualstain.core.tasks.classcond import translate
 
 DATA = Path(__file__).resolve().parents[2] / "shared/data/nfkb_translocation"
@@ -42,27 +45,15 @@ def crops(well: str, size: int, rows=(768, 1024)):
     return out
 
 
-def nuclei_mask(dna: np.ndarray) -> np.ndarray:
-    from scipy import ndimage as ndi
-    from skimage.filters import gaussian, threshold_otsu
-    from skimage.measure import label
-
-    smooth = gaussian(dna, 1.0, preserve_range=True)
-    if smooth.max() <= smooth.min():
-        return np.zeros(dna.shape, bool)
-    lab = label(ndi.binary_fill_holes(smooth > threshold_otsu(smooth)))
-    areas = np.bincount(lab.ravel())
-    return (areas >= 30)[lab] & (lab > 0)
+def nuclei_labels(dna: np.ndarray) -> np.ndarray:
+    """Nuclei as the core measures them (``core.phenotype``: Otsu + watershed on the DNA channel)."""
+    return stain_to_labels(dna)
 
 
-def nuc_cyto_ratio(img: np.ndarray, mask: np.ndarray | None = None) -> float:
-    from scipy import ndimage as ndi
-
-    nuc = nuclei_mask(img[1]) if mask is None else mask
-    ring = ndi.binary_dilation(nuc, iterations=6) & ~nuc
-    if nuc.sum() < 30 or ring.sum() < 30:
-        return float("nan")
-    return float(img[0][nuc].mean() / max(img[0][ring].mean(), 1e-6))
+def nuc_cyto_ratio(img: np.ndarray, nuclei: np.ndarray | None = None) -> float:
+    """Median per-cell nuclear/cytoplasmic NF-kB ratio of a (NF-kB, DNA) crop (``core.phenotype.measure_image``)."""
+    ratio = measure_image(img, marker=0, dna=1, nuclei=nuclei).ratio
+    return float(np.median(ratio)) if len(ratio) else float("nan")
 
 
 def scaled_metrics(pred: np.ndarray, truth: np.ndarray) -> dict:
@@ -105,13 +96,13 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     bundle = load_bundle(args.bundle)
-    src_crops = [c for c in crops("A12", args.size) if nuclei_mask(c[1]).sum() > 200][: args.max_crops]
-    real_a01 = [c for c in crops("A01", args.size) if nuclei_mask(c[1]).sum() > 200]
+    src_crops = [c for c in crops("A12", args.size) if (nuclei_labels(c[1]) > 0).sum() > 200][: args.max_crops]
+    real_a01 = [c for c in crops("A01", args.size) if (nuclei_labels(c[1]) > 0).sum() > 200]
     per_crop, figure_rows = [], []
     t0 = time.perf_counter()
     for i, src in enumerate(src_crops):
         res = translate(bundle, src, "A12", "A01", steps=args.steps, guidance=args.guidance, strength=args.strength)
-        mask = nuclei_mask(src[1])
+        mask = nuclei_labels(src[1])
         per_crop.append({
             "crop": i,
             "ratio_source": nuc_cyto_ratio(src),

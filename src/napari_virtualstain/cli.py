@@ -503,6 +503,72 @@ def cmd_synthesize(args) -> int:
     return 0
 
 
+def cmd_phenotype(args) -> int:
+    """Per-cell nuclear/cytoplasmic marker ratios of groups of images (e.g. source, translated, real target)."""
+    import csv
+    import glob
+
+    from .core.io import read_channel_names, read_image
+    from .core.phenotype import compare, fraction_of_the_way, histogram_figure, measure_image
+
+    groups: dict[str, list[Path]] = {}
+    for text in args.group:
+        name, sep, where = text.partition("=")
+        if not sep or not name or not where:
+            raise VirtualStainError(f"--group takes NAME=FOLDER, NAME=FILE or NAME='GLOB', got {text!r}")
+        files = [Path(f) for f in sorted(glob.glob(where))] if any(c in where for c in "*?[") else \
+            expand_inputs([where])
+        if not files:
+            raise VirtualStainError(f"--group {name}: nothing matches {where!r}")
+        groups[name] = files
+
+    def channel(path: Path, which: str, n: int) -> int:
+        if which.isdigit():
+            return int(which)
+        names = read_channel_names(path) if path.suffix.lower() in (".tif", ".tiff") else []
+        if which in names:
+            return names.index(which)
+        raise VirtualStainError(f"{path.name} has no channel named {which!r} (its channels: {names or 'unnamed'}); "
+                                f"give --marker / --dna as a name it has or as an index 0-{n - 1}")
+
+    rows, ratios = [], {}
+    for name, files in groups.items():
+        values = []
+        for path in files:
+            image = read_image(path)
+            if image.ndim != 3:
+                raise VirtualStainError(f"{path.name}: expected a multi-channel (C, Y, X) image, got {image.shape}")
+            cells = measure_image(image, channel(path, args.marker, image.shape[0]), channel(path, args.dna, image.shape[0]),
+                                  ring_width=args.ring_width)
+            values.append(cells.ratio)
+            rows += [{"group": name, "file": path.name, **r} for r in cells.rows()]
+        ratios[name] = np.concatenate(values) if values else np.zeros(0)
+    out = Path(args.output)
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / "cells.csv", "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=["group", "file", "cell", "area", "nuclear_mean", "ring_mean", "ratio"])
+        w.writeheader()
+        w.writerows(rows)
+    names = list(ratios)
+    summary = {"marker": args.marker, "dna": args.dna, "ring_width": args.ring_width,
+               "groups": {k: {"cells": int(len(v)), "median_ratio": float(np.median(v)) if len(v) else None}
+                          for k, v in ratios.items()},
+               "pairs": {f"{a} vs {b}": compare(ratios[a], ratios[b]) for i, a in enumerate(names) for b in names[i + 1:]}}
+    if {"source", "translated", "target"} <= set(ratios):
+        summary["fraction_of_the_way"] = fraction_of_the_way(ratios["source"], ratios["translated"], ratios["target"])
+    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    histogram_figure(ratios, out / "ratios.png", f"{args.marker} nuclear / cytoplasmic ratio")
+    for k, g in summary["groups"].items():
+        print(f"{k}: {g['cells']} cells, median ratio {g['median_ratio']:.3f}" if g["cells"] else f"{k}: no cells")
+    for pair, c in summary["pairs"].items():
+        if "ks" in c:
+            print(f"{pair}: KS {c['ks']:.3f}, Wasserstein {c['wasserstein']:.3f}")
+    if "fraction_of_the_way" in summary:
+        print(f"translated moved {100 * summary['fraction_of_the_way']:.0f} % of the way from source to target")
+    print(f"wrote {out / 'cells.csv'}, {out / 'summary.json'}, {out / 'ratios.png'}")
+    return 0
+
+
 def cmd_evaluate(args) -> int:
     """Score one or more prediction folders against the real stains / true labels and write a report folder."""
     from .core.evaluate import evaluate, parse_named_folder, parse_thresholds, write_report
@@ -754,6 +820,19 @@ def build_parser() -> argparse.ArgumentParser:
     bz.add_argument("--plane", default=None, help="indices of leading axes of --test-image to pick (see predict)")
     bz.add_argument("--no-check", action="store_true", help="skip the bioimageio.core test of the written package")
     bz.set_defaults(func=cmd_export_bioimageio)
+
+    ph = sub.add_parser("phenotype", help="per-cell nuclear/cytoplasmic marker ratios of groups of images",
+                        description="Nuclei from the DNA channel (Otsu + watershed), a cytoplasmic ring around each, "
+                                    "the marker's nuclear/ring ratio per cell; per-group medians, KS and Wasserstein "
+                                    "distances between groups, a histogram figure. Groups named source, translated "
+                                    "and target also give the fraction of the way the translation moved.")
+    ph.add_argument("--group", action="append", required=True, metavar="NAME=PATH",
+                    help="a folder, a file or a quoted glob (e.g. translated='out/*_translated.tif'); repeat")
+    ph.add_argument("--marker", default="NF-kB", help="marker channel: a name the files carry, or an index")
+    ph.add_argument("--dna", default="DNA", help="nuclear channel: a name the files carry, or an index")
+    ph.add_argument("--ring-width", type=int, default=6, help="cytoplasmic ring width in pixels")
+    ph.add_argument("--output", "-o", required=True, help="report folder (cells.csv, summary.json, ratios.png)")
+    ph.set_defaults(func=cmd_phenotype)
 
     info = sub.add_parser("info", help="describe a checkpoint, or list the bundled ones")
     info.add_argument("checkpoint", nargs="?")
