@@ -620,6 +620,31 @@ def test_translate_layers_control_difference_and_side_by_side(make_napari_viewer
     assert not viewer.layers["NF-kB difference (A12 − A01)"].visible
 
 
+def test_translate_follows_the_layers_class_and_refuses_the_wrong_direction(make_napari_viewer, nfkb_crop,
+                                                                            tiny_classcond_dir, notes):
+    from napari_virtualstain._widgets import TranslateWidget
+    from napari_virtualstain._widgets.translate import class_of_layer
+
+    viewer = make_napari_viewer()
+    layer = viewer.add_image(nfkb_crop, name="A12_nfkb crop")
+    widget = TranslateWidget(viewer)
+    widget.controls.set_checkpoint(tiny_classcond_dir)
+    widget.controls.set_input_layer(layer)
+    assert (widget.source.currentText(), widget.target.currentText()) == ("A12", "A01")  # from the layer's name
+    widget.source.setCurrentText("A01")
+    widget.target.setCurrentText("A12")  # the wrong direction for an A12 image
+    assert not widget.run() and "says it is A12" in notes.errors()[-1]
+    widget.source.setCurrentText("A12")
+    widget.target.setCurrentText("A12")
+    assert not widget.run() and "both A12" in notes.errors()[-1]
+    assert np.array_equal(layer.data, nfkb_crop)
+    # metadata beats the name: a translated layer is its target class
+    other = viewer.add_image(nfkb_crop, name="whatever", metadata={"role": "translated", "target_class": "A01",
+                                                                   "source_class": "A12"})
+    assert class_of_layer(other, ["A01", "A12"]) == "A01"
+    assert class_of_layer(viewer.add_image(nfkb_crop, name="A01 vs A12"), ["A01", "A12"]) is None  # ambiguous
+
+
 def test_synthesize_stack_per_channel(make_napari_viewer, qtbot, tiny_classcond_dir, notes):
     from napari_virtualstain._widgets import SynthesizeWidget
     from napari_virtualstain._widgets._controls import get_bundle

@@ -26,6 +26,21 @@ from ._notify import notify_warning
 from ._runner import Job
 
 
+def class_of_layer(layer, classes: list[str]) -> str | None:
+    """The class a layer says it is: its metadata (a translated layer is its target class, a control its source class,
+    a synthesized one its class), else exactly one class name appearing as a word of its name ('A12_nfkb', 'A01 well')."""
+    import re
+
+    meta = getattr(layer, "metadata", {}) or {}
+    role_key = {"translated": "target_class", "control": "source_class"}.get(meta.get("role"))
+    for key in (role_key, "class"):
+        if key and meta.get(key) in classes:
+            return meta[key]
+    words = set(re.split(r"[^0-9A-Za-z]+", getattr(layer, "name", "")))
+    hits = [c for c in classes if c in words]
+    return hits[0] if len(hits) == 1 else None
+
+
 def translation_layer_tuples(result, sel: InputSelection, source: str, target: str) -> list[tuple]:
     """Per channel: translated and control on the original's contrast (comparable), difference centred on 0.
 
@@ -110,11 +125,34 @@ class TranslateWidget(TaskWidget):
             combo.addItems(classes)
         if len(classes) > 1:
             self.target.setCurrentIndex(1)
+        if not getattr(self, "_following", False):  # the source follows the picked layer
+            self._following = True
+            self.controls.layer.currentTextChanged.connect(lambda _: self.follow_layer())
+        self.follow_layer()
+
+    def follow_layer(self, layer=None) -> str | None:
+        """Source = the class the layer says it is (metadata, or a class name in its layer name); target = another."""
+        layer = layer if layer is not None else self.controls.input_layer()
+        classes = [self.source.itemText(i) for i in range(self.source.count())]
+        found = class_of_layer(layer, classes) if layer is not None else None
+        if found is not None:
+            self.source.setCurrentText(found)
+            if self.target.currentText() == found:
+                self.target.setCurrentText(next(c for c in classes if c != found))
+        return found
 
     def make_job(self, bundle, s: RunSettings, layer) -> Job:
         source, target = self.source.currentText(), self.target.currentText()
         if not source or not target:
             raise VirtualStainError("Choose a source and a target class (the checkpoint lists its classes)")
+        if source == target:
+            raise VirtualStainError(f"Source and target are both {source}: choose the class to translate to (every "
+                                    "translation already adds the same-class reconstruction control)")
+        picked = layer if layer is not None else self.controls.input_layer()
+        said = class_of_layer(picked, list(bundle.config.classes)) if picked is not None else None
+        if said is not None and said != source:
+            raise VirtualStainError(f"'{picked.name}' says it is {said} (its name or metadata) but the source class is "
+                                    f"{source}: set the source to the condition the image was taken in")
         sel = self.select_input(bundle, s, layer)
         guidance, strength = float(self.guidance.value()), float(self.strength.value())
 
