@@ -612,9 +612,10 @@ def test_translate_layers_control_difference_and_side_by_side(make_napari_viewer
 
     widget.side_by_side.setChecked(True)
     grid = _grid(viewer)
-    assert grid.enabled and tuple(grid.shape) == (1, 3)
+    assert grid.enabled and tuple(grid.shape) == (1, 4)
     visible = [la.name for la in viewer.layers if la.visible]
-    assert visible == ["A01 well", "NF-kB A01→A12 (translated)", "NF-kB difference (A12 − A01)"]
+    assert visible == ["A01 well", "NF-kB A01→A12 (translated)", "NF-kB A01→A01 (control)",
+                       "NF-kB difference (A12 − A01)"]
     widget.side_by_side.setChecked(False)  # back to the layer visibility from before
     assert not grid.enabled and viewer.layers["DNA A01→A12 (translated)"].visible
     assert not viewer.layers["NF-kB difference (A12 − A01)"].visible

@@ -110,7 +110,7 @@ class TranslateWidget(TaskWidget):
         form.addRow("Strength", self.strength)
 
     def build_extra(self, layout: QVBoxLayout) -> None:
-        self.side_by_side = QPushButton("Side by side: original | translated | difference")
+        self.side_by_side = QPushButton("Side by side: original | translated | control | difference")
         self.side_by_side.setCheckable(True)
         self.side_by_side.setEnabled(False)
         self.side_by_side.toggled.connect(self.show_side_by_side)
@@ -173,15 +173,18 @@ class TranslateWidget(TaskWidget):
                 names.append(added.name)
                 yield
             translated = next(n for n in names if n.endswith("(translated)"))
+            control = next(n for n in names if n.endswith("(control)"))
             difference = next(n for n in names if " difference (" in n)
-            self._last = [sel.layer_name, translated, difference]  # original | translated | first difference
+            # original | translated | control | first difference
+            self._last = [sel.layer_name, translated, control, difference]
             self.side_by_side.setEnabled(True)
             self.warn_if_input_gone(sel)
 
         return Job(f"Translation of '{sel.layer_name}' ({source} → {target})", work, done, {"selection": sel})
 
     def show_side_by_side(self, on: bool = True) -> None:
-        """Grid view of original | translated | difference (the last run's first channel); toggle back restores."""
+        """Grid view of original | translated | control | difference (the last run's first channel; translated and
+        control share their contrast limits); toggling back restores the layers' visibility."""
         viewer = self.viewer
         grid = _grid(viewer)
         if not on:
