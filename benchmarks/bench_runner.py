@@ -62,13 +62,16 @@ def main(argv=None) -> int:
                                       "fields_done": len(re.findall(r": done", err))}
             print(f"{n} worker(s): {seconds:.1f} s for {args.fields} fields", flush=True)
         report["speedup_2_over_1_workers"] = round(report["workers_1"]["seconds"] / report["workers_2"]["seconds"], 2)
-        # per-field overhead of the task path: (1-worker job - plain start-up) / fields vs a plain predict's compute
-        seconds, err = run([*CLI, *common, str(src / "field00.tif"), str(src / "field01.tif"), "-o",
-                            str(tmp / "plain2")])
-        per_field_plain = seconds - plain  # the second field of an in-process run: compute only
-        per_field_task = report["workers_1"]["seconds"] / args.fields
-        report["per_field_plain_s"] = round(per_field_plain, 2)
-        report["per_field_task_s_incl_cluster_start"] = round(per_field_task, 2)
+        # steady-state cost per field: the difference between a job of all fields and a job of 2, over the extra
+        # fields (start-up cancels), for the in-process path and for one Dask worker with the same threads
+        files = sorted(src.glob("*.tif"))
+        extra = len(files) - 2
+        for name, opts in (("plain", []), ("task", ["--workers", "1"])):
+            small, _ = run([*CLI, *common, *map(str, files[:2]), "-o", str(tmp / f"{name}_2"), *opts])
+            full, _ = run([*CLI, *common, *map(str, files), "-o", str(tmp / f"{name}_all"), *opts])
+            report[f"per_field_{name}_s"] = round((full - small) / extra, 3)
+        report["per_field_overhead_task_over_plain"] = round(report["per_field_task_s"] / report["per_field_plain_s"]
+                                                             - 1, 3)
 
         # kill a 2-worker job after about half the fields, rerun, count what the rerun computed
         out = tmp / "killed"
