@@ -40,6 +40,8 @@ FAULTS = {
     "8192 x 8192 input": "test_faults.py::test_an_8192_field_is_planned_in_bounded_blocks",
     "labels image as input": "test_cli.py::test_a_labels_plane_given_to_predict_gets_a_warning",
     "pixel size of another objective": "test_cli.py::test_pixel_size_mismatch_warns_and_rescale_fixes_it",
+    "a file failing on a Dask worker": "test_runner.py::test_a_failing_file_is_listed_and_the_others_are_written",
+    "unreachable Dask scheduler": "test_runner.py::test_an_unreachable_scheduler_is_one_clear_error",
 }
 
 

@@ -59,9 +59,13 @@ def run_distributed(paths: list[Path], args, key: str) -> list[tuple[str, str]]:
     logging.getLogger("distributed").setLevel(logging.ERROR)  # start/stop chatter is not for the user
     options = {k: v for k, v in vars(args).items() if k != "func"}
     options["quiet"] = True  # per-step lines from many workers would interleave; progress is per file here
-    cluster = None
+    cluster, n = None, None
     if args.scheduler:
-        client = Client(args.scheduler)
+        try:
+            client = Client(args.scheduler, timeout="20s")
+        except (OSError, TimeoutError) as exc:
+            raise VirtualStainError(f"cannot reach the Dask scheduler at {args.scheduler} ({exc}); check the address "
+                                    "(tcp://HOST:PORT) or leave --scheduler out to start a local cluster") from None
     else:
         n = max(1, args.workers or default_workers())
         if options.get("threads") is None:
@@ -74,7 +78,7 @@ def run_distributed(paths: list[Path], args, key: str) -> list[tuple[str, str]]:
     t0 = time.perf_counter()
     try:
         futures = {client.submit(predict_task, str(p), options, key, retries=max(0, args.retries),
-                                 key=f"virtualstain-{key}-{p.name}", pure=False): p for p in paths}
+                                 key=f"virtualstain-{key}-{i}-{p.name}", pure=False): p for i, p in enumerate(paths)}
         failed = []
         for done, fut in enumerate(as_completed(futures), start=1):
             path = futures[fut]
@@ -92,7 +96,7 @@ def run_distributed(paths: list[Path], args, key: str) -> list[tuple[str, str]]:
         if cluster is not None:
             cluster.close()
     print(f"{len(paths) - len(failed)} of {len(paths)} file(s) written to {args.output} by "
-          f"{'the cluster at ' + args.scheduler if args.scheduler else str(options.get('workers')) + ' local workers'}",
+          f"{'the cluster at ' + args.scheduler if args.scheduler else f'{n} local worker(s)'}",
           file=sys.stderr)
     return failed
 
