@@ -39,6 +39,8 @@ def test_smoke_recipe_packs_every_demo_bundle(shared_data, tmp_path):
         assert bundle.id == summary["jobs"][name]["bundle_id"]
         assert bundle.state_dict[next(iter(bundle.state_dict))].dtype.is_floating_point
     assert load_bundle(tmp_path / "unpacked" / "demo-stain").config.anchored
+    ddpm = load_bundle(tmp_path / "unpacked" / "demo-stain-ddpm").config
+    assert ddpm.anchored and ddpm.objective == "ddpm"  # as the shipped DDPM: anchored on mu
     assert not (tmp_path / "out" / "work").exists()
 
 
