@@ -7,94 +7,31 @@ never a traceback.
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
-from collections import Counter
 import logging
 import shlex
 import sys
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
 
 from . import __version__
+from .cli_files import (
+    PRECISIONS,
+    _compute,
+    _parse_plane,
+    _parse_window,
+    _progress_printer,
+    already_written,
+    expand_inputs,
+    iter_planes,
+    predict_file,
+    settings_key,
+)
 from .core.errors import VirtualStainError
 
 log = logging.getLogger("napari_virtualstain")
-
-
-def _parse_plane(text: str | None) -> tuple[int, ...] | None:
-    if not text:
-        return None
-    try:
-        return tuple(int(v) for v in text.split(","))
-    except ValueError:
-        raise VirtualStainError(f"--plane takes comma-separated integers (e.g. 1,0), got {text!r}") from None
-
-
-def expand_inputs(paths: list[str]) -> list[Path]:
-    from .core.io import IMAGE_SUFFIXES, list_images
-
-    out: list[Path] = []
-    for p in map(Path, paths):
-        if p.is_dir():
-            found = list_images(p)
-            if not found:
-                raise VirtualStainError(f"folder {p} holds no images ({', '.join(IMAGE_SUFFIXES)})")
-            out += found
-        elif p.exists():
-            out.append(p)
-        else:
-            raise VirtualStainError(f"input {p} does not exist")
-    return out
-
-
-def plane_help(axes: str | None, shape: tuple[int, ...], plane_ndim: int) -> str:
-    """How --plane maps onto this file's leading axes, in the file's own order (e.g. C then T for an OME CTYX)."""
-    extra = len(shape) - plane_ndim
-    if extra <= 0:
-        return ""
-    letters = list(axes) if axes and len(axes) == len(shape) else [f"axis {i}" for i in range(len(shape))]
-    lead = letters[:extra]
-    sizes = ", ".join(f"{a} 0-{n - 1}" for a, n in zip(lead, shape))
-    example = ",".join(str(min(1, n - 1)) for n in shape[:extra])
-    named = f"the file's axes are {' '.join(letters)} (shape {tuple(shape)})" if axes else f"shape {tuple(shape)}"
-    return (f"{named}: --plane takes one index per leading axis, in that order ({sizes}), e.g. --plane {example}; "
-            f"give fewer indices with --all-planes to predict every plane of the rest (e.g. --plane {example.split(',')[0]}"
-            " --all-planes)")
-
-
-def iter_planes(image: np.ndarray, plane: tuple[int, ...] | None, all_planes: bool, plane_ndim: int,
-                axes: str | None = None):
-    """Yield (plane index, array of ``plane_ndim`` dims): the chosen plane, or every plane with --all-planes."""
-    extra = image.ndim - plane_ndim
-    if plane is not None:
-        if len(plane) > max(extra, 0):
-            raise VirtualStainError(f"--plane {','.join(map(str, plane))} has {len(plane)} indices but the image has "
-                                    f"{max(extra, 0)} leading axis/axes; {plane_help(axes, image.shape, plane_ndim)}")
-        try:
-            image = image[plane]
-        except IndexError:
-            raise VirtualStainError(f"--plane {','.join(map(str, plane))} is out of range; "
-                                    f"{plane_help(axes, np.shape(image), plane_ndim)}") from None
-    elif (extra > 0 and not all_planes and axes and len(axes) == image.ndim and "S" not in axes
-          and not (extra == 1 and image.shape[0] == 1)):
-        raise VirtualStainError(f"this checkpoint predicts from one {plane_ndim}D plane; "
-                                f"{plane_help(axes, image.shape, plane_ndim)}")
-    extra = image.ndim - plane_ndim
-    if extra <= 0 or not all_planes:
-        yield (plane or ()), image
-        return
-    for idx in itertools.product(*(range(n) for n in image.shape[:extra])):
-        yield (*(plane or ()), *idx), image[idx]
-
-
-def _parse_window(text: str) -> tuple[float, float]:
-    try:
-        low, high = (float(v) for v in text.split(","))
-    except ValueError:
-        raise VirtualStainError(f"--window takes two fractions LOW,HIGH of the schedule (e.g. 0.3,0.8), got {text!r}") from None
-    return low, high
 
 
 def cmd_predict(args) -> int:
@@ -136,138 +73,6 @@ def cmd_predict(args) -> int:
     return 0
 
 
-SETTINGS = ("seed", "samples", "steps", "sampler", "tile_size", "tile_overlap", "block_size", "labels_from",
-            "boundary_threshold", "foreground_threshold", "no_labels", "uncertainty", "seeds", "window", "flag_map",
-            "flag_threshold", "flag_otsu", "flag_min_area", "flag_merge", "flag_max_regions", "plane", "all_planes",
-            "channel_axis", "pixel_size", "rescale", "precision")
-
-
-def settings_key(bundle, args) -> str:
-    """What makes an output what it is: the checkpoint's id and every option that changes pixels (not speed)."""
-    import hashlib
-
-    settings = {"bundle_id": bundle.id, **{k: getattr(args, k, None) for k in SETTINGS}}
-    return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-def output_stem(path: Path) -> str:
-    return path.name.split(".")[0]
-
-
-def already_written(out: Path, path: Path, key: str, args) -> bool:
-    """True when this file's outputs exist, complete, from the same checkpoint and settings (files are renamed into
-    place only when complete, so an existing one is whole)."""
-    from .core.io import read_provenance
-
-    stain = out / f"{output_stem(path)}_virtualstain.tif"
-    if not stain.is_file():
-        return False
-    try:
-        prov = read_provenance(stain)
-    except Exception:  # noqa: BLE001 - an unreadable file is recomputed, not trusted
-        return False
-    if prov.get("settings_key") != key:
-        return False
-    return all((out / name).is_file() for name in prov.get("outputs", []))
-
-
-def predict_file(path: Path, bundle, args, key: str) -> list[Path]:
-    """One input file (every selected plane) -> its output files; the unit of work in-process and on Dask workers."""
-    from .core.inputs import labels_warning, pixel_size_warning
-    from .core.io import read_axes, read_image, read_pixel_size, write_channels, write_labels
-    from .core.tasks.stain import label_route, labels_from_channels, predict_stain
-    from .core.uncertainty import predict_uncertainty
-
-    out = Path(args.output)
-    plane = _parse_plane(args.plane)
-    n_in = len(bundle.config.input_channels)
-    plane_ndim = 2 if n_in == 1 and args.channel_axis is None else 3
-    thresholds = {"boundary_threshold": args.boundary_threshold, "foreground_threshold": args.foreground_threshold}
-    uncertainty = args.uncertainty
-    seeds = [args.seed + k for k in range(args.seeds)]
-    image = read_image(path)
-    input_um = args.pixel_size or read_pixel_size(path)
-    warning = None if args.rescale else pixel_size_warning(bundle.config.pixel_size_um, input_um, bundle.config.name)
-    if warning:
-        print(f"warning: {path.name}: {warning}", file=sys.stderr)
-    results, maps = [], []
-    for idx, arr in iter_planes(image, plane, args.all_planes, plane_ndim, read_axes(path)):
-        what = f"{path.name}" + (f" plane {idx}" if idx else "")
-        log.info("predicting %s %s", what, arr.shape)
-        if not results and (note := labels_warning(arr, what)):
-            print(f"warning: {note}", file=sys.stderr)
-        common = dict(
-            channel_axis=args.channel_axis, tile_size=args.tile_size, tile_overlap=args.tile_overlap,
-            batch_size=args.batch_size, device=args.device, sampler=args.sampler, steps=args.steps,
-            **_compute(args),
-            progress=_progress_printer(what) if not args.quiet else None, make_labels=False, input_name=what,
-        )
-        if uncertainty:
-            unc = predict_uncertainty(bundle, arr, mode=uncertainty, seeds=seeds, window=_parse_window(args.window),
-                                      **common)
-            res = unc.stain
-            maps.append(unc.maps)
-        else:
-            res = predict_stain(bundle, arr, seed=args.seed, samples=args.samples, block_size=args.block_size,
-                                pixel_size_um=input_um, rescale=args.rescale, **common)
-        if not args.no_labels:
-            route = label_route(bundle.config, args.labels_from)
-            res.labels = labels_from_channels(bundle.config, res.image, route, **thresholds)
-            res.provenance["labels_from"] = route
-        res.provenance.update({"plane": list(idx), "input_file": str(path), **thresholds})
-        results.append((idx, res))
-    stem = output_stem(path)
-    first = results[0][1]
-    label_files = [f"{stem}_{name.replace(' ', '_')}_labels.tif" for name in first.labels]
-    prov = first.provenance | {"planes": [list(i) for i, _ in results], "settings_key": key, "outputs": label_files}
-
-    def stacked(arrays):
-        return np.stack(arrays) if len(arrays) > 1 else arrays[0]
-
-    written = []
-    for name, file in zip(first.labels, label_files):  # labels first: the stain file marks the field as done
-        written.append(write_labels(out / file, stacked([r.labels[name] for _, r in results]), prov | {"labels": name}))
-    if uncertainty:
-        written += _write_uncertainty(out, stem, bundle.config, first.channel_names, maps, prov, args)
-    written.insert(0, write_channels(out / f"{stem}_virtualstain.tif", stacked([r.image for _, r in results]),
-                                     first.channel_names, prov, input_um or bundle.config.pixel_size_um))
-    return written
-
-
-def _write_uncertainty(out: Path, stem: str, config, channel_names, maps: list[dict], prov: dict, args) -> list[Path]:
-    """Maps as one ImageJ file (channels '<name> <map>'); flags of each stain channel as labels + one CSV."""
-    from .core.io import write_channels, write_labels
-    from .core.uncertainty import flag_regions, write_flag_table
-
-    map_names = list(maps[0])
-    arrays = [np.concatenate([m[k] for k in map_names]) for m in maps]  # per plane: (maps * C, Y, X)
-    names = [f"{c} {k}" for k in map_names for c in channel_names]
-    stack = np.stack(arrays) if len(arrays) > 1 else arrays[0]
-    written = [write_channels(out / f"{stem}_uncertainty.tif", stack, names, prov, config.pixel_size_um)]
-    flag_map = args.flag_map or ("std_seeds" if "std_seeds" in maps[0] else "std_steps")
-    if flag_map not in maps[0]:
-        raise VirtualStainError(f"--flag-map {flag_map} was not computed with --uncertainty {args.uncertainty}")
-    kinds = [s.kind for s in config.output_channels]
-    flagged = [c for c, k in zip(channel_names, kinds) if k == "stain"] or list(channel_names)
-    rows_path = out / f"{stem}_flags.csv"
-    rows = []
-    for ch in flagged:
-        c = channel_names.index(ch)
-        labs = []
-        for p, m in enumerate(maps):
-            fr = flag_regions(m[flag_map][c], args.flag_threshold, otsu=args.flag_otsu, min_area=args.flag_min_area,
-                              merge_radius=args.flag_merge, max_regions=args.flag_max_regions or None)
-            labs.append(fr.labels)
-            plane = prov["planes"][p] if len(maps) > 1 else None
-            rows += [{"channel": ch, "plane": plane, "map": flag_map, "threshold": fr.threshold, **r} for r in fr.table]
-        settings = fr.settings | {"map": flag_map, "channel": ch}
-        lab = np.stack(labs) if len(labs) > 1 else labs[0]
-        written.append(write_labels(out / f"{stem}_flags_{ch.replace(' ', '_')}.tif", lab, prov | {"flags": settings}))
-    write_flag_table(rows_path, rows, extra_columns=["channel", "plane", "map", "threshold"])
-    written.append(rows_path)
-    return written
-
-
 def cmd_export_bioimageio(args) -> int:
     from .core.bundle import load_bundle
     from .core.io import read_image
@@ -305,29 +110,6 @@ def cmd_export_bioimageio(args) -> int:
         if summary.status != "passed":
             raise VirtualStainError(f"the written package failed bioimageio.core's test:\n{summary.format()}")
     return 0
-
-
-def _progress_printer(what: str, min_interval: float = 1.0):
-    """One line per finished step (at most one a second), and 100 % exactly once."""
-    import time
-
-    state = {"step": None, "printed": 0.0, "done": False}
-
-    def report(p):
-        if state["done"]:
-            return
-        finished = p.step >= p.num_steps or (p.step == p.num_steps - 1 and p.tile >= p.num_tiles)
-        now = time.monotonic()
-        if finished:
-            state["done"] = True
-            print(f"  {what}: 100% ({p.num_steps}/{p.num_steps} steps)", file=sys.stderr, flush=True)
-        elif p.step != state["step"] and (state["step"] is None or now - state["printed"] >= min_interval):
-            print(f"  {what}: {int(100 * p.fraction):3d}% (step {p.step + 1}/{p.num_steps})", file=sys.stderr,
-                  flush=True)
-            state["printed"] = now
-        state["step"] = p.step
-
-    return report
 
 
 def _load_training_spec(args):
@@ -611,9 +393,6 @@ def cmd_evaluate(args) -> int:
     return 0
 
 
-PRECISIONS = {"auto": None, "bf16": True, "float32": False}
-
-
 def _compute_options(parser: argparse.ArgumentParser) -> None:
     """Precision and CPU threads, the same on every command that runs a network."""
     parser.add_argument("--precision", choices=list(PRECISIONS), default="auto",
@@ -621,10 +400,6 @@ def _compute_options(parser: argparse.ArgumentParser) -> None:
                              "other GPUs), else float32; float32: the reference (slower)")
     parser.add_argument("--threads", type=int, default=None,
                         help="CPU threads (default: OMP_NUM_THREADS if set, else the cores that are idle at the start)")
-
-
-def _compute(args) -> dict:
-    return {"half": PRECISIONS[args.precision], "threads": args.threads}
 
 
 class _DefaultsFormatter(argparse.ArgumentDefaultsHelpFormatter):

@@ -31,7 +31,7 @@ def _bundle(checkpoint: str):
 
 def predict_task(path: str, options: dict, key: str) -> list[str]:
     """Runs on a worker: one file, the bundle cached, outputs written by the worker itself."""
-    from .cli import predict_file
+    from .cli_files import predict_file
 
     args = argparse.Namespace(**options)
     return [str(p) for p in predict_file(Path(path), _bundle(args.checkpoint), args, key)]
@@ -63,7 +63,7 @@ def run_distributed(paths: list[Path], args, key: str) -> list[tuple[str, str]]:
     if args.scheduler:
         try:
             client = Client(args.scheduler, timeout="20s")
-        except (OSError, TimeoutError) as exc:
+        except Exception as exc:  # noqa: BLE001 - refused, timed out, or something that is not a Dask scheduler
             raise VirtualStainError(f"cannot reach the Dask scheduler at {args.scheduler} ({exc}); check the address "
                                     "(tcp://HOST:PORT) or leave --scheduler out to start a local cluster") from None
     else:
