@@ -42,12 +42,12 @@ class Geometry:
 
     def pixel_size_um(self) -> float | None:
         """The layer's pixel size in um: its x scale when the unit is a length (or unset and the scale is not 1)."""
+        from ..core.io import MICRONS_PER
+
         x = float(abs(self.scale[-1]))
         unit = str(self.units[-1]).lower() if self.units else "pixel"
-        per_um = {"micrometer": 1.0, "micron": 1.0, "um": 1.0, "µm": 1.0, "nanometer": 1e-3, "nm": 1e-3,
-                  "millimeter": 1e3, "mm": 1e3}
-        if unit in per_um:
-            return x * per_um[unit]
+        if unit in MICRONS_PER:
+            return x * MICRONS_PER[unit]
         return x if unit in ("pixel", "px", "none", "") and x != 1.0 else None
 
     def kwargs(self) -> dict:

@@ -81,7 +81,8 @@ def read_axes(path: str | Path) -> str | None:
 
 
 # ImageJ writes the micro sign as the literal text \u00B5m
-MICRONS_PER = {"um": 1.0, "µm": 1.0, "\\u00B5m": 1.0, "micron": 1.0, "microns": 1.0, "nm": 1e-3, "mm": 1e3}
+MICRONS_PER = {"um": 1.0, "µm": 1.0, "\\u00B5m": 1.0, "micron": 1.0, "microns": 1.0, "micrometer": 1.0, "nm": 1e-3,
+               "nanometer": 1e-3, "mm": 1e3, "millimeter": 1e3}
 
 
 def read_pixel_size(path: str | Path) -> float | None:

@@ -51,6 +51,18 @@ class SamplerHooks:
         if self.should_cancel is not None and self.should_cancel():
             raise Cancelled("cancelled by the user")
 
+    def tile_callback(self, step: int, num_steps: int) -> Callable[[int, int], None]:
+        """``on_tile(done, total)`` for one network pass: progress as ``step`` of ``num_steps``, and Cancel answered
+        between the pass's network calls (not only between steps)."""
+
+        def on_tile(done: int, total: int) -> None:
+            if self.progress is not None:
+                self.progress(Progress(step, num_steps, done, total))
+            if done < total:
+                self.check_cancel()
+
+        return on_tile
+
 
 @dataclass
 class RunSetup:
@@ -80,6 +92,11 @@ class RunSetup:
         }
 
 
+def tile_multiple(config) -> int:
+    """What every tile side must be a multiple of: the downsampling of the bundle's networks (mu included)."""
+    return max(downsample_factor(config.unet), downsample_factor(config.mean_unet) if config.anchored else 1)
+
+
 def setup_run(bundle, height: int, width: int, *, tile_size: int | None = None, tile_overlap: int | None = None,
               device: str | None = None, half: bool | None = None, threads: int | None = None) -> RunSetup:
     """Device, tiles (the bundle's defaults unless given), the bundle's UNet on that device and, on a CPU, the
@@ -89,8 +106,7 @@ def setup_run(bundle, height: int, width: int, *, tile_size: int | None = None, 
     used = use_threads(threads) if dev.type == "cpu" else None
     tile = int(tile_size or config.tile_size)
     overlap = int(config.tile_overlap if tile_overlap is None else tile_overlap)
-    factor = max(downsample_factor(config.unet), downsample_factor(config.mean_unet) if config.anchored else 1)
-    plan = TilePlan(height, width, tile, overlap, factor)
+    plan = TilePlan(height, width, tile, overlap, tile_multiple(config))
     anchor = len(config.output_channels) if config.anchored and config.objective == "residual_shift" else 0
     mean = Denoiser(bundle.mean_unet.to(dev), half=half) if config.anchored else None
     return RunSetup(dev, plan, Denoiser(bundle.unet.to(dev), half=half, anchor_channels=anchor), time.perf_counter(),
@@ -160,13 +176,7 @@ def sample(
         if condition is not None:  # joined per tile, not as a whole-image copy (a batch-1 condition serves all seeds)
             net_in = (net_in, condition)
 
-        def on_tile(done, total, i=i):
-            if hooks.progress is not None:
-                hooks.progress(Progress(i, n, done, total))
-            if done < total:  # Cancel answers between network calls, not only between steps
-                hooks.check_cancel()
-
-        model_output = tiled_predict(denoiser, plan, net_in, t, batch_size, on_tile, class_labels)
+        model_output = tiled_predict(denoiser, plan, net_in, t, batch_size, hooks.tile_callback(i, n), class_labels)
         del net_in  # the scaled x_t: one canvas less while the step allocates its own
         # the step runs on the cropped canvas, so its noise has the image's size whatever the tiling
         out = scheduler.step(model_output, t, x, **({"generator": generators} if noisy else {}))

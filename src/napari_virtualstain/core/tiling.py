@@ -100,13 +100,13 @@ class TilePlan:
         # the tiles form a product grid of separable windows, so the merged weight is row sum x column sum:
         # two vectors instead of a weight plane the size of the image
         self.row_weight, self.col_weight = torch.zeros(ph), torch.zeros(pw)
-        for x in xs:
-            self.col_weight[x : x + tile_size] += _ramp(tile_size, overlap, x > 0, x + tile_size < pw)
+        wxs = [_ramp(tile_size, overlap, x > 0, x + tile_size < pw) for x in xs]
+        for x, wx in zip(xs, wxs):
+            self.col_weight[x : x + tile_size] += wx
         for y in ys:
             wy = _ramp(tile_size, overlap, y > 0, y + tile_size < ph)
             self.row_weight[y : y + tile_size] += wy
-            for x in xs:
-                wx = _ramp(tile_size, overlap, x > 0, x + tile_size < pw)
+            for x, wx in zip(xs, wxs):
                 self.tiles.append(Tile(y, x, wy[:, None] * wx[None, :]))
 
     def __len__(self) -> int:

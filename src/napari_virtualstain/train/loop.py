@@ -34,7 +34,7 @@ from ..core.metrics import image_metrics
 from ..core.model import Denoiser, build_unet, default_unet_config, downsample_factor, fast_bf16, pick_device
 from ..core.normalize import FixedNorm, PercentileNorm, fit_fixed_norm
 from ..core.postprocess import boundary_target, foreground_target
-from ..core.sampling import SamplerHooks
+from ..core.sampling import SamplerHooks, tile_multiple
 from ..core.schedulers import ResidualShiftScheduler, default_ddpm_config, make_scheduler
 from ..core.tasks.stain import encode_inputs, encode_targets, residual_source, run_stain_model
 from ..core.tiling import TilePlan, reflect_pad
@@ -361,8 +361,7 @@ def stain_job(spec: TrainingSpec, opts: TrainOptions) -> TrainingJob:
     val_arrays = region_arrays(config, spec, val_regions, 0) if val_regions else []
     mean_unet = mean.unet if mean is not None else None
     if mean_unet is not None:
-        factor = max(downsample_factor(config.unet), downsample_factor(config.mean_unet))
-        train_arrays = append_mean_prediction(train_arrays, mean_unet, opts, factor)
+        train_arrays = append_mean_prediction(train_arrays, mean_unet, opts, tile_multiple(config))
     return TrainingJob(
         config,
         lambda rng: random_batch(train_arrays, opts.batch_size, opts.crop_size, rng),

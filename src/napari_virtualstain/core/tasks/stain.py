@@ -28,10 +28,18 @@ from ..bundle import Bundle, BundleConfig
 from ..errors import VirtualStainError
 from ..inputs import RGB_NOTE, is_colour_for_grey, prepare_input, rescale_planes, resize_planes
 from ..normalize import FixedNorm, fixed_denormalize, fixed_normalize, percentile_normalize
-from ..model import downsample_factor
 from ..postprocess import boundaries_to_labels, stain_to_labels
 from ..schedulers import randn_per_item
-from ..sampling import Progress, RunSetup, SamplerHooks, make_generators, sample, setup_run, tiled_predict
+from ..sampling import (
+    Progress,
+    RunSetup,
+    SamplerHooks,
+    make_generators,
+    sample,
+    setup_run,
+    tile_multiple,
+    tiled_predict,
+)
 from ..tiling import TilePlan
 
 
@@ -152,14 +160,7 @@ def run_stain_model(denoiser, config: BundleConfig, cond: torch.Tensor, plan: Ti
             if mean_denoiser is None:
                 raise VirtualStainError(f"checkpoint {config.name!r} is mean-anchored but its mean network is missing")
             hooks.check_cancel()
-            report = hooks.progress
-            def on_mean_tile(done, total):
-                if report is not None:
-                    report(Progress(0, passes + 1, done, total))
-                if done < total:
-                    hooks.check_cancel()
-
-            cond = with_mean_prediction(mean_denoiser, cond, plan, batch_size, on_mean_tile)
+            cond = with_mean_prediction(mean_denoiser, cond, plan, batch_size, hooks.tile_callback(0, passes + 1))
             hooks = _shifted(hooks, passes + 1)
             passes += 1
         mu = cond[:, -len(config.output_channels):] if config.anchored and config.objective == "ddpm" else None
@@ -172,16 +173,15 @@ def run_stain_model(denoiser, config: BundleConfig, cond: torch.Tensor, plan: Ti
                      condition=cond, batch_size=batch_size, hooks=hooks)
         return (out + mu if mu is not None else out), passes
     hooks.check_cancel()
-    progress = hooks.progress
-    def on_tile(done, total):
-        if progress is not None:
-            progress(Progress(0, 1, done, total))
-        if done < total:
-            hooks.check_cancel()
-
-    out = tiled_predict(denoiser, plan, cond, 0, batch_size, on_tile)
+    out = tiled_predict(denoiser, plan, cond, 0, batch_size, hooks.tile_callback(0, 1))
     hooks.check_cancel()
     return out, 1
+
+
+def network_passes(config: BundleConfig, scheduler) -> int:
+    """Network passes of one prediction: one per step of the chain, plus mu's for a mean-anchored bundle; one for a
+    one-pass model."""
+    return len(scheduler.timesteps) + int(config.anchored) if scheduler is not None else 1
 
 
 def _shifted(hooks: SamplerHooks, total: int) -> SamplerHooks:
@@ -321,7 +321,7 @@ def block_plan(config: BundleConfig, height: int, width: int, block_size: int | 
     limit = MAX_BLOCK if block_size is None else int(block_size)
     if limit <= 0 or (height <= 2 * limit and width <= 2 * limit):
         return None
-    multiple = max(downsample_factor(config.unet), downsample_factor(config.mean_unet) if config.anchored else 1)
+    multiple = tile_multiple(config)
     smallest = max(config.tile_size, 2 * BLOCK_OVERLAP + multiple)
     if limit < smallest:
         raise VirtualStainError(f"block size {limit} is too small: use at least {smallest} (or 0 for no blocks)")
@@ -334,7 +334,7 @@ def block_plan(config: BundleConfig, height: int, width: int, block_size: int | 
 def _run_in_blocks(run: RunSetup, config: BundleConfig, cond: torch.Tensor, blocks: TilePlan, seeds, batch_size: int,
                    scheduler, progress, should_cancel) -> tuple[torch.Tensor, int]:
     """``run_stain_model`` block by block; the k samples of a block ride as channels through the tiler's merge."""
-    passes = (len(scheduler.timesteps) + int(config.anchored)) if scheduler is not None else 1
+    passes = network_passes(config, scheduler)
     n_out, n_blocks, done = len(config.output_channels), len(blocks), [0]
 
     def one_block(sub: torch.Tensor) -> torch.Tensor:
