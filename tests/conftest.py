@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -95,3 +96,17 @@ def _single_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+def two_class_field(kind: str, seed: int, shape=(48, 48)) -> np.ndarray:
+    """Two-channel synthetic 'cells': DNA spots; 'signal' inside the spots (kind N) or in a ring around them (kind C)."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[: shape[0], : shape[1]]
+    dna = np.zeros(shape)
+    signal = np.zeros(shape)
+    for _ in range(6):
+        cy, cx = rng.uniform(4, shape[0] - 4), rng.uniform(4, shape[1] - 4)
+        r2 = (yy - cy) ** 2 + (xx - cx) ** 2
+        dna += 200 * np.exp(-r2 / 8)
+        signal += 150 * (np.exp(-r2 / 8) if kind == "N" else np.exp(-((np.sqrt(r2) - 5) ** 2) / 3))
+    return np.stack([signal, dna]).astype(np.float32) + 10

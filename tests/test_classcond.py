@@ -14,19 +14,7 @@ from napari_virtualstain.core.tasks.classcond import synthesize, translate
 from napari_virtualstain.train.classcond_data import ClassCondSpec, ClassImage, load_class_csv, load_class_folders
 from napari_virtualstain.train.loop import TrainOptions, train
 
-
-def _field(kind: str, seed: int, shape=(48, 48)) -> np.ndarray:
-    """Two-channel synthetic 'cells': DNA spots; 'signal' inside the spots (kind N) or in a ring around them (kind C)."""
-    rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[: shape[0], : shape[1]]
-    dna = np.zeros(shape)
-    signal = np.zeros(shape)
-    for _ in range(6):
-        cy, cx = rng.uniform(4, shape[0] - 4), rng.uniform(4, shape[1] - 4)
-        r2 = (yy - cy) ** 2 + (xx - cx) ** 2
-        dna += 200 * np.exp(-r2 / 8)
-        signal += 150 * (np.exp(-r2 / 8) if kind == "N" else np.exp(-((np.sqrt(r2) - 5) ** 2) / 3))
-    return np.stack([signal, dna]).astype(np.float32) + 10
+from conftest import two_class_field as _field
 
 
 @pytest.fixture(scope="module")

@@ -521,8 +521,8 @@ def test_uncertainty_maps_flags_threshold_and_export(make_napari_viewer, qtbot, 
 # -- class-conditional: translate / synthesize --------------------------------------------------------------------
 
 
-def _save_tiny_classcond(path, channels, classes):
-    """A tiny (untrained) class-conditional DDPM bundle."""
+def _save_tiny_classcond(path, channels, classes, invariant=()):
+    """A tiny (untrained) class-conditional DDPM bundle (``invariant``: channels it conditions on, not generates)."""
     import torch
 
     from napari_virtualstain.core.bundle import BundleConfig, ChannelSpec, save_bundle
@@ -530,13 +530,15 @@ def _save_tiny_classcond(path, channels, classes):
     from napari_virtualstain.core.normalize import FixedNorm
     from napari_virtualstain.core.schedulers import default_ddpm_config
 
-    unet = default_unet_config(len(channels), len(channels), 32, (8, 16))
+    variable = [c for c in channels if c not in invariant]
+    unet = default_unet_config(len(channels), len(variable), 32, (8, 16))
     unet["num_class_embeds"] = len(classes) + 1
     config = BundleConfig(
-        name=path.name, task="classcond", objective="ddpm", input_channels=[],
-        output_channels=[ChannelSpec(c, "stain", FixedNorm(0.0, 255.0)) for c in channels],
+        name=path.name, task="classcond", objective="ddpm",
+        input_channels=[ChannelSpec(c, "input", FixedNorm(0.0, 255.0)) for c in invariant],
+        output_channels=[ChannelSpec(c, "stain", FixedNorm(0.0, 255.0)) for c in variable],
         unet=unet, scheduler=default_ddpm_config(100), tile_size=32, tile_overlap=8, classes=list(classes),
-        training={"data": "synthetic (tests)"},
+        training={"data": "synthetic (tests)"}, image_channels=list(channels) if invariant else [],
     )
     torch.manual_seed(0)
     save_bundle(path, config, build_unet(config.unet))
@@ -671,6 +673,44 @@ def test_synthesize_stack_per_channel(make_napari_viewer, qtbot, tiny_classcond_
         # sample i uses seed 7 + i whatever the batching (2 here, 4 in the reference)
         np.testing.assert_allclose(out.data, expected.images[:, c], rtol=1e-4, atol=1e-2)
         assert out.metadata["seeds"] == [7, 8, 9] and out.metadata["class"] == "A12"
+
+
+def test_invariant_dna_is_kept_by_translate_and_asked_for_by_synthesize(make_napari_viewer, qtbot, nfkb_crop,
+                                                                         tmp_path, notes):
+    """A checkpoint that generates NF-kB given DNA: the translate widget takes the two-channel layer and hands the DNA
+    back unchanged; the synthesize widget asks for a DNA layer and generates for it."""
+    from napari_virtualstain._widgets import SynthesizeWidget, TranslateWidget
+
+    bundle_dir = _save_tiny_classcond(tmp_path / "tiny-inv", ["NF-kB", "DNA"], ["A01", "A12"], invariant=["DNA"])
+    viewer = make_napari_viewer()
+    layer = viewer.add_image(nfkb_crop, name="A01 well")
+    widget = TranslateWidget(viewer)
+    widget.controls.set_checkpoint(bundle_dir)
+    assert widget.controls.input_layer() is layer
+    widget.controls.steps.setValue(2)
+    widget.target.setCurrentText("A12")
+    assert widget.run()
+    wait_done(qtbot, widget)
+    assert widget.runner.last_outcome == "done", notes.all()
+    dna = [lyr for lyr in viewer.layers if lyr.name.startswith("DNA") and "translated" in lyr.name]
+    assert len(dna) == 1 and dna[0].metadata["invariant_channels"] == ["DNA"]
+    np.testing.assert_array_equal(np.asarray(dna[0].data), nfkb_crop[1].astype(np.float32))
+
+    syn = SynthesizeWidget(viewer)
+    syn.controls.set_checkpoint(bundle_dir)
+    assert syn.condition.isVisibleTo(syn) and not syn.size.isEnabled()
+    assert syn.condition.count() == 0  # the two-channel layer is not a DNA image
+    assert not syn.run() and "open a DNA image" in notes.errors()[-1]
+    viewer.add_image(nfkb_crop[1], name="DNA only")
+    assert [syn.condition.itemText(i) for i in range(syn.condition.count())] == ["DNA only"]
+    syn.count.setValue(2)
+    syn.controls.steps.setValue(2)
+    assert syn.run()
+    wait_done(qtbot, syn)
+    assert syn.runner.last_outcome == "done", notes.all()
+    out = viewer.layers["DNA synthetic (A01)"].data
+    assert out.shape == (2, 48, 64)
+    np.testing.assert_array_equal(out[1], nfkb_crop[1].astype(np.float32))
 
 
 def test_rgb_checkpoint_takes_rgb_layers(make_napari_viewer, qtbot, shared_data, tmp_path, notes):

@@ -157,6 +157,12 @@ def cmd_train(args) -> int:
     from .train.classcond_data import ClassCondSpec
 
     classcond = isinstance(spec, ClassCondSpec)
+    if args.invariant is not None:
+        if not classcond:
+            raise VirtualStainError("--invariant is for class-conditional training (--task classcond): a stain model's "
+                                    "inputs are already its conditioning")
+        spec.invariant = _split_names(args.invariant) or []
+        spec.check_invariant()
     opts = TrainOptions(
         objective=args.objective or ("ddpm" if classcond else "residual_shift"), steps=args.steps, batch_size=args.batch_size, crop_size=args.crop_size, lr=args.lr,
         ema_decay=args.ema_decay, val_every=args.val_every, seed=args.seed, device=args.device,
@@ -243,7 +249,7 @@ def cmd_translate(args) -> int:
     out = Path(args.output)
     plane = _parse_plane(args.plane)
     diffs, written = [], []
-    plane_ndim = 2 if len(config.output_channels) == 1 and args.channel_axis is None else 3
+    plane_ndim = 2 if len(config.image_names) == 1 and args.channel_axis is None else 3
     for path in expand_inputs(args.images):
         image = read_image(path)
         for idx, arr in iter_planes(image, plane, False, plane_ndim, read_axes(path)):
@@ -275,8 +281,17 @@ def cmd_synthesize(args) -> int:
     from .core.tasks.classcond import synthesize
 
     bundle = load_bundle(args.checkpoint)
+    condition = None
+    if args.condition:
+        from .core.io import read_image
+
+        condition = read_image(args.condition)
+        if args.size:
+            raise VirtualStainError("--size and --condition exclude each other: the samples take the condition "
+                                    "image's size")
     res = synthesize(bundle, args.class_name, args.n, seed=args.seed, steps=args.steps, guidance=args.guidance,
-                     size=args.size, batch_size=args.batch_size, device=args.device, **_compute(args),
+                     size=args.size, condition=condition, channel_axis=args.channel_axis, batch_size=args.batch_size,
+                     device=args.device, **_compute(args),
                      progress=_progress_printer(f"{args.n} x {args.class_name}") if not args.quiet else None)
     name = "".join(ch if ch.isalnum() or ch in "-_" else "_" for ch in args.class_name)
     path = write_channels(Path(args.output) / f"{name}_samples.tif", res.images, res.channel_names, res.provenance,
@@ -494,6 +509,10 @@ def build_parser() -> argparse.ArgumentParser:
                          "synthesize (implied by a CSV or a config with task: classcond)")
     tr.add_argument("--cond-dropout", type=float, default=None,
                     help="classcond: fraction of labels replaced by the null class (default 0.1), for guidance")
+    tr.add_argument("--invariant", default=None, metavar="NAMES",
+                    help="classcond: comma-separated channels a condition does not change (e.g. DNA): given to the "
+                         "network as conditioning, never generated, kept exactly by translate (default: the config's "
+                         "invariant:, else none = whole-image translation as PhenDiff)")
     tr.add_argument("--prediction-type", choices=["epsilon", "v_prediction"], default="epsilon",
                     help="ddpm stain models: the UNet predicts the noise (epsilon, as DM4ISL) or v; v learns to use "
                          "the brightfield much sooner (docs/benchmarks.md)")
@@ -576,6 +595,11 @@ def build_parser() -> argparse.ArgumentParser:
     sy.add_argument("--steps", type=int, default=50)
     sy.add_argument("--guidance", type=float, default=1.0)
     sy.add_argument("--size", type=int, default=None, help="side in pixels (default: the training crop size)")
+    sy.add_argument("--condition", default=None, metavar="FILE",
+                    help="checkpoints with invariant channels (NF-kB given DNA): the image of those channels to "
+                         "generate for; the samples take its size and keep it as it is")
+    sy.add_argument("--channel-axis", type=int, default=None,
+                    help="--condition with several invariant channels: their axis in the file")
     sy.add_argument("--batch-size", type=int, default=4)
     sy.add_argument("--device", default="auto")
     _compute_options(sy)

@@ -84,7 +84,10 @@ def sampling_options(bundle: Bundle, fast_default: bool = True) -> Sampling:
 
 
 def image_channels(config) -> list[str]:
-    """The channels an input layer must have: the inputs of a stain model, the image channels of a classcond one."""
+    """The channels an input layer must have: the inputs of a stain model, the image channels of a classcond one
+    (variable and invariant, in the images' order)."""
+    if config.task == "classcond":
+        return list(config.image_names)
     return list(config.input_names) if config.input_channels else list(config.output_names)
 
 
@@ -132,6 +135,25 @@ def _spin(lo: int, hi: int, value: int, tip: str, step: int = 1) -> QSpinBox:
     s.setValue(value)
     s.setToolTip(tip)
     return s
+
+
+def follow_layers(widget, viewer, method: str) -> None:
+    """Call ``widget.<method>(event)`` on every layer-list event, through a callback that holds the widget weakly and
+    unhooks itself once the widget is gone (no ``destroyed`` handler: PyQt may crash running Python while the GC
+    deletes a widget)."""
+    from ._runner import _is_deleted
+
+    ref = weakref.ref(widget)
+    events = viewer.layers.events
+
+    def on_event(event):
+        w = ref()
+        if w is None or _is_deleted(w):
+            events.disconnect(on_event)
+            return
+        getattr(w, method)(event)
+
+    events.connect(on_event)
 
 
 class ModelControls(QWidget):
@@ -236,21 +258,7 @@ class ModelControls(QWidget):
         self.refresh_layers()
 
     def _hook_layer_events(self, viewer) -> None:
-        """Follow the layer list through a callback that holds the widget weakly and unhooks itself once the widget
-        is gone (no ``destroyed`` handler: PyQt may crash running Python while the GC deletes a widget)."""
-        from ._runner import _is_deleted
-
-        ref = weakref.ref(self)
-        events = viewer.layers.events
-
-        def on_event(event):
-            widget = ref()
-            if widget is None or _is_deleted(widget):
-                events.disconnect(on_event)
-                return
-            widget._on_layers_event(event)
-
-        events.connect(on_event)
+        follow_layers(self, viewer, "_on_layers_event")
 
     # -- checkpoints -------------------------------------------------------------------------------------------
     def _fill_checkpoints(self) -> None:

@@ -1,17 +1,18 @@
 """Synthesize widget: N new images of one class from a class-conditional checkpoint, one layer per channel.
 
 ``core.tasks.classcond.synthesize`` (sample i uses seed ``seed + i``, whatever the batching); each channel becomes a
-layer with the samples on its leading axis, so the slider pages through them.
+layer with the samples on its leading axis, so the slider pages through them. A checkpoint with invariant channels
+(NF-kB given DNA) generates for a condition layer the user picks; its channels come back unchanged beside the samples.
 """
 
 from __future__ import annotations
 
 import numpy as np
-from qtpy.QtWidgets import QComboBox, QDoubleSpinBox, QFormLayout, QSpinBox
+from qtpy.QtWidgets import QComboBox, QDoubleSpinBox, QFormLayout, QLabel, QSpinBox
 
 from ..core.errors import VirtualStainError
 from ._base import TaskWidget, describe_progress
-from ._controls import RunSettings
+from ._controls import RunSettings, follow_layers
 from ._layers import iter_add_layers, json_safe, robust_limits, stain_colormap
 from ._runner import Job
 
@@ -66,10 +67,41 @@ class SynthesizeWidget(TaskWidget):
         self.guidance.setValue(1.0)
         self.guidance.setToolTip("Classifier-free guidance scale (1 = plain conditional sampling)")
         form.addRow("Guidance", self.guidance)
+        self.condition = QComboBox()
+        self.condition.setToolTip("The invariant channel(s) to generate for (e.g. a DNA image): the samples keep them")
+        self.condition_label = QLabel("Condition layer")
+        form.addRow(self.condition_label, self.condition)
+        follow_layers(self, self.viewer, "_on_layers_event")
+
+    def _on_layers_event(self, event) -> None:
+        if event.type in ("inserted", "removed", "name"):
+            self.refresh_conditions()
+
+    def refresh_conditions(self) -> None:
+        """Offer the Image layers with as many channels as the checkpoint's invariant channels."""
+        bundle = self.controls.bundle
+        needed = bundle.config.input_names if bundle is not None else []
+        current = self.condition.currentText()
+        self.condition.clear()
+        if needed:
+            for layer in reversed(self.viewer.layers):
+                if type(layer).__name__ == "Image" and "bundle_id" not in layer.metadata and not layer.rgb and (
+                        (layer.data.ndim == 2 and len(needed) == 1)
+                        or (layer.data.ndim == 3 and layer.data.shape[0] == len(needed))):
+                    self.condition.addItem(layer.name)
+            if self.condition.findText(current) >= 0:
+                self.condition.setCurrentIndex(self.condition.findText(current))
+        self.condition.setVisible(bool(needed))
+        self.condition_label.setVisible(bool(needed))
+        if needed:
+            self.condition_label.setText(f"Condition ({', '.join(needed)})")
+        self.size.setEnabled(not needed)
 
     def on_bundle_changed(self, bundle) -> None:
         self.class_name.clear()
         if bundle is None:
+            if hasattr(self, "condition"):
+                self.refresh_conditions()
             return
         from ..core.model import downsample_factor
 
@@ -79,6 +111,7 @@ class SynthesizeWidget(TaskWidget):
         self.size.setSingleStep(factor)
         self.size.setMinimum(max(8, factor))
         self.size.setValue(int(c.unet.get("sample_size", c.tile_size)))
+        self.refresh_conditions()
 
     def make_job(self, bundle, s: RunSettings, layer=None) -> Job:
         class_name = self.class_name.currentText()
@@ -86,13 +119,26 @@ class SynthesizeWidget(TaskWidget):
             raise VirtualStainError("Choose a class (the checkpoint lists its classes)")
         n, size, guidance = int(self.count.value()), int(self.size.value()), float(self.guidance.value())
         pixel = bundle.config.pixel_size_um
+        condition = None
+        if bundle.config.input_channels:
+            name = self.condition.currentText()
+            if not name or name not in self.viewer.layers:
+                raise VirtualStainError(
+                    f"{bundle.config.name} generates {', '.join(bundle.config.output_names)} given "
+                    f"{', '.join(bundle.config.input_names)}: open a {', '.join(bundle.config.input_names)} image and "
+                    "pick it as the condition layer")
+            data = self.viewer.layers[name].data
+            if data.ndim > (2 if len(bundle.config.input_names) == 1 else 3):
+                raise VirtualStainError(f"the condition layer '{name}' has {data.ndim} dimensions; pick a 2D image")
+            condition = np.array(data, dtype=np.float32)  # a copy: the user's layer is never touched
 
         def work(progress, should_cancel):
             from ..core.tasks.classcond import synthesize
 
             result = synthesize(
-                bundle, class_name, n, seed=s.seed, steps=s.steps or 50, guidance=guidance, size=size,
-                batch_size=s.batch_size, device=s.device, should_cancel=should_cancel,
+                bundle, class_name, n, seed=s.seed, steps=s.steps or 50, guidance=guidance,
+                size=None if condition is not None else size, condition=condition,
+                channel_axis=0 if condition is not None and condition.ndim == 3 else None, batch_size=s.batch_size, device=s.device, should_cancel=should_cancel,
                 progress=lambda p: progress(p.fraction, describe_progress(p)),
             )
             return synthesis_layer_tuples(result, class_name, pixel)

@@ -77,6 +77,9 @@ class BundleConfig:
     # (residual shift: the chain runs from mu; ddpm: the chain generates x0 - mu, CorrDiff-style)
     sampling: dict = field(default_factory=dict)  # defaults chosen from validation: steps, samples, labels_from
     labels_from_stain: dict = field(default_factory=dict)  # labels set -> stain channel it can be segmented from
+    # classcond: the channel order of the images it reads and writes; inputs are the invariant channels (given to the
+    # network as conditioning and kept as they are), outputs the variable ones it generates
+    image_channels: list[str] = field(default_factory=list)
 
     @property
     def anchored(self) -> bool:
@@ -106,6 +109,16 @@ class BundleConfig:
     def output_names(self) -> list[str]:
         return [c.name for c in self.output_channels]
 
+    @property
+    def image_names(self) -> list[str]:
+        """classcond: every channel of the images in file order (variable outputs and invariant inputs)."""
+        return list(self.image_channels) or self.output_names + self.input_names
+
+    @property
+    def invariant_names(self) -> list[str]:
+        """classcond: channels held invariant (conditioning, never generated): a translation keeps them exactly."""
+        return self.input_names if self.task == "classcond" else []
+
     def to_dict(self) -> dict:
         return {
             "format": FORMAT,
@@ -129,7 +142,8 @@ class BundleConfig:
         } | ({"classes": list(self.classes)} if self.classes else {}) | (
             {"mean_model": {"unet": self.mean_unet, "weights": MEAN_WEIGHTS_NAME}} if self.mean_unet else {}
         ) | ({"sampling": dict(self.sampling)} if self.sampling else {}) | (
-            {"labels_from_stain": dict(self.labels_from_stain)} if self.labels_from_stain else {})
+            {"labels_from_stain": dict(self.labels_from_stain)} if self.labels_from_stain else {}) | (
+            {"image_channels": list(self.image_channels)} if self.image_channels else {})
 
     @classmethod
     def from_dict(cls, d: dict) -> BundleConfig:
@@ -148,7 +162,8 @@ class BundleConfig:
         objective = _require(d, "objective", str)
         if objective not in OBJECTIVES:
             raise BundleError(f"config.json: 'objective' is {objective!r}; expected one of {', '.join(OBJECTIVES)}")
-        inputs = [_channel(c, i, "input_channels", is_input=True) for i, c in enumerate(_require(d, "input_channels", list))]
+        inputs = [_channel(c, i, "input_channels", is_input=True, classcond=task == "classcond")
+                  for i, c in enumerate(_require(d, "input_channels", list))]
         outputs = [_channel(c, i, "output_channels") for i, c in enumerate(_require(d, "output_channels", list))]
         if (not inputs and task == "stain") or not outputs:
             raise BundleError("config.json: 'input_channels' and 'output_channels' must each name at least one channel")
@@ -156,8 +171,11 @@ class BundleConfig:
         if task == "classcond":
             if objective != "ddpm":
                 raise BundleError(f"config.json: a classcond bundle is a DDPM ('objective': 'ddpm'), not {objective!r}")
-            if inputs:
-                raise BundleError("config.json: a classcond bundle has no 'input_channels' (its images are its outputs)")
+            image_channels = d.get("image_channels", [])
+            every = [c.name for c in outputs] + [c.name for c in inputs]
+            if image_channels and (not isinstance(image_channels, list) or sorted(map(str, image_channels)) != sorted(every)):
+                raise BundleError(f"config.json: 'image_channels' must list the output and input (invariant) channels "
+                                  f"{', '.join(every)} once each, in the images' order; got {image_channels!r}")
             if (not isinstance(classes, list) or len(classes) < 1
                     or not all(isinstance(c, str) and c for c in classes) or len(set(classes)) != len(classes)):
                 raise BundleError("config.json: 'classes' must be a list of unique, non-empty class names")
@@ -242,6 +260,7 @@ class BundleConfig:
             mean_unet=mean_unet,
             sampling=_sampling(d.get("sampling", {})),
             labels_from_stain=_labels_from_stain(d.get("labels_from_stain", {}), outputs),
+            image_channels=list(d.get("image_channels", [])) if task == "classcond" else [],
         )
 
 
@@ -315,7 +334,7 @@ def _require(d: dict, key: str, typ):
     return value
 
 
-def _channel(c, i: int, where: str, is_input: bool = False) -> ChannelSpec:
+def _channel(c, i: int, where: str, is_input: bool = False, classcond: bool = False) -> ChannelSpec:
     if not isinstance(c, dict) or not isinstance(c.get("name"), str):
         raise BundleError(f"config.json: {where}[{i}] must be an object with a 'name'")
     if "normalization" not in c:
@@ -332,7 +351,9 @@ def _channel(c, i: int, where: str, is_input: bool = False) -> ChannelSpec:
     if isinstance(norm, PercentileNorm) and not 0 <= norm.low < norm.high <= 100:
         raise BundleError(f"{bad_norm}: percentiles need 0 <= low < high <= 100")
     if is_input:
-        if not isinstance(norm, PercentileNorm):
+        if classcond and not isinstance(norm, FixedNorm):  # invariant channels: one scale for every condition
+            raise BundleError(f"{bad_norm}: a classcond bundle's invariant channels use a 'fixed' normalisation")
+        if not classcond and not isinstance(norm, PercentileNorm):
             raise BundleError(f"{bad_norm}: input channels are normalised per image ('percentile')")
         return ChannelSpec(c["name"], "input", norm)
     kind = c.get("kind")

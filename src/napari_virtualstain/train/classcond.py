@@ -1,6 +1,10 @@
 """Training a class-conditional DDPM (translation / synthesis): epsilon loss with class embeddings and ~10 % of the
 labels replaced by the null class (condition dropout), so one network also gives the unconditional eps that
 classifier-free guidance needs. Runs inside the shared loop in ``loop.train``.
+
+Invariant channels (``invariant: [DNA]``): channels a condition does not change are concatenated to x_t as
+conditioning, never noised or generated; the network learns p(variable | invariant, class) — where NF-kB sits
+relative to the nuclei that are there — instead of spending capacity on redrawing the nuclei.
 """
 
 from __future__ import annotations
@@ -39,18 +43,21 @@ def build_classcond_config(spec: ClassCondSpec, opts) -> BundleConfig:
         raise VirtualStainError(f"a class-conditional model is a DDPM; objective {opts.objective!r} does not apply")
     if not spec.classes:
         raise VirtualStainError("no classes in the training data")
-    n = len(spec.channel_names)
-    norms = [fit_fixed_norm([im.image[c] for im in spec.images]) for c in range(n)]
-    unet = default_unet_config(n, n, opts.crop_size, tuple(opts.block_out_channels), opts.layers_per_block)
+    spec.check_invariant()
+    norms = {name: fit_fixed_norm([im.image[c] for im in spec.images]) for c, name in enumerate(spec.channel_names)}
+    n_out, n_in = len(spec.variable), len(spec.invariant)
+    unet = default_unet_config(n_out + n_in, n_out, opts.crop_size, tuple(opts.block_out_channels), opts.layers_per_block)
     unet["num_class_embeds"] = len(spec.classes) + 1
     factor = downsample_factor(unet)
     if opts.crop_size % factor or opts.tile_size % factor:
         raise VirtualStainError(f"crop size and tile size must be multiples of {factor}")
     return BundleConfig(
-        name=spec.name, description=spec.description, task="classcond", objective="ddpm", input_channels=[],
-        output_channels=[ChannelSpec(c, "stain", nm) for c, nm in zip(spec.channel_names, norms)],
+        name=spec.name, description=spec.description, task="classcond", objective="ddpm",
+        input_channels=[ChannelSpec(c, "input", norms[c]) for c in spec.invariant],
+        output_channels=[ChannelSpec(c, "stain", norms[c]) for c in spec.variable],
         unet=unet, scheduler=classcond_schedule(), tile_size=opts.tile_size, tile_overlap=opts.tile_overlap,
         pixel_size_um=spec.pixel_size_um, classes=list(spec.classes),
+        image_channels=list(spec.channel_names) if spec.invariant else [],
     )
 
 
@@ -58,7 +65,10 @@ def classcond_job(spec: ClassCondSpec, opts):
     from .loop import TrainingJob
 
     config = build_classcond_config(spec, opts)
-    norms = [c.normalization for c in config.output_channels]
+    by_name = {c.name: c.normalization for c in config.output_channels + config.input_channels}
+    norms = [by_name[c] for c in spec.channel_names]
+    out_idx = [spec.channel_names.index(c) for c in spec.variable]
+    in_idx = [spec.channel_names.index(c) for c in spec.invariant]
     arrays, labels = [], []
     for im in spec.images:
         t = torch.from_numpy(fixed_normalize(im.image, norms))
@@ -87,10 +97,14 @@ def classcond_job(spec: ClassCondSpec, opts):
         return torch.from_numpy(np.ascontiguousarray(xs)), torch.as_tensor(ys, dtype=torch.long)
 
     def loss(unet, scheduler, batch, gen: torch.Generator) -> torch.Tensor:
-        x0, cls = batch
+        images, cls = batch
+        x0 = images[:, out_idx]
         t, noise = draw_noise(scheduler.config.num_train_timesteps, tuple(x0.shape), gen)
         t, noise = t.to(x0.device), noise.to(x0.device)
-        pred = unet(scheduler.add_noise(x0, noise, t), t, class_labels=cls).sample
+        net_in = scheduler.add_noise(x0, noise, t)
+        if in_idx:  # invariant channels: given as they are, as the brightfield is to a stain model
+            net_in = torch.cat([net_in, images[:, in_idx]], dim=1)
+        pred = unet(net_in, t, class_labels=cls).sample
         target = noise if scheduler.config.prediction_type == "epsilon" else scheduler.get_velocity(x0, noise, t)
         return F.mse_loss(pred, target)
 

@@ -12,6 +12,7 @@
           channels: {NF-kB: A01_nfkb.tif, DNA: A01_dna.tif}   # one 2D source per channel, or
           # image: A01.tif                                    # one multi-channel file
           region: [0, 768, 0, 1360]                          # optional [y0, y1, x0, x1]
+      invariant: [DNA]   # optional: channels given to the network as conditioning and kept exactly by a translation
 
 Sources are read as in the paired-stain configs (``{path, index}`` picks leading axes).
 """
@@ -20,7 +21,7 @@ from __future__ import annotations
 
 import csv
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -48,6 +49,19 @@ class ClassCondSpec:
     pixel_size_um: float | None = None
     description: str = ""
     source: str = ""
+    invariant: list[str] = field(default_factory=list)  # channels the model conditions on instead of generating
+
+    def check_invariant(self) -> None:
+        unknown = [c for c in self.invariant if c not in self.channel_names]
+        if unknown:
+            raise VirtualStainError(f"invariant channel(s) {', '.join(unknown)} are not among the image channels "
+                                    f"({', '.join(self.channel_names)}); name them as the channels are named")
+        if len(set(self.invariant)) == len(self.channel_names):
+            raise VirtualStainError("every channel is invariant: leave at least one channel for the model to generate")
+
+    @property
+    def variable(self) -> list[str]:
+        return [c for c in self.channel_names if c not in self.invariant]
 
 
 def _as_chw(arr: np.ndarray, channel_names: list[str] | None, where: str) -> tuple[np.ndarray, list[str]]:
@@ -141,8 +155,13 @@ def load_classcond_config(path: str | Path, raw: dict | None = None) -> ClassCon
                 raise VirtualStainError(f"{where}: region {region} lies outside the {h}x{w} image")
             chw = chw[:, y0:y1, x0:x1]
         images.append(ClassImage(entry.get("name", f"image{i}"), str(entry["class"]), chw))
+    invariant = raw.get("invariant") or []
+    if not isinstance(invariant, list):
+        raise VirtualStainError(f"{path}: 'invariant' lists channel names: invariant: [DNA]")
     spec = _spec(raw.get("name", path.stem), images, channel_names, raw.get("source", path),
-                 pixel_size_um=raw.get("pixel_size_um"), description=raw.get("description", ""))
+                 pixel_size_um=raw.get("pixel_size_um"), description=raw.get("description", ""),
+                 invariant=[str(c) for c in invariant])
+    spec.check_invariant()
     if raw.get("classes"):
         order = [str(c) for c in raw["classes"]]
         unknown = sorted(set(spec.classes) - set(order))

@@ -13,6 +13,11 @@ eps = eps(null) + w * (eps(class) - eps(null)); w = 1 is plain conditional sampl
 
 Images are scaled with the checkpoint's fixed per-channel range (fit on its training data), so intensities stay
 comparable between conditions — a per-image percentile scale would erase the very differences we look for.
+
+Invariant channels (a bundle's ``input_channels``, e.g. DNA for an NF-kB translocation): they condition every
+network call and are never inverted or generated, so the translated image keeps exactly the source's nuclei and only
+the variable channels (``output_channels``) move; their difference is 0 by construction. Without invariant
+channels the whole image is inverted and regenerated (PhenDiff as published).
 """
 
 from __future__ import annotations
@@ -62,6 +67,28 @@ def _require_classcond(bundle: Bundle) -> BundleConfig:
 
 def _norms(config: BundleConfig):
     return [c.normalization for c in config.output_channels]
+
+
+def _split_channels(config: BundleConfig, chw: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+    """An image's channels (in ``config.image_names`` order) -> normalised variable channels, invariant channels."""
+    names = config.image_names
+    variable = fixed_normalize(chw[[names.index(n) for n in config.output_names]], _norms(config))
+    if not config.input_channels:
+        return variable, None
+    invariant = fixed_normalize(chw[[names.index(n) for n in config.input_names]],
+                                [c.normalization for c in config.input_channels])
+    return variable, invariant
+
+
+def _join_channels(config: BundleConfig, variable: np.ndarray, given: np.ndarray | None) -> np.ndarray:
+    """Generated variable channels (units) + the given invariant channels (units, as they came) in image order."""
+    if given is None:
+        return variable
+    names = config.image_names
+    out = np.empty((len(names), *variable.shape[1:]), np.float32)
+    out[[names.index(n) for n in config.output_names]] = variable
+    out[[names.index(n) for n in config.input_names]] = given
+    return out
 
 
 def _check_common(steps: int, guidance: float) -> None:
@@ -115,8 +142,8 @@ def translate(
     _check_common(steps, guidance)
     if not 0.0 < strength <= 1.0:
         raise VirtualStainError(f"strength (how far to invert, as a fraction of the schedule) must be in (0, 1]; got {strength}")
-    chw = prepare_input(image, config.output_names, channel_axis, what=input_name or "image")
-    x0 = fixed_normalize(chw, _norms(config))
+    chw = prepare_input(image, config.image_names, channel_axis, what=input_name or "image")
+    x0, invariant = _split_channels(config, chw)
     run = setup_run(bundle, chw.shape[1], chw.shape[2], tile_size=tile_size, tile_overlap=tile_overlap,
                     device=device, half=half, threads=threads)
     dev, plan, denoiser = run.device, run.plan, run.denoiser
@@ -129,15 +156,18 @@ def translate(
     total = k + k
 
     x = torch.from_numpy(x0)[None].to(dev)
+    cond = None if invariant is None else torch.from_numpy(invariant)[None].to(dev)
     hooks = SamplerHooks(progress=_phase(progress, 0, total), should_cancel=should_cancel)
-    latent = sample(denoiser, inverse, x, plan, make_generators([0]), batch_size=batch_size, hooks=hooks,
-                    timesteps=up, class_labels=torch.tensor([src], device=dev))
+    latent = sample(denoiser, inverse, x, plan, make_generators([0]), condition=cond, batch_size=batch_size,
+                    hooks=hooks, timesteps=up, class_labels=torch.tensor([src], device=dev))
     labels = [tgt] if same else [tgt, src]
     guided = GuidedDenoiser(denoiser, config.null_class, guidance)
     hooks = SamplerHooks(progress=_phase(progress, k, total), should_cancel=should_cancel)
     out = sample(guided, ddim, latent.expand(len(labels), -1, -1, -1).contiguous(), plan, make_generators(range(len(labels))),
-                 batch_size=batch_size, hooks=hooks, timesteps=down, class_labels=torch.tensor(labels, device=dev))
-    decoded = [fixed_denormalize(o, _norms(config)) for o in out.cpu().numpy()]
+                 condition=cond, batch_size=batch_size, hooks=hooks, timesteps=down,
+                 class_labels=torch.tensor(labels, device=dev))
+    given = None if invariant is None else chw[[config.image_names.index(n) for n in config.input_names]]
+    decoded = [_join_channels(config, fixed_denormalize(o, _norms(config)), given) for o in out.cpu().numpy()]
     translated = decoded[0]
     control = decoded[0] if same else decoded[1]
     provenance = {
@@ -150,11 +180,12 @@ def translate(
         "strength": strength,
         "inverted_to_timestep": int(up[-1]),
         "guidance_scale": guidance,
+        "invariant_channels": config.input_names,
         **run.provenance(batch_size, np.shape(image), input_name),
     }
     if same:
         provenance["note"] = "source = target: the translation is the reconstruction control itself"
-    return TranslationResult(translated, control, (translated - control).astype(np.float32), config.output_names,
+    return TranslationResult(translated, control, (translated - control).astype(np.float32), config.image_names,
                              provenance)
 
 
@@ -176,6 +207,8 @@ def synthesize(
     steps: int = 50,
     guidance: float = 1.0,
     size: int | None = None,
+    condition: np.ndarray | None = None,
+    channel_axis: int | None = None,
     batch_size: int = 4,
     device: str | None = None,
     half: bool | None = None,
@@ -183,19 +216,40 @@ def synthesize(
     progress: Callable[[Progress], None] | None = None,
     should_cancel: Callable[[], bool] | None = None,
 ) -> SynthesisResult:
-    """``n`` samples of ``class_name`` (sample ``i`` uses seed ``seed + i``, whatever the batching)."""
+    """``n`` samples of ``class_name`` (sample ``i`` uses seed ``seed + i``, whatever the batching).
+
+    A bundle with invariant channels generates its variable channels *given* them: ``condition`` holds the invariant
+    channels (e.g. a DNA image; several as ``channel_axis``), the samples take its size and carry it unchanged."""
     config = _require_classcond(bundle)
     cls = config.class_index(class_name)
     _check_common(steps, guidance)
     if not isinstance(n, int) or n < 1:
         raise VirtualStainError(f"number of samples must be a positive integer, got {n!r}")
     factor = downsample_factor(config.unet)
-    size = int(size or config.unet.get("sample_size", config.tile_size))
-    if size < 8 or size % factor:
-        raise VirtualStainError(f"sample size {size} must be a multiple of {factor} (the network's downsampling), at least 8")
-    tile = min(config.tile_size, size)
-    run = setup_run(bundle, size, size, tile_size=tile, tile_overlap=0 if tile == size else config.tile_overlap,
-                    device=device, half=half, threads=threads)
+    given = cond = None
+    if config.input_channels:
+        if condition is None:
+            raise VirtualStainError(
+                f"checkpoint {config.name!r} generates {', '.join(config.output_names)} given "
+                f"{', '.join(config.input_names)}: give the {', '.join(config.input_names)} image to generate for "
+                "(CLI: --condition FILE; napari: the condition layer)")
+        given = prepare_input(condition, config.input_names, channel_axis, what="condition image")
+        height, width = given.shape[1:]
+        if height < 8 or width < 8:
+            raise VirtualStainError(f"the condition image is {height}x{width}; it must be at least 8x8 pixels")
+        cond = torch.from_numpy(fixed_normalize(given, [c.normalization for c in config.input_channels]))[None]
+        run = setup_run(bundle, height, width, device=device, half=half, threads=threads)  # tiled as a translation
+    else:
+        if condition is not None:
+            raise VirtualStainError(f"checkpoint {config.name!r} has no invariant channels; it takes no condition image")
+        size = int(size or config.unet.get("sample_size", config.tile_size))
+        if size < 8 or size % factor:
+            raise VirtualStainError(f"sample size {size} must be a multiple of {factor} (the network's downsampling), at least 8")
+        height = width = size
+        tile = min(config.tile_size, size)
+        run = setup_run(bundle, size, size, tile_size=tile, tile_overlap=0 if tile == size else config.tile_overlap,
+                        device=device, half=half, threads=threads)
+    cond = None if cond is None else cond.to(run.device)
     dev, plan = run.device, run.plan
     denoiser = GuidedDenoiser(run.denoiser, config.null_class, guidance)
     ddim = bundle.make_scheduler("ddim", steps)
@@ -205,7 +259,7 @@ def synthesize(
     for g in range(n_groups):
         seeds = list(range(seed + g * group, seed + min(n, (g + 1) * group)))
         gens = make_generators(seeds)
-        x = randn_per_item((len(seeds), len(config.output_channels), size, size), gens).to(dev) * ddim.init_noise_sigma
+        x = randn_per_item((len(seeds), len(config.output_channels), height, width), gens).to(dev) * ddim.init_noise_sigma
         offset = g * steps
 
         def report(p, offset=offset):
@@ -213,9 +267,9 @@ def synthesize(
                 progress(Progress(offset + p.step, n_groups * steps, p.tile, p.num_tiles))
 
         hooks = SamplerHooks(progress=report, should_cancel=should_cancel)
-        out = sample(denoiser, ddim, x, plan, gens, batch_size=batch_size, hooks=hooks,
+        out = sample(denoiser, ddim, x, plan, gens, condition=cond, batch_size=batch_size, hooks=hooks,
                      class_labels=torch.full((len(seeds),), cls, device=dev))
-        images += [fixed_denormalize(o, _norms(config)) for o in out.cpu().numpy()]
+        images += [_join_channels(config, fixed_denormalize(o, _norms(config)), given) for o in out.cpu().numpy()]
     provenance = {
         **bundle.provenance(),
         "class": class_name,
@@ -224,9 +278,10 @@ def synthesize(
         "sampler": "ddim",
         "steps": steps,
         "guidance_scale": guidance,
-        "size": size,
+        "size": size if given is None else [height, width],
+        "invariant_channels": config.input_names,
         "device": str(dev),
         "seconds": round(time.perf_counter() - run.started, 3),
         "package_version": __version__,
     }
-    return SynthesisResult(np.stack(images).astype(np.float32), config.output_names, provenance)
+    return SynthesisResult(np.stack(images).astype(np.float32), config.image_names, provenance)
