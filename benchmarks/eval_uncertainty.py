@@ -12,8 +12,9 @@ For every diffusion bundle and image, with seeds 0..k-1 run as one batch:
   single-run DDPMavg (seed 0, window 0.3-0.8) and of the k-seed avg; the regression baseline beside them;
 - AUROC of std_steps / std_seeds at separating the top-10 % |final - truth| pixels from the rest;
 - large error regions (connected top-10 % error pixels, median-filtered, >= 16 px): fraction touched by a flag, the
-  number of flags and the fraction of the image flagged (flagging everything would touch every error), for plain
-  Otsu flags (min area 16) and for the reviewable defaults (``REVIEW_DEFAULTS``: merged, at most 20 regions);
+  number of flags and the fraction of the image flagged (flagging everything would touch every error), the fraction
+  inside the regions' bounding boxes and their median side (what the review panel zooms to), for plain Otsu flags
+  (min area 16) and for the reviewable defaults (``REVIEW_DEFAULTS``: merged, grouped into at most 20 regions);
 - wall time: plain sampling, the same with step maps (one seed), k seeds batched with both maps.
 """
 
@@ -64,6 +65,19 @@ def large_error_regions(err: np.ndarray, top: np.ndarray, min_area: int = 16) ->
     keep = areas >= min_area
     keep[0] = False
     return np.where(keep[lab], lab, 0)
+
+
+def review_extent(labels: np.ndarray) -> dict:
+    """What a reviewer looks at: the regions' bounding boxes (the review panel zooms to them) — the fraction of the
+    image inside any of them, and their median side."""
+    from skimage.measure import regionprops
+
+    boxes = [r.bbox for r in regionprops(labels)]
+    inside = np.zeros(labels.shape, bool)
+    for y0, x0, y1, x1 in boxes:
+        inside[y0:y1, x0:x1] = True
+    sides = [max(y1 - y0, x1 - x0) for y0, x0, y1, x1 in boxes]
+    return {"image_fraction_in_boxes": float(inside.mean()), "median_box_side": float(np.median(sides)) if sides else 0.0}
 
 
 def timed(fn):
@@ -125,7 +139,8 @@ def main(argv=None) -> int:
                         flagged = fl.labels > 0
                         hit = [bool(flagged[regions == i].any()) for i in ids]
                         unc[mname][rule] = {"error_regions_flagged": float(np.mean(hit)) if hit else float("nan"),
-                                            "image_fraction_flagged": float(flagged.mean()), "n_flags": len(fl.table)}
+                                            "image_fraction_flagged": float(flagged.mean()), "n_flags": len(fl.table),
+                                            **review_extent(fl.labels)}
                 rows.append({"image": name, "bundle": b.config.name, "objective": b.config.objective,
                              "sampler": both.provenance["sampler"], "steps": both.provenance["steps"], "channel": ch,
                              "scores": scores, "uncertainty": unc})

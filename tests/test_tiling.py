@@ -286,3 +286,21 @@ def test_predict_stain_progress_and_cancel(bundle):
     # checked before each step and after each network call but a step's last: the third check (after the second call
     # of step 0) stops the run there — one network call after the request, not at the end of the step
     assert [(e.step, e.tile) for e in events] == [(0, 4), (0, 8)]
+
+
+def test_pack_in_place_makes_a_crop_contiguous_in_its_own_buffer():
+    """A big field's cropped canvas becomes C-contiguous without a second output-sized copy."""
+    from napari_virtualstain.core.tiling import pack_in_place
+
+    rng = np.random.default_rng(0)
+    canvas = rng.random((3, 37, 45)).astype(np.float32)
+    crop = canvas[:, :30, :41]
+    expected = crop.copy()
+    packed = pack_in_place(crop)
+    assert packed.flags.c_contiguous and packed.shape == (3, 30, 41)
+    np.testing.assert_array_equal(packed, expected)
+    assert np.shares_memory(packed, canvas)  # the canvas's own memory, no new buffer
+    whole = rng.random((2, 8, 8)).astype(np.float32)
+    assert pack_in_place(whole) is whole
+    odd = rng.random((8, 8, 3)).astype(np.float32).transpose(2, 0, 1)  # not a crop of a C-ordered canvas: copied
+    np.testing.assert_array_equal(pack_in_place(odd), odd)

@@ -275,6 +275,30 @@ def test_review_flags_merge_fragments_and_keep_the_most_uncertain():
     assert review.labels[12, 12] == 0  # the weakest (i = 0) is not
 
 
+def test_review_flags_group_neighbours_into_fields_of_view_without_dropping_any():
+    """Beyond ``max_regions`` the default joins neighbouring regions into that many compact groups: every flagged
+    speck is still flagged, group 1 is the most uncertain, and a group is a neighbourhood, not a chain across the map."""
+    from napari_virtualstain.core.uncertainty import REVIEW_DEFAULTS
+
+    assert REVIEW_DEFAULTS["group"] is True
+    m = np.zeros((200, 200), np.float32)
+    for cy, cx, strength in ((30, 30, 1.0), (30, 170, 2.0), (170, 30, 1.0), (170, 170, 1.0)):  # four clusters
+        for dy in (-12, 0, 12):
+            for dx in (-12, 0, 12):
+                m[cy + dy - 2 : cy + dy + 3, cx + dx - 2 : cx + dx + 3] = strength
+    plain = flag_regions(m, 0.5, median_size=1, min_area=4)
+    assert plain.labels.max() == 36
+    grouped = flag_regions(m, 0.5, median_size=1, min_area=4, max_regions=4, group=True)
+    assert grouped.labels.max() == 4 and grouped.settings["regions_dropped"] == 0
+    assert grouped.settings["fragments"] == 36
+    np.testing.assert_array_equal(grouped.labels > 0, plain.labels > 0)  # nothing dropped
+    assert grouped.labels[30, 170] == 1  # the strongest cluster first
+    for g in range(1, 5):
+        ys, xs = np.nonzero(grouped.labels == g)
+        assert np.ptp(ys) < 40 and np.ptp(xs) < 40  # one cluster each
+    assert len(grouped.table) == 4 and sum(r["area"] for r in grouped.table) == int((plain.labels > 0).sum())
+
+
 def test_step_maps_use_the_full_chain_when_predict_defaults_to_one_step(tiny_bundle_dir, image, tmp_path):
     """A bundle whose fast predict default is 1 step still gives step maps (the shipped demo-stain is such a bundle)."""
     import json

@@ -481,8 +481,12 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--flag-min-area", type=int, default=16, help="drop flagged regions smaller than this (pixels)")
     pr.add_argument("--flag-merge", type=int, default=3, help="join flagged fragments closer than this (pixels)")
     pr.add_argument("--flag-max-regions", type=int, default=20,
-                    help="keep the N regions with the most excess uncertainty (0: keep all)")
+                    help="at most N regions per map (0: no limit): neighbours grouped, or the rest dropped with "
+                         "--no-flag-group")
     _compute_options(pr)
+    pr.add_argument("--flag-group", action=argparse.BooleanOptionalAction, default=True,
+                    help="beyond --flag-max-regions: join neighbouring regions into that many compact groups (fields "
+                         "of view to review; nothing dropped); --no-flag-group keeps the most uncertain and drops the rest")
     pr.add_argument("--workers", type=int, default=None,
                     help="predict the files as tasks on a local Dask cluster of N worker processes (a file per task, "
                          "retried on failure; a rerun skips files already written with the same checkpoint and "

@@ -95,7 +95,7 @@ def _parse_window(text: str) -> tuple[float, float]:
 
 SETTINGS = ("seed", "samples", "steps", "sampler", "tile_size", "tile_overlap", "block_size", "labels_from",
             "boundary_threshold", "foreground_threshold", "no_labels", "uncertainty", "seeds", "window", "flag_map",
-            "flag_threshold", "flag_otsu", "flag_min_area", "flag_merge", "flag_max_regions", "plane", "all_planes",
+            "flag_threshold", "flag_otsu", "flag_min_area", "flag_merge", "flag_max_regions", "flag_group", "plane", "all_planes",
             "channel_axis", "pixel_size", "rescale", "precision")
 
 
@@ -213,7 +213,8 @@ def _write_uncertainty(out: Path, stem: str, config, channel_names, maps: list[d
         labs = []
         for p, m in enumerate(maps):
             fr = flag_regions(m[flag_map][c], args.flag_threshold, otsu=args.flag_otsu, min_area=args.flag_min_area,
-                              merge_radius=args.flag_merge, max_regions=args.flag_max_regions or None)
+                              merge_radius=args.flag_merge, max_regions=args.flag_max_regions or None,
+                              group=getattr(args, "flag_group", True))
             labs.append(fr.labels)
             plane = prov["planes"][p] if len(maps) > 1 else None
             rows += [{"channel": ch, "plane": plane, "map": flag_map, "threshold": fr.threshold, **r} for r in fr.table]

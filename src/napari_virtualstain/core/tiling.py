@@ -13,6 +13,7 @@ import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -69,7 +70,12 @@ def _ramp(n: int, overlap: int, taper_start: bool, taper_end: bool) -> torch.Ten
 class Tile:
     y: int
     x: int
-    window: torch.Tensor  # (tile_h, tile_w)
+    row_window: torch.Tensor  # (tile_h,): the blend window is row x column (a plane per tile would cost a field's
+    col_window: torch.Tensor  # (tile_w,)  worth of memory for a plan of big blocks)
+
+    @property
+    def window(self) -> torch.Tensor:
+        return self.row_window[:, None] * self.col_window[None, :]
 
 
 class TilePlan:
@@ -94,7 +100,7 @@ class TilePlan:
         self.padded_shape = (ph, pw)
         ys, xs = _starts(ph, tile_size, overlap), _starts(pw, tile_size, overlap)
         self.tiles: list[Tile] = []
-        self._windows: dict[torch.device, list[torch.Tensor]] = {}
+        self._windows: dict[torch.device, list[tuple[torch.Tensor, torch.Tensor]]] = {}
         self.oom_retries = 0  # network calls split after the device ran out of memory (recorded in provenance)
         self._max_tiles_per_call: int | None = None
         # the tiles form a product grid of separable windows, so the merged weight is row sum x column sum:
@@ -107,18 +113,21 @@ class TilePlan:
             wy = _ramp(tile_size, overlap, y > 0, y + tile_size < ph)
             self.row_weight[y : y + tile_size] += wy
             for x, wx in zip(xs, wxs):
-                self.tiles.append(Tile(y, x, wy[:, None] * wx[None, :]))
+                self.tiles.append(Tile(y, x, wy, wx))
 
     def __len__(self) -> int:
         return len(self.tiles)
 
     def _window_on(self, device: torch.device, index: int) -> torch.Tensor:
-        """Tile ``index``'s blend window on ``device``, copied there once per plan (not once per tile and step)."""
+        """Tile ``index``'s blend window on ``device`` (its row and column vectors copied there once per plan, not
+        once per tile and step; the outer product is made per call, a tile's worth of work)."""
+        tl = self.tiles[index]
         if device.type == "cpu":
-            return self.tiles[index].window
+            return tl.window
         if device not in self._windows:
-            self._windows[device] = [tl.window.to(device) for tl in self.tiles]
-        return self._windows[device][index]
+            self._windows[device] = [(t.row_window.to(device), t.col_window.to(device)) for t in self.tiles]
+        wy, wx = self._windows[device][index]
+        return wy[:, None] * wx[None, :]
 
     def _call(self, fn, batch: torch.Tensor, b: int) -> torch.Tensor:
         """``fn(batch)``; when the device runs out of memory, the same tiles in two halves (and fewer tiles per call
@@ -157,6 +166,10 @@ class TilePlan:
     def crop(self, x: torch.Tensor) -> torch.Tensor:
         return x[..., : self.height, : self.width]
 
+    def pad_once(self, x: torch.Tensor) -> torch.Tensor:
+        """``pad``, unless ``x`` already has the padded shape (a caller that padded its big input up front)."""
+        return x if tuple(x.shape[-2:]) == tuple(self.padded_shape) else self.pad(x)
+
     def apply(
         self,
         fn: Callable[[torch.Tensor], torch.Tensor],
@@ -171,7 +184,7 @@ class TilePlan:
         largest allocation of a big field. ``batch_size`` counts network samples: the B images of a seed batch share
         it. ``on_tile(done, total)`` is called after each network call.
         """
-        parts = [self.pad(p) for p in ([inputs] if isinstance(inputs, torch.Tensor) else inputs)]
+        parts = [self.pad_once(p) for p in ([inputs] if isinstance(inputs, torch.Tensor) else inputs)]
         b = max(p.shape[0] for p in parts)
         per_call = max(1, batch_size // b)
         if self._max_tiles_per_call:
@@ -198,3 +211,24 @@ class TilePlan:
         out /= self.row_weight.to(out.device)[:, None]  # in place: no second canvas, no weight plane
         out /= self.col_weight.to(out.device)
         return self.crop(out)
+
+
+def pack_in_place(view: np.ndarray) -> np.ndarray:
+    """A C-contiguous (C, H, W) copy of a cropped (C, Hp, Wp) view, written into the view's own buffer.
+
+    Why: a merged canvas is cropped from its padded size; decoding or writing the crop would otherwise copy the whole
+    output once more (320 MB for a 4096² field with 5 channels). Rows move towards the buffer's start in order, and a
+    row's destination never reaches a row not yet moved, so the copy is safe in place.
+    """
+    if view.flags.c_contiguous:
+        return view
+    c, h, w = view.shape
+    if view.strides[2] != view.itemsize or view.strides[1] < w * view.itemsize or view.strides[0] < h * view.strides[1]:
+        return np.ascontiguousarray(view)  # not a crop of a C-ordered canvas: copy
+    span = (c - 1) * view.strides[0] // view.itemsize + (h - 1) * view.strides[1] // view.itemsize + w
+    flat = np.lib.stride_tricks.as_strided(view, shape=(span,), strides=(view.itemsize,))
+    for i in range(c):
+        for y in range(h):
+            start = (i * h + y) * w
+            flat[start : start + w] = view[i, y]
+    return flat[: c * h * w].reshape(c, h, w)

@@ -244,12 +244,15 @@ def flag_regions(
     fill_holes: bool = True,
     merge_radius: int = 0,
     max_regions: int | None = None,
+    group: bool = False,
 ) -> FlagResult:
     """Threshold a std map into reviewable regions: median filter -> threshold (Otsu of the map when none is given;
     with ``otsu``, Otsu again among the values above ``threshold``) -> join fragments closer than ``merge_radius``
-    px (binary closing) -> fill holes -> drop regions under ``min_area`` -> keep the ``max_regions`` regions with the
-    most excess uncertainty (sum over the region of map - threshold), so a person gets a reviewable list
-    (``REVIEW_DEFAULTS`` is what the CLI and the widget use).
+    px (binary closing) -> fill holes -> drop regions under ``min_area`` -> at most ``max_regions`` regions, so a
+    person gets a reviewable list (``REVIEW_DEFAULTS`` is what the CLI and the widget use):
+    ``group`` joins neighbouring regions into ``max_regions`` spatially compact groups (one label each: a field of
+    view to review, nothing dropped); otherwise the regions with the most excess uncertainty (sum over the region of
+    map - threshold) are kept and the rest dropped. Groups and regions are numbered most uncertain first.
 
     Pure numpy/scikit-image on the cached map: moving the threshold never runs the model.
     """
@@ -296,22 +299,44 @@ def flag_regions(
         lab[small[lab]] = 0
         lab = label(lab > 0, connectivity=2).astype(np.int32)
     dropped = 0
+    fragments = int(lab.max())
     if max_regions is not None and lab.max() > max_regions:
         excess = ndi.sum(np.clip(smooth - used, 0, None), lab, index=np.arange(1, lab.max() + 1))
-        keep = np.zeros(lab.max() + 1, bool)
-        keep[1:][np.argsort(-excess, kind="stable")[:max_regions]] = True
-        dropped = int(lab.max() - max_regions)
-        lab = label(keep[lab], connectivity=2).astype(np.int32)
+        if group:
+            lab = group_regions(lab, max_regions, excess)
+        else:
+            keep = np.zeros(lab.max() + 1, bool)
+            keep[1:][np.argsort(-excess, kind="stable")[:max_regions]] = True
+            dropped = int(lab.max() - max_regions)
+            lab = label(keep[lab], connectivity=2).astype(np.int32)
     table = flag_table(lab, m)
     settings = {"threshold": used, "otsu": bool(otsu or threshold is None), "median_size": int(median_size),
                 "min_area": int(min_area), "fill_holes": bool(fill_holes), "merge_radius": int(merge_radius),
-                "max_regions": max_regions, "regions_dropped": dropped}
+                "max_regions": max_regions, "group": bool(group), "fragments": fragments, "regions_dropped": dropped}
     return FlagResult(lab, table, used, settings)
 
 
-#: the reviewable defaults of the CLI and the widget: fragments within 3 px joined, at most 20 regions (the most
-#: uncertain) per map; measured on held-out frames in docs/benchmarks.md
-REVIEW_DEFAULTS = {"merge_radius": 3, "max_regions": 20}
+def group_regions(lab: np.ndarray, n_groups: int, weight: np.ndarray) -> np.ndarray:
+    """Join the regions of ``lab`` (1..N) into at most ``n_groups`` compact groups: complete-linkage clustering of
+    their centroids (so a group's diameter, not its chain, is kept small), groups numbered by total ``weight``."""
+    from scipy import ndimage as ndi
+    from scipy.cluster.hierarchy import fcluster, linkage
+
+    n = int(lab.max())
+    centroids = np.asarray(ndi.center_of_mass(lab > 0, lab, index=np.arange(1, n + 1)), dtype=np.float64)
+    cluster = fcluster(linkage(centroids, method="complete"), t=n_groups, criterion="maxclust")  # 1..k per region
+    totals = np.bincount(cluster, weights=np.asarray(weight, np.float64))
+    order = np.argsort(-totals[1:], kind="stable") + 1  # cluster ids, most uncertain first
+    rank = np.zeros(totals.size, np.int32)
+    rank[order] = np.arange(1, order.size + 1)
+    lut = np.zeros(n + 1, np.int32)
+    lut[1:] = rank[cluster]
+    return lut[lab]
+
+
+#: the reviewable defaults of the CLI and the widget: fragments within 3 px joined, then neighbouring regions grouped
+#: into at most 20 fields of view per map (nothing dropped); measured on held-out frames in docs/benchmarks.md
+REVIEW_DEFAULTS = {"merge_radius": 3, "max_regions": 20, "group": True}
 
 FLAG_COLUMNS = ("id", "area", "centroid_y", "centroid_x", "mean_std", "max_std")
 

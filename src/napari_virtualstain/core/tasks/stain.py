@@ -40,7 +40,7 @@ from ..sampling import (
     tile_multiple,
     tiled_predict,
 )
-from ..tiling import TilePlan
+from ..tiling import TilePlan, pack_in_place
 
 
 @dataclass
@@ -261,6 +261,8 @@ def predict_stain(
                     threads=threads)
     cond = torch.from_numpy(encode_inputs(config, chw))[None].to(run.device)  # normalised once, over the whole field
     del chw
+    if blocks is not None:  # padded here, once: the block runner would otherwise hold a padded copy beside it
+        cond = blocks.pad(cond)
     scheduler = bundle.make_scheduler(sampler, steps)
     seeds = [seed + i for i in range(k)] if scheduler is not None else seed
     if blocks is None:
@@ -272,8 +274,8 @@ def predict_stain(
     arrays = out.cpu().numpy()
     del out
     if len(arrays) == 1:  # no stacked copy of a big field
-        # in place when the canvas is the image itself: a big field's output is held once
-        result_img, spread = decode_outputs(config, arrays[0], inplace=arrays[0].flags.c_contiguous), None
+        # packed and decoded in the canvas's own memory: a big field's output is held once
+        result_img, spread = decode_outputs(config, pack_in_place(arrays[0]), inplace=True), None
     else:
         decoded = np.stack([decode_outputs(config, o) for o in arrays])
         result_img, spread = decoded.mean(axis=0), decoded.std(axis=0)
