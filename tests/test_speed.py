@@ -106,9 +106,9 @@ def test_big_fields_are_planned_in_blocks_without_running_a_network():
     config = load_bundle("demo-stain").config
     assert block_plan(config, 2048, 2048) is None and block_plan(config, 4096, 4096, block_size=0) is None
     plan = block_plan(config, 4096, 4096)
-    assert (plan.tile_size, len(plan)) == (872, 25)
+    assert (plan.tile_size, len(plan)) == (736, 36)
     big = block_plan(config, 8192, 8192)
-    assert big.tile_size <= 1024 and big.tile_size % 8 == 0 and big.padded_shape == (8192, 8192)
+    assert big.tile_size <= 768 and big.tile_size % 8 == 0 and big.padded_shape == (8192, 8192)
     assert block_plan(config, 4096, 4096, block_size=1408).tile_size == 1408
     with pytest.raises(VirtualStainError, match="block size 100 is too small"):
         block_plan(config, 4096, 4096, block_size=100)

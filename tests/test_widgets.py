@@ -125,6 +125,38 @@ def test_stain_predicts_current_plane_like_the_core(stain_setup, qtbot, crop, ti
     assert not notes.errors()
 
 
+def test_a_dask_backed_layer_computes_only_the_plane_predicted(make_napari_viewer, qtbot, crop, tiny_bundle_dir,
+                                                               tiny_bundle, notes):
+    """A lazy layer (an OME-Zarr field as napari-ome-zarr opens it, a big time-lapse): the widget reads one plane."""
+    import dask
+    import dask.array as da
+
+    from napari_virtualstain._widgets import StainWidget
+    from napari_virtualstain.core.tasks.stain import predict_stain
+
+    loaded = []
+
+    def load(i):
+        loaded.append(i)
+        return crop[i]
+
+    planes = [da.from_delayed(dask.delayed(load)(i), crop.shape[1:], crop.dtype) for i in range(len(crop))]
+    viewer = make_napari_viewer()
+    layer = viewer.add_image(da.stack(planes), name="Brightfield (lazy)", contrast_limits=(0, 4000))
+    widget = StainWidget(viewer)
+    assert widget.controls.set_checkpoint(tiny_bundle_dir) is not None
+    widget.controls.set_input_layer(layer)
+    viewer.dims.set_point(0, 1.0)
+    loaded.clear()  # napari drew the plane on screen; from here on only the prediction reads
+    assert widget.run()
+    wait_done(qtbot, widget)
+    assert widget.runner.last_outcome == "done", notes.all()
+    assert loaded == [1]
+    expected = predict_stain(tiny_bundle, crop[1], seed=0, tile_size=32, tile_overlap=8, batch_size=4)
+    np.testing.assert_allclose(viewer.layers["Hoechst (virtual)"].data[0], expected.channel("Hoechst"),
+                               rtol=1e-5, atol=1e-4)
+
+
 def test_an_rgb_brightfield_layer_is_predicted_from_its_luminance(stain_setup, qtbot, crop, tiny_bundle, notes):
     from napari_virtualstain.core.inputs import RGB_NOTE, rgb_to_luminance
     from napari_virtualstain.core.tasks.stain import predict_stain

@@ -24,9 +24,11 @@ from .cli_files import (
     _parse_window,
     _progress_printer,
     already_written,
+    expand_files,
     expand_inputs,
     iter_planes,
-    predict_file,
+    predict_item,
+    prepare_outputs,
     settings_key,
 )
 from .core.errors import VirtualStainError
@@ -53,11 +55,12 @@ def cmd_predict(args) -> int:
         raise VirtualStainError("--samples averages plain predictions; with --uncertainty use --seeds K "
                                 "(the 'avg' map is the mean over seeds)")
     images = expand_inputs(args.images)
+    prepare_outputs(images, args)
     key = settings_key(bundle, args)
     todo = [p for p in images if not already_written(Path(args.output), p, key, args)]
     if len(todo) < len(images):
-        print(f"skipped {len(images) - len(todo)} file(s) already written with the same checkpoint and settings "
-              f"(delete their outputs to recompute)", file=sys.stderr)
+        print(f"skipped {len(images) - len(todo)} file(s)/field(s) already written with the same checkpoint and "
+              f"settings (delete their outputs to recompute)", file=sys.stderr)
     if args.workers or args.scheduler:
         from .runner import run_distributed
 
@@ -68,7 +71,7 @@ def cmd_predict(args) -> int:
                                     + "\n".join(f"  {name}: {why}" for name, why in failed))
         return 0
     for path in todo:
-        written = predict_file(path, bundle, args, key)
+        written = predict_item(path, bundle, args, key)
         print("\n".join(f"wrote {p}" for p in written))
     return 0
 
@@ -250,7 +253,7 @@ def cmd_translate(args) -> int:
     plane = _parse_plane(args.plane)
     diffs, written = [], []
     plane_ndim = 2 if len(config.image_names) == 1 and args.channel_axis is None else 3
-    for path in expand_inputs(args.images):
+    for path in expand_files(args.images):
         image = read_image(path)
         for idx, arr in iter_planes(image, plane, False, plane_ndim, read_axes(path)):
             what = path.name + (f" plane {idx}" if idx else "")
@@ -314,7 +317,7 @@ def cmd_phenotype(args) -> int:
         if not sep or not name or not where:
             raise VirtualStainError(f"--group takes NAME=FOLDER, NAME=FILE or NAME='GLOB', got {text!r}")
         files = [Path(f) for f in sorted(glob.glob(where))] if any(c in where for c in "*?[") else \
-            expand_inputs([where])
+            expand_files([where])
         if not files:
             raise VirtualStainError(f"--group {name}: nothing matches {where!r}")
         groups[name] = files
@@ -443,7 +446,8 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--batch-size", type=int, default=4, help="tiles per network call")
     pr.add_argument("--block-size", type=int, default=None,
                     help="fields with a side longer than twice this run in blocks of at most this side, so memory "
-                         "stays bounded (default 1024; 0: always the whole field at once)")
+                         "stays bounded (default: blocks of at most 768 for a side over 2048; 0: always the whole "
+                         "field at once)")
     pr.add_argument("--device", default="auto", help="auto (cuda > mps > cpu), cuda, mps or cpu")
     pr.add_argument("--channel-axis", type=int, default=None, help="axis that holds the input channels")
     pr.add_argument("--pixel-size", type=float, default=None, metavar="UM",

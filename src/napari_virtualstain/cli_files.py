@@ -28,12 +28,17 @@ def _parse_plane(text: str | None) -> tuple[int, ...] | None:
         raise VirtualStainError(f"--plane takes comma-separated integers (e.g. 1,0), got {text!r}") from None
 
 
-def expand_inputs(paths: list[str]) -> list[Path]:
+def expand_inputs(paths: list[str]) -> list:
+    """Files, folders of files, and OME-Zarr stores (one ``NgffField`` per field of a plate)."""
     from .core.io import IMAGE_SUFFIXES, list_images
 
-    out: list[Path] = []
+    from .core.ngff import is_ngff, list_fields
+
+    out: list = []
     for p in map(Path, paths):
-        if p.is_dir():
+        if is_ngff(p):  # an OME-Zarr image or HCS plate: its fields
+            out += list_fields(p)
+        elif p.is_dir():
             found = list_images(p)
             if not found:
                 raise VirtualStainError(f"folder {p} holds no images ({', '.join(IMAGE_SUFFIXES)})")
@@ -43,6 +48,35 @@ def expand_inputs(paths: list[str]) -> list[Path]:
         else:
             raise VirtualStainError(f"input {p} does not exist")
     return out
+
+
+def expand_files(paths: list[str]) -> list[Path]:
+    """``expand_inputs`` for commands that read whole files (translate, phenotype): OME-Zarr stores are refused."""
+    from .core.ngff import NgffField
+
+    items = expand_inputs(paths)
+    if any(isinstance(i, NgffField) for i in items):
+        raise VirtualStainError("this command reads image files (TIFF, PNG); OME-Zarr stores are read by "
+                                "'virtualstain predict' — export the fields you need to TIFF")
+    return items
+
+
+def prepare_outputs(items: list, args) -> None:
+    """Before any task writes: the output plates' metadata, mirroring each input plate (existing fields stay)."""
+    from .core.ngff import NgffField, create_plate, plate_layout
+
+    stores = sorted({i.store for i in items if isinstance(i, NgffField)})
+    if not stores:
+        return
+    if any(not isinstance(i, NgffField) for i in items):
+        raise VirtualStainError("give either image files or OME-Zarr stores to one predict, not both (their outputs "
+                                "are written differently)")
+    if len(stores) > 1 and Path(args.output).suffix.lower() == ".zarr":
+        raise VirtualStainError(f"{len(stores)} OME-Zarr inputs cannot all be written into {args.output}; give an "
+                                "output folder (-o out/) and each gets its own store there")
+    for store in stores:
+        if plate_layout(store) is not None:
+            create_plate(ngff_output(NgffField(store), args), store)
 
 
 def plane_help(axes: str | None, shape: tuple[int, ...], plane_ndim: int) -> str:
@@ -111,10 +145,15 @@ def output_stem(path: Path) -> str:
     return path.name.split(".")[0]
 
 
-def already_written(out: Path, path: Path, key: str, args) -> bool:
-    """True when this file's outputs exist, complete, from the same checkpoint and settings (files are renamed into
-    place only when complete, so an existing one is whole)."""
+def already_written(out: Path, path, key: str, args) -> bool:
+    """True when this file's (or OME-Zarr field's) outputs exist, complete, from the same checkpoint and settings
+    (files are renamed into place only when complete, so an existing one is whole; a field's provenance is written
+    last)."""
     from .core.io import read_provenance
+    from .core.ngff import NgffField, field_done
+
+    if isinstance(path, NgffField):
+        return field_done(ngff_output(path, args), key)
 
     stain = out / f"{output_stem(path)}_virtualstain.tif"
     if not stain.is_file():
@@ -128,28 +167,25 @@ def already_written(out: Path, path: Path, key: str, args) -> bool:
     return all((out / name).is_file() for name in prov.get("outputs", []))
 
 
-def predict_file(path: Path, bundle, args, key: str) -> list[Path]:
-    """One input file (every selected plane) -> its output files; the unit of work in-process and on Dask workers."""
+def predict_planes(image, axes: str | None, name: str, input_file: str, bundle, args, input_um: float | None):
+    """The selected plane(s) of one image -> [(plane index, StainResult)] with labels, and the uncertainty maps;
+    shared by TIFF files and OME-Zarr fields."""
     from .core.inputs import labels_warning, pixel_size_warning
-    from .core.io import read_axes, read_image, read_pixel_size, write_channels, write_labels
     from .core.tasks.stain import label_route, labels_from_channels, predict_stain
     from .core.uncertainty import predict_uncertainty
 
-    out = Path(args.output)
     plane = _parse_plane(args.plane)
     n_in = len(bundle.config.input_channels)
     plane_ndim = 2 if n_in == 1 and args.channel_axis is None else 3
     thresholds = {"boundary_threshold": args.boundary_threshold, "foreground_threshold": args.foreground_threshold}
-    uncertainty = args.uncertainty
     seeds = [args.seed + k for k in range(args.seeds)]
-    image = read_image(path)
-    input_um = args.pixel_size or read_pixel_size(path)
     warning = None if args.rescale else pixel_size_warning(bundle.config.pixel_size_um, input_um, bundle.config.name)
     if warning:
-        print(f"warning: {path.name}: {warning}", file=sys.stderr)
+        print(f"warning: {name}: {warning}", file=sys.stderr)
     results, maps = [], []
-    for idx, arr in iter_planes(image, plane, args.all_planes, plane_ndim, read_axes(path)):
-        what = f"{path.name}" + (f" plane {idx}" if idx else "")
+    for idx, arr in iter_planes(image, plane, args.all_planes, plane_ndim, axes):
+        arr = np.asarray(arr)  # a lazy (Dask) field computes this plane only
+        what = name + (f" plane {idx}" if idx else "")
         log.info("predicting %s %s", what, arr.shape)
         if not results and (note := labels_warning(arr, what)):
             print(f"warning: {note}", file=sys.stderr)
@@ -159,9 +195,9 @@ def predict_file(path: Path, bundle, args, key: str) -> list[Path]:
             **_compute(args),
             progress=_progress_printer(what) if not args.quiet else None, make_labels=False, input_name=what,
         )
-        if uncertainty:
-            unc = predict_uncertainty(bundle, arr, mode=uncertainty, seeds=seeds, window=_parse_window(args.window),
-                                      **common)
+        if args.uncertainty:
+            unc = predict_uncertainty(bundle, arr, mode=args.uncertainty, seeds=seeds,
+                                      window=_parse_window(args.window), **common)
             res = unc.stain
             maps.append(unc.maps)
         else:
@@ -171,8 +207,18 @@ def predict_file(path: Path, bundle, args, key: str) -> list[Path]:
             route = label_route(bundle.config, args.labels_from)
             res.labels = labels_from_channels(bundle.config, res.image, route, **thresholds)
             res.provenance["labels_from"] = route
-        res.provenance.update({"plane": list(idx), "input_file": str(path), **thresholds})
+        res.provenance.update({"plane": list(idx), "input_file": input_file, **thresholds})
         results.append((idx, res))
+    return results, maps
+
+
+def predict_file(path: Path, bundle, args, key: str) -> list[Path]:
+    """One input file (every selected plane) -> its output files; the unit of work in-process and on Dask workers."""
+    from .core.io import read_axes, read_image, read_pixel_size, write_channels, write_labels
+
+    out = Path(args.output)
+    input_um = args.pixel_size or read_pixel_size(path)
+    results, maps = predict_planes(read_image(path), read_axes(path), path.name, str(path), bundle, args, input_um)
     stem = output_stem(path)
     first = results[0][1]
     label_files = [f"{stem}_{name.replace(' ', '_')}_labels.tif" for name in first.labels]
@@ -184,11 +230,54 @@ def predict_file(path: Path, bundle, args, key: str) -> list[Path]:
     written = []
     for name, file in zip(first.labels, label_files):  # labels first: the stain file marks the field as done
         written.append(write_labels(out / file, stacked([r.labels[name] for _, r in results]), prov | {"labels": name}))
-    if uncertainty:
+    if args.uncertainty:
         written += _write_uncertainty(out, stem, bundle.config, first.channel_names, maps, prov, args)
     written.insert(0, write_channels(out / f"{stem}_virtualstain.tif", stacked([r.image for _, r in results]),
                                      first.channel_names, prov, input_um or bundle.config.pixel_size_um))
     return written
+
+
+def ngff_output(field, args) -> Path:
+    """Where a field's prediction goes: the output plate's field of the same path (``-o out.zarr`` is the plate
+    itself; another ``-o`` holds one store per input, named after it)."""
+    from .core.ngff import plate_layout
+
+    base = Path(args.output)
+    if base.suffix.lower() != ".zarr":
+        is_plate = bool(field.path) or plate_layout(field.store) is not None
+        base = base / (field.store.name if is_plate else f"{output_stem(field.store)}_virtualstain.ome.zarr")
+    return base / field.path if field.path else base
+
+
+def predict_ngff_field(field, bundle, args, key: str) -> list[Path]:
+    """One OME-Zarr field (lazily read: only its plane is computed) -> the same field of the output store."""
+    from .core.ngff import read_field, select_inputs, write_field
+
+    if args.uncertainty or args.all_planes:
+        raise VirtualStainError("OME-Zarr inputs are predicted one plane per field, without --uncertainty or "
+                                "--all-planes; export the fields to TIFF for those")
+    fd = read_field(field)
+    data, axes, _ = select_inputs(fd, bundle.config.input_names)
+    n_in = len(bundle.config.input_channels)
+    plane_ndim = 2 if n_in == 1 and args.channel_axis is None else 3
+    while data.ndim > plane_ndim and data.shape[0] == 1 and args.plane is None:  # singleton T / Z
+        data, axes = data[0], axes[1:]
+    input_um = args.pixel_size or fd.pixel_size_um
+    results, _ = predict_planes(data, axes, field.name, str(field.location), bundle, args, input_um)
+    res = results[0][1]
+    target = ngff_output(field, args)
+    prov = res.provenance | {"settings_key": key, "input_field": field.path, "input_store": str(field.store)}
+    write_field(target, res.image, res.channel_names, res.labels, prov, input_um or bundle.config.pixel_size_um)
+    return [target]
+
+
+def predict_item(item, bundle, args, key: str) -> list[Path]:
+    """A TIFF file or an OME-Zarr field: the unit of work in process and on Dask workers."""
+    from .core.ngff import NgffField
+
+    if isinstance(item, NgffField):
+        return predict_ngff_field(item, bundle, args, key)
+    return predict_file(item, bundle, args, key)
 
 
 def _write_uncertainty(out: Path, stem: str, config, channel_names, maps: list[dict], prov: dict, args) -> list[Path]:

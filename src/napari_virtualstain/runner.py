@@ -1,9 +1,10 @@
 """Many files as tasks on Dask distributed: ``virtualstain predict FOLDER -o OUT --workers N`` (or ``--scheduler``).
 
-Each file is one task running ``cli.predict_file`` — the same code as an in-process run — on a worker that loads the
-checkpoint once and writes its own outputs straight into the output folder (nothing is sent back but file names).
-Files are written under temporary names and renamed when complete, so a killed job leaves no half-written output; a
-rerun skips files already written with the same checkpoint and settings (``cli.already_written``), so it continues
+Each file — or each field of an OME-Zarr plate — is one task running ``cli_files.predict_item``, the same code as an
+in-process run, on a worker that loads the checkpoint once and writes its own outputs straight into the output folder
+or plate (nothing is sent back but their names). Files are written under temporary names and renamed when complete,
+and a field's provenance is written last, so a killed job leaves nothing marked done that is half-written; a rerun
+skips what was already written with the same checkpoint and settings (``cli_files.already_written``), so it continues
 where the job stopped. A failed task is retried (``--retries``), then reported with its error at the end.
 
 Without ``--scheduler`` a ``LocalCluster`` is sized to the machine: one worker per GPU where there are GPUs, else
@@ -29,12 +30,13 @@ def _bundle(checkpoint: str):
     return load_bundle(checkpoint)
 
 
-def predict_task(path: str, options: dict, key: str) -> list[str]:
-    """Runs on a worker: one file, the bundle cached, outputs written by the worker itself."""
-    from .cli_files import predict_file
+def predict_task(item, options: dict, key: str) -> list[str]:
+    """Runs on a worker: one file (a path) or OME-Zarr field, the bundle cached, outputs written by the worker."""
+    from .cli_files import predict_item
 
     args = argparse.Namespace(**options)
-    return [str(p) for p in predict_file(Path(path), _bundle(args.checkpoint), args, key)]
+    item = Path(item) if isinstance(item, str) else item
+    return [str(p) for p in predict_item(item, _bundle(args.checkpoint), args, key)]
 
 
 def default_workers() -> int:
@@ -47,8 +49,9 @@ def default_workers() -> int:
     return max(1, usable_cores())
 
 
-def run_distributed(paths: list[Path], args, key: str) -> list[tuple[str, str]]:
-    """Predict ``paths`` as Dask tasks; print progress per file; return [(file name, error)] of failed files."""
+def run_distributed(paths: list, args, key: str) -> list[tuple[str, str]]:
+    """Predict ``paths`` (files or OME-Zarr fields) as Dask tasks; print progress per item; return [(name, error)] of
+    the failed ones."""
     from dask.distributed import Client, LocalCluster, as_completed
 
     from .core.errors import VirtualStainError
@@ -77,8 +80,9 @@ def run_distributed(paths: list[Path], args, key: str) -> list[tuple[str, str]]:
         client = Client(cluster)
     t0 = time.perf_counter()
     try:
-        futures = {client.submit(predict_task, str(p), options, key, retries=max(0, args.retries),
-                                 key=f"virtualstain-{key}-{i}-{p.name}", pure=False): p for i, p in enumerate(paths)}
+        futures = {client.submit(predict_task, str(p) if isinstance(p, Path) else p, options, key,
+                                 retries=max(0, args.retries), key=f"virtualstain-{key}-{i}-{p.name}".replace("/", "-"),
+                                 pure=False): p for i, p in enumerate(paths)}
         failed = []
         for done, fut in enumerate(as_completed(futures), start=1):
             path = futures[fut]

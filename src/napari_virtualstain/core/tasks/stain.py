@@ -235,8 +235,8 @@ def predict_stain(
 ) -> StainResult:
     """Predict every output channel of ``bundle`` for one 2D image (any size; tiled when larger than a tile).
 
-    Fields with a side longer than twice ``block_size`` (default ``MAX_BLOCK``; 0: never) run block by block
-    (:func:`block_plan`), so memory stays that of one block plus the output whatever the field's size.
+    Fields with a side longer than twice ``block_size`` (default: over ``BLOCKS_ABOVE``, in blocks of ``MAX_BLOCK``;
+    0: never) run block by block (:func:`block_plan`), so memory stays that of one block plus the output whatever the field's size.
 
     ``pixel_size_um``: the input's, recorded in the provenance; with ``rescale`` the input is resampled to the model's
     pixel size, predicted, and the prediction resampled back onto the input's grid (labels are made after that).
@@ -304,24 +304,26 @@ def predict_stain(
                        spread)
 
 
-MAX_BLOCK = 1024  # blocks of at most 1024² for fields with a side over 2048 (docs/benchmarks.md, "Memory")
+BLOCKS_ABOVE = 2048  # by default, fields with a side over this run block by block ...
+MAX_BLOCK = 768  # ... in blocks of at most 768² (a block's canvases are the working memory; docs/benchmarks.md, "Memory")
 BLOCK_OVERLAP = 64
 BLOCK_SEED_STRIDE = 1_000_003  # block j draws its noise from seed + j * stride: blocks must not share a noise field
 
 
 def block_plan(config: BundleConfig, height: int, width: int, block_size: int | None = None) -> TilePlan | None:
-    """Square overlapping blocks of at most ``block_size`` (None: ``MAX_BLOCK``; 0: never) for a field with a side
-    longer than twice that; smaller fields run whole (blocking them would buy little memory for extra work).
+    """Square overlapping blocks of at most ``block_size`` for a field with a side longer than twice that (default
+    None: blocks of at most ``MAX_BLOCK`` for a side over ``BLOCKS_ABOVE``; 0: never); smaller fields run whole
+    (blocking them would buy little memory for extra work).
 
     Each block runs the whole chain on its own canvas (inputs normalised over the whole field first), and the blocks'
     outputs are blended with the tiler's smooth windows, so peak memory no longer grows with the field beyond the
     output itself. The block side is the smallest multiple of the network's downsampling that covers the field in as
-    many blocks as ``block_size`` needs (a 4096² field: 5 x 5 blocks of 872², 14 % extra pixels, no measurable extra
-    time). Blocks draw their own noise, so a blocked field is not pixel-identical to an unblocked run of the same seed;
+    many blocks as ``block_size`` needs (a 4096² field: 6 x 6 blocks of 736², 16 % extra pixels). Blocks draw their own noise, so a blocked field is not pixel-identical to an unblocked run of the same seed;
     a deterministic pass differs as much as any other tile grid does (the networks normalise per tile).
     """
     limit = MAX_BLOCK if block_size is None else int(block_size)
-    if limit <= 0 or (height <= 2 * limit and width <= 2 * limit):
+    above = BLOCKS_ABOVE if block_size is None else 2 * limit
+    if limit <= 0 or (height <= above and width <= above):
         return None
     multiple = tile_multiple(config)
     smallest = max(config.tile_size, 2 * BLOCK_OVERLAP + multiple)
