@@ -45,6 +45,8 @@ def main(argv=None) -> int:
     p.add_argument("--timepoints", default="8,9")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--crop", default="60,260,150", help="figure crop: Y0,X0,SIZE of every time point")
+    p.add_argument("--iou-thresholds", default=None,
+                   help="passed to virtualstain evaluate (e.g. 0.1,0.3,0.5: found at all vs outlined well)")
     args = p.parse_args(argv)
     data = tifffile.imread(args.data)  # C0 Hoechst, C1 brightfield, C2 nuclei labels, C3 cell labels
     work = Path(tempfile.mkdtemp(prefix="vs-eval-"))
@@ -61,7 +63,8 @@ def main(argv=None) -> int:
     methods = [parse_method(m) for m in args.methods]
     rc, seconds = predict_and_evaluate(args.methods, work, args.seed, args.output, [
         "--truth", str(work / "truth"), "--truth-channels", "Hoechst", "--labels", f"nuclei={work / 'nuclei'}",
-        "--labels", f"cells={work / 'cells'}"])
+        "--labels", f"cells={work / 'cells'}",
+        *(["--iou-thresholds", args.iou_thresholds] if args.iou_thresholds else [])])
     if rc:
         return rc
     extra = extra_measures(methods, work, stems, seconds)

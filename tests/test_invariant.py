@@ -95,3 +95,22 @@ def test_config_and_cli_name_the_invariant_channels(invariant, tmp_path, capsys)
     assert rc == 0
     with tifffile.TiffFile(tmp_path / "syn" / "N_samples.tif") as tf:
         assert tf.asarray().shape[-3:] == (2, 16, 24) and tf.imagej_metadata["Labels"] == ["signal", "DNA"]
+
+
+def test_translation_defaults_come_from_the_bundles_validated_sampling(invariant, tmp_path):
+    import shutil
+
+    folder = tmp_path / "with-defaults"
+    shutil.copytree(invariant.path, folder)
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg["sampling"] = {"guidance": 2.0, "strength": 0.5}
+    (folder / "config.json").write_text(json.dumps(cfg))
+    bundle = load_bundle(folder)
+    img = _field("N", 3, (16, 16))
+    res = translate(bundle, img, "N", "C", steps=4)
+    assert res.provenance["guidance_scale"] == 2.0 and res.provenance["strength"] == 0.5
+    res = translate(bundle, img, "N", "C", steps=4, guidance=1.0, strength=1.0)  # the user's choice wins
+    assert res.provenance["guidance_scale"] == 1.0 and res.provenance["strength"] == 1.0
+    cfg["sampling"] = {"strength": 2}
+    with pytest.raises(BundleError, match="sampling.strength"):
+        BundleConfig.from_dict(cfg)

@@ -581,8 +581,9 @@ def build_parser() -> argparse.ArgumentParser:
     tl.add_argument("--to", dest="target", required=True, help="class to translate to")
     tl.add_argument("--output", "-o", required=True)
     tl.add_argument("--steps", type=int, default=50, help="DDIM steps for inversion and for regeneration")
-    tl.add_argument("--guidance", type=float, default=1.0, help="classifier-free guidance scale (1 = none)")
-    tl.add_argument("--strength", type=float, default=1.0,
+    tl.add_argument("--guidance", type=float, default=None,
+                    help="classifier-free guidance scale (1 = none; default: the checkpoint's validated setting, else 1)")
+    tl.add_argument("--strength", type=float, default=None,
                     help="how far to invert, as a fraction of the schedule (1 = to noise, as PhenDiff)")
     tl.add_argument("--tile-size", type=int, default=None)
     tl.add_argument("--tile-overlap", type=int, default=None)

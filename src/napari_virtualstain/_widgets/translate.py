@@ -120,6 +120,9 @@ class TranslateWidget(TaskWidget):
 
     def on_bundle_changed(self, bundle) -> None:
         classes = list(getattr(bundle.config, "classes", [])) if bundle is not None else []
+        if bundle is not None:  # the checkpoint's validated translation settings (else plain sampling, full inversion)
+            self.guidance.setValue(float(bundle.config.sampling.get("guidance", 1.0)))
+            self.strength.setValue(float(bundle.config.sampling.get("strength", 1.0)))
         for combo in (self.source, self.target):
             combo.clear()
             combo.addItems(classes)

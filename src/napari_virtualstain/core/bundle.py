@@ -286,12 +286,18 @@ def _mean_model(d: dict, residual: str, objective: str, n_in: int, n_out: int) -
 
 
 def _sampling(d) -> dict:
-    """Defaults a bundle was validated with: steps (residual-shift chain), samples (seeds averaged), labels_from."""
+    """Defaults a bundle was validated with: steps (residual-shift chain), samples (seeds averaged), labels_from;
+    classcond: guidance and strength of a translation."""
     if not isinstance(d, dict):
         raise BundleError("config.json: 'sampling' must be an object")
     for key in ("steps", "samples"):
         if key in d and (not isinstance(d[key], int) or isinstance(d[key], bool) or d[key] < 1):
             raise BundleError(f"config.json: 'sampling.{key}' must be a positive integer")
+    if "guidance" in d and (not isinstance(d["guidance"], (int, float)) or isinstance(d["guidance"], bool)
+                            or d["guidance"] < 0):
+        raise BundleError("config.json: 'sampling.guidance' must be a number >= 0")
+    if "strength" in d and (not isinstance(d["strength"], (int, float)) or not 0 < d["strength"] <= 1):
+        raise BundleError("config.json: 'sampling.strength' must be a number in (0, 1]")
     if d.get("labels_from", "boundaries") not in LABEL_ROUTES:
         raise BundleError(f"config.json: 'sampling.labels_from' must be one of {', '.join(LABEL_ROUTES)}")
     return dict(d)

@@ -123,8 +123,8 @@ def translate(
     target: str,
     *,
     steps: int = 50,
-    guidance: float = 1.0,
-    strength: float = 1.0,
+    guidance: float | None = None,
+    strength: float | None = None,
     channel_axis: int | None = None,
     tile_size: int | None = None,
     tile_overlap: int | None = None,
@@ -136,9 +136,14 @@ def translate(
     should_cancel: Callable[[], bool] | None = None,
     input_name: str | None = None,
 ) -> TranslationResult:
-    """Translate one 2D image from class ``source`` to ``target`` (any size: tiled beyond the tile size)."""
+    """Translate one 2D image from class ``source`` to ``target`` (any size: tiled beyond the tile size).
+
+    ``guidance`` / ``strength`` default to the bundle's ``sampling`` (chosen on held-out crops by
+    ``benchmarks/eval_translation.py``), else 1 and 1 (plain conditional sampling, full inversion as PhenDiff)."""
     config = _require_classcond(bundle)
     src, tgt = config.class_index(source), config.class_index(target)
+    guidance = float(config.sampling.get("guidance", 1.0) if guidance is None else guidance)
+    strength = float(config.sampling.get("strength", 1.0) if strength is None else strength)
     _check_common(steps, guidance)
     if not 0.0 < strength <= 1.0:
         raise VirtualStainError(f"strength (how far to invert, as a fraction of the schedule) must be in (0, 1]; got {strength}")
