@@ -180,23 +180,29 @@ def test_rgb_he_tiles_train_translate_and_synthesize(shared_data, tmp_path):
 
 
 @pytest.mark.skipif("demo-nfkb" not in bundled_checkpoints(), reason="demo-nfkb not bundled")
-def test_bundled_demo_moves_nfkb_into_the_nucleus_on_a_held_out_crop(shared_data):
-    """Real data: an unstimulated (A12) crop from the held-out rows, translated to stimulated (A01)."""
+@pytest.mark.parametrize("source, target, rows", [("A12", "A01", slice(832, 960)), ("A01", "A12", slice(896, 1024))])
+def test_bundled_demo_moves_nfkb_on_held_out_cells_and_keeps_their_dna(shared_data, source, target, rows):
+    """Real data, held-out rows of each well: the shipped invariant-DNA model at its defaults moves the per-cell
+    NF-kB ratio of *these* cells toward the other well (shipped: 1.37 -> 1.75 for this A12 crop, control 1.37 at
+    34 dB), keeps their DNA bit for bit, and reconstructs the control above 30 dB."""
     from napari_virtualstain.core.io import read_image
-
-    d = shared_data / "nfkb_translocation"
-    src = np.stack([read_image(d / f"A12_{c}.tif")[832:960, 256:384] for c in ("nfkb", "dna")]).astype(np.float32)
-    res = translate(load_bundle("demo-nfkb"), src, "A12", "A01", steps=20)
-
+    from napari_virtualstain.core.metrics import normalize_pair
     from napari_virtualstain.core.phenotype import measure_image
     from napari_virtualstain.core.postprocess import stain_to_labels
 
-    nuclei = stain_to_labels(src[1])  # the source's cells, followed through the translation
+    d = shared_data / "nfkb_translocation"
+    src = np.stack([read_image(d / f"{source}_{c}.tif")[rows, 256:384] for c in ("nfkb", "dna")]).astype(np.float32)
+    bundle = load_bundle("demo-nfkb")
+    assert bundle.config.invariant_names == ["DNA"]
+    res = translate(bundle, src, source, target, steps=50)
+    nuclei = stain_to_labels(src[1])
     assert (nuclei > 0).sum() > 200
 
     def ratio(img):
         return float(np.median(measure_image(img, marker=0, dna=1, nuclei=nuclei).ratio))
 
-    assert ratio(res.translated) > ratio(res.control) + 0.02  # NF-kB moves towards the nuclei
-    dna_ssim = image_metrics(*[np.clip((a - src[1].min()) / np.ptp(src[1]), 0, 1) for a in (res.translated[1], src[1])])["ssim"]
-    assert dna_ssim > 0.5  # the same cells
+    np.testing.assert_array_equal(res.translated[1], src[1])  # the same cells
+    shift = ratio(res.translated) - ratio(res.control)
+    assert (shift > 0.25) if target == "A01" else (shift < -0.25), shift  # NF-kB into / out of the nuclei
+    pn, tn, _ = normalize_pair(res.control[0], src[0])
+    assert image_metrics(pn, tn)["psnr"] > 30

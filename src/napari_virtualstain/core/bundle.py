@@ -440,7 +440,8 @@ class Bundle:
     def summary(self) -> str:
         c = self.config
         outs = ", ".join(f"{o.name} ({o.kind})" for o in c.output_channels)
-        io = (f"  channels: {', '.join(c.output_names)}\n  classes: {', '.join(c.classes)}\n" if c.task == "classcond"
+        given = f"; {', '.join(c.input_names)} given (invariant)" if c.input_channels else ""
+        io = (f"  channels: {', '.join(c.output_names)}{given}\n  classes: {', '.join(c.classes)}\n" if c.task == "classcond"
               else f"  inputs: {', '.join(c.input_names)}\n  outputs: {outs}\n")
         return (
             f"{c.name} [{self.short_id}] task={c.task} objective={c.objective}"
