@@ -101,7 +101,8 @@ def test_plate_fields_as_dask_tasks(plate, tiny_bundle_dir, tmp_path, capsys):
     ref, out = tmp_path / "ref.zarr", tmp_path / "out.zarr"
     assert main(["predict", "-c", str(tiny_bundle_dir), str(plate), "-o", str(ref), "-q"]) == 0
     assert main(["predict", "-c", str(tiny_bundle_dir), str(plate), "-o", str(out), "--workers", "2"]) == 0
-    assert "6 of 6 file(s) written" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "6 of 6 file(s) written" in err and re.search(r"worker peak memory: \d+ MB \(largest of 2", err)
     for f in list_fields(ref):
         np.testing.assert_array_equal(np.asarray(read_field(NgffField(out, f.path)).data), np.asarray(read_field(f).data))
 

@@ -251,11 +251,18 @@ def ngff_output(field, args) -> Path:
 
 def predict_ngff_field(field, bundle, args, key: str) -> list[Path]:
     """One OME-Zarr field (lazily read: only its plane is computed) -> the same field of the output store."""
-    from .core.ngff import read_field, select_inputs, write_field
-
     if args.uncertainty or args.all_planes:
         raise VirtualStainError("OME-Zarr inputs are predicted one plane per field, without --uncertainty or "
                                 "--all-planes; export the fields to TIFF for those")
+    import dask
+
+    with dask.config.set(scheduler="synchronous"):  # on a Dask worker, compute here: not as tasks sent back to
+        return _predict_ngff_field(field, bundle, args, key)  # the cluster, whose results the worker would hold
+
+
+def _predict_ngff_field(field, bundle, args, key: str) -> list[Path]:
+    from .core.ngff import read_field, select_inputs, write_field
+
     fd = read_field(field)
     data, axes, _ = select_inputs(fd, bundle.config.input_names)
     n_in = len(bundle.config.input_channels)

@@ -39,6 +39,20 @@ def predict_task(item, options: dict, key: str) -> list[str]:
     return [str(p) for p in predict_item(item, _bundle(args.checkpoint), args, key)]
 
 
+def _peak_rss_mb() -> float:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def _worker_peak_rss_mb(client) -> list[float]:
+    """Each worker process's peak resident memory (Linux/macOS units differ; Linux reports KiB)."""
+    try:
+        return [float(v) for v in client.run(_peak_rss_mb).values()]
+    except Exception:  # noqa: BLE001 - an external cluster may refuse client.run; the job itself is done
+        return []
+
+
 def default_workers() -> int:
     import torch
 
@@ -95,6 +109,9 @@ def run_distributed(paths: list, args, key: str) -> list[tuple[str, str]]:
                 status = "FAILED"
             print(f"[{done}/{len(paths)}] {path.name}: {status} ({time.perf_counter() - t0:.1f} s)", file=sys.stderr,
                   flush=True)
+        peaks = _worker_peak_rss_mb(client)
+        if peaks:  # for sizing workers: the largest of them, whatever the plate's size (it should not grow with it)
+            print(f"worker peak memory: {max(peaks):.0f} MB (largest of {len(peaks)} worker(s))", file=sys.stderr)
     finally:
         client.close()
         if cluster is not None:
