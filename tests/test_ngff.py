@@ -69,7 +69,7 @@ def test_plate_in_plate_out_same_pixels_as_a_single_image_and_napari_opens_it(pl
     got = read_field(NgffField(out, "A/2/1"))
     assert got.channel_names == ["Hoechst", "nuclei boundary", "nuclei foreground"] and got.pixel_size_um == 0.5
     np.testing.assert_array_equal(np.asarray(got.data), tifffile.imread(tmp_path / "one" / "field_virtualstain.tif"))
-    labels = np.asarray(zarr.open_array(str(out / "A/2/1/labels/nuclei/s0"), mode="r"))
+    labels = np.asarray(read_field(NgffField(out, "A/2/1/labels/nuclei")).data)  # an NGFF labels image
     np.testing.assert_array_equal(labels, tifffile.imread(tmp_path / "one" / "field_nuclei_labels.tif"))
     prov = zarr.open_group(str(out / "A/2/1"), mode="r").attrs["virtualstain"]
     assert prov["input_field"] == "A/2/1" and prov["bundle_name"] == "tiny" and "settings_key" in prov
