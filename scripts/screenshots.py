@@ -129,8 +129,12 @@ def translate_and_synthesize(app, out: Path, checkpoint: str | None = None) -> N
     widget.controls.set_checkpoint(name)
     widget.class_name.setCurrentText("A01")
     widget.count.setValue(4)
-    widget.size.setValue(128)
-    widget.guidance.setValue(3.0)
+    if widget.controls.bundle.config.input_channels:  # NF-kB given DNA: generate for the held-out nuclei
+        viewer.add_image(well[1, :128, :128], name="DNA (A12, held out)", colormap="blue")
+        widget.condition.setCurrentText("DNA (A12, held out)")
+    else:
+        widget.size.setValue(128)
+        widget.guidance.setValue(3.0)
     run_and_wait(app, widget)
     grab(app, viewer, out / "synthesize_widget.png")
     viewer.close()

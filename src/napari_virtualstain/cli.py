@@ -177,12 +177,16 @@ def cmd_train(args) -> int:
         max_minutes=args.max_minutes,
         extra={"cond_dropout": args.cond_dropout} if args.cond_dropout is not None else {},
     )
+    from .train import distributed
+
+    multi = distributed.launched_by_torchrun()
     bundle, history = train(spec, args.output, opts, resume=args.resume)
-    if bundle is None:  # another rank of a torchrun job: rank 0 reports
-        return 0
-    print(bundle.summary())
-    if history and "val" in history[-1]:
-        print("validation (held-out):", json.dumps(history[-1]["val"], indent=1))
+    if bundle is not None:  # under torchrun, rank 0 reports
+        print(bundle.summary())
+        if history and "val" in history[-1]:
+            print("validation (held-out):", json.dumps(history[-1]["val"], indent=1))
+    if multi:  # the bundle is written: leave without an interpreter shutdown that can hang on gloo's threads
+        distributed.exit_now(0)
     return 0
 
 

@@ -126,11 +126,35 @@ def barrier() -> None:
         dist.barrier()
 
 
+TEARDOWN_TIMEOUT_S = 30.0
+
+
 def teardown() -> None:
+    """Leave the process group. ``destroy_process_group`` now and then never returns on one rank even after a barrier
+    (pytorch/pytorch#75097; seen here about once in four 2-process CPU runs), so it runs in a daemon thread that is
+    given up on after ``TEARDOWN_TIMEOUT_S``: the work is done and written by then, and the process is about to exit."""
     global _current
     if current().world > 1:
+        import threading
+
         import torch.distributed as dist
 
         if dist.is_initialized():
-            dist.destroy_process_group()
+            done = threading.Thread(target=dist.destroy_process_group, daemon=True)
+            done.start()
+            done.join(TEARDOWN_TIMEOUT_S)
     _current = SINGLE
+
+
+def exit_now(code: int = 0) -> None:
+    """End a torchrun rank without the interpreter's shutdown, which can block on the process group's threads (the
+    same hang as above); standard streams are flushed first."""
+    import os
+    import sys
+
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(code)
