@@ -14,18 +14,15 @@ import argparse
 import json
 import os
 import re
-import signal
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
 import tifffile
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_runner import CLI, run  # noqa: E402
+from bench_runner import CLI, kill_midway, run  # noqa: E402
 
 NDEV = Path(__file__).resolve().parents[2] / "shared/data/ndev_scratch_assay/scratch-assay-labeled-10T-2Ch.tiff"
 
@@ -124,16 +121,8 @@ def main(argv=None) -> int:
                         pass
             return done
 
-        proc = subprocess.Popen([*CLI, *common, str(tmp / "plate.zarr"), "-o", str(out), "--workers", "2"],
-                                start_new_session=True, stderr=subprocess.PIPE, text=True,
-                                env={**os.environ, "HF_HUB_OFFLINE": "1"})
-        while proc.poll() is None and len(finished()) < n // 2:
-            time.sleep(0.1)
-        exited = proc.poll() is not None
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-        if exited:
-            raise RuntimeError(f"the job to kill ended by itself: {proc.stderr.read()[-2000:]}")
+        kill_midway([*CLI, *common, str(tmp / "plate.zarr"), "-o", str(out), "--workers", "2"],
+                    lambda: len(finished()) >= n // 2)
         before = finished()
         seconds, err = run([*CLI, *common, str(tmp / "plate.zarr"), "-o", str(out), "--workers", "2"])
         redone = {m.split("plate.zarr/")[-1] for m in re.findall(r"\] (\S+): done", err)}

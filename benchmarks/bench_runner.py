@@ -36,6 +36,20 @@ def run(cmd: list[str]) -> tuple[float, str]:
     return time.perf_counter() - t0, proc.stderr
 
 
+def kill_midway(cmd: list[str], far_enough) -> None:
+    """Start ``cmd`` in its own process group and SIGKILL the whole group once ``far_enough()`` says so (a killed job
+    for the resume measurement); a job that ends on its own first is an error, not a measurement."""
+    proc = subprocess.Popen(cmd, start_new_session=True, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    while proc.poll() is None and not far_enough():
+        time.sleep(0.1)
+    exited = proc.poll() is not None
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    if exited:
+        raise RuntimeError(f"the job to kill ended by itself: {proc.stderr.read()[-2000:]}")
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--fields", type=int, default=8)
@@ -75,12 +89,8 @@ def main(argv=None) -> int:
 
         # kill a 2-worker job after about half the fields, rerun, count what the rerun computed
         out = tmp / "killed"
-        proc = subprocess.Popen([*CLI, *common, str(src), "-o", str(out), "--workers", "2"], start_new_session=True,
-                                stderr=subprocess.PIPE, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
-        while proc.poll() is None and len(list(out.glob("*_virtualstain.tif"))) < args.fields // 2:
-            time.sleep(0.2)
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+        kill_midway([*CLI, *common, str(src), "-o", str(out), "--workers", "2"],
+                    lambda: len(list(out.glob("*_virtualstain.tif"))) >= args.fields // 2)
         before = sorted(p.name for p in out.glob("*_virtualstain.tif"))
         seconds, err = run([*CLI, *common, str(src), "-o", str(out), "--workers", "2"])
         redone = re.findall(r"\] (\S+): done", err)

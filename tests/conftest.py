@@ -110,3 +110,21 @@ def two_class_field(kind: str, seed: int, shape=(48, 48)) -> np.ndarray:
         dna += 200 * np.exp(-r2 / 8)
         signal += 150 * (np.exp(-r2 / 8) if kind == "N" else np.exp(-((np.sqrt(r2) - 5) ** 2) / 3))
     return np.stack([signal, dna]).astype(np.float32) + 10
+
+
+def train_two_class(out, name: str, invariant=()):
+    """A tiny class-conditional model trained for 300 steps on ``two_class_field`` data (classes N and C, channels
+    signal + DNA); ``invariant`` channels condition it instead of being generated."""
+    import torch
+
+    from napari_virtualstain.train.classcond_data import ClassCondSpec, ClassImage
+    from napari_virtualstain.train.loop import TrainOptions, train
+
+    torch.manual_seed(0)
+    images = [ClassImage(f"{k}{i}", k, two_class_field(k, 10 * i + (k == "C"))) for k in ("N", "C") for i in range(3)]
+    spec = ClassCondSpec(name, ["signal", "DNA"], ["N", "C"], images, source="synthetic (tests)",
+                         invariant=list(invariant))
+    opts = TrainOptions(objective="ddpm", steps=300, batch_size=8, crop_size=16, lr=2e-3, ema_decay=0.99,
+                        val_every=300, block_out_channels=(16, 32), tile_size=16, tile_overlap=4)
+    bundle, _ = train(spec, out / name, opts)
+    return bundle

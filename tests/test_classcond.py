@@ -11,25 +11,17 @@ from napari_virtualstain.core.bundle import BundleConfig, bundled_checkpoints, l
 from napari_virtualstain.core.errors import BundleError, VirtualStainError
 from napari_virtualstain.core.metrics import image_metrics
 from napari_virtualstain.core.tasks.classcond import synthesize, translate
-from napari_virtualstain.train.classcond_data import ClassCondSpec, ClassImage, load_class_csv, load_class_folders
+from napari_virtualstain.train.classcond_data import load_class_csv, load_class_folders
 from napari_virtualstain.train.loop import TrainOptions, train
 
+from conftest import train_two_class
 from conftest import two_class_field as _field
 
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """A tiny class-conditional model trained for a few hundred steps on the synthetic two-class data."""
-    import torch
-
-    torch.manual_seed(0)
-    images = [ClassImage(f"{k}{i}", k, _field(k, 10 * i + (k == "C"))) for k in ("N", "C") for i in range(3)]
-    spec = ClassCondSpec("tiny-cc", ["signal", "DNA"], ["N", "C"], images, source="synthetic (tests)")
-    opts = TrainOptions(objective="ddpm", steps=300, batch_size=8, crop_size=16, lr=2e-3, ema_decay=0.99,
-                        val_every=300, block_out_channels=(16, 32), tile_size=16, tile_overlap=4)
-    out = tmp_path_factory.mktemp("cc") / "tiny-cc"
-    bundle, history = train(spec, out, opts)
-    return bundle
+    return train_two_class(tmp_path_factory.mktemp("cc"), "tiny-cc")
 
 
 def test_bundle_records_classes_and_null_class(trained):

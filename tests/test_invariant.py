@@ -11,9 +11,9 @@ import pytest
 from napari_virtualstain.core.bundle import BundleConfig, load_bundle
 from napari_virtualstain.core.errors import BundleError, VirtualStainError
 from napari_virtualstain.core.tasks.classcond import synthesize, translate
-from napari_virtualstain.train.classcond_data import ClassCondSpec, ClassImage, load_classcond_config
-from napari_virtualstain.train.loop import TrainOptions, train
+from napari_virtualstain.train.classcond_data import load_classcond_config
 
+from conftest import train_two_class
 from conftest import two_class_field as _field
 
 
@@ -29,16 +29,7 @@ def _inside_over_ring(img: np.ndarray) -> float:
 @pytest.fixture(scope="module")
 def invariant(tmp_path_factory):
     """A tiny model trained to generate 'signal' given the real 'DNA' channel (DNA listed second, as in the files)."""
-    import torch
-
-    torch.manual_seed(0)
-    images = [ClassImage(f"{k}{i}", k, _field(k, 10 * i + (k == "C"))) for k in ("N", "C") for i in range(3)]
-    spec = ClassCondSpec("tiny-inv", ["signal", "DNA"], ["N", "C"], images, source="synthetic (tests)",
-                         invariant=["DNA"])
-    opts = TrainOptions(objective="ddpm", steps=300, batch_size=8, crop_size=16, lr=2e-3, ema_decay=0.99,
-                        val_every=300, block_out_channels=(16, 32), tile_size=16, tile_overlap=4)
-    bundle, _ = train(spec, tmp_path_factory.mktemp("inv") / "tiny-inv", opts)
-    return bundle
+    return train_two_class(tmp_path_factory.mktemp("inv"), "tiny-inv", invariant=["DNA"])
 
 
 def test_bundle_keeps_the_image_order_and_conditions_on_the_invariant_channel(invariant):

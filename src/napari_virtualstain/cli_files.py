@@ -76,7 +76,7 @@ def prepare_outputs(items: list, args) -> None:
                                 "output folder (-o out/) and each gets its own store there")
     for store in stores:
         if plate_layout(store) is not None:
-            create_plate(ngff_output(NgffField(store), args), store)
+            create_plate(ngff_output(NgffField(store), args), store, [i for i in items if i.store == store])
 
 
 def plane_help(axes: str | None, shape: tuple[int, ...], plane_ndim: int) -> str:

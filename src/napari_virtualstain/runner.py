@@ -19,7 +19,6 @@ import functools
 import logging
 import sys
 import time
-from pathlib import Path
 
 
 @functools.lru_cache(maxsize=2)
@@ -35,7 +34,6 @@ def predict_task(item, options: dict, key: str) -> list[str]:
     from .cli_files import predict_item
 
     args = argparse.Namespace(**options)
-    item = Path(item) if isinstance(item, str) else item
     return [str(p) for p in predict_item(item, _bundle(args.checkpoint), args, key)]
 
 
@@ -94,7 +92,7 @@ def run_distributed(paths: list, args, key: str) -> list[tuple[str, str]]:
         client = Client(cluster)
     t0 = time.perf_counter()
     try:
-        futures = {client.submit(predict_task, str(p) if isinstance(p, Path) else p, options, key,
+        futures = {client.submit(predict_task, p, options, key,
                                  retries=max(0, args.retries), key=f"virtualstain-{key}-{i}-{p.name}".replace("/", "-"),
                                  pure=False): p for i, p in enumerate(paths)}
         failed = []

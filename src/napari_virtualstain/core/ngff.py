@@ -138,21 +138,17 @@ def select_inputs(fd: FieldData, input_names: list[str]):
     if len(idx) == 1:  # one input: the channel axis goes, as a single-channel image has none
         return data[(slice(None),) * c + (0,)], fd.axes.replace("C", ""), True
     if c != len(fd.axes) - 3:  # several inputs: channels right before Y, X, as the checkpoint reads them
-        data = da_moveaxis(data, c, -3)
+        import dask.array as da
+
+        data = da.moveaxis(data, c, -3)
         axes = fd.axes.replace("C", "")
         return data, axes[:-2] + "C" + axes[-2:], True
     return data, fd.axes, True
 
 
-def da_moveaxis(data, source: int, dest: int):
-    import dask.array as da
-
-    return da.moveaxis(data, source, dest)
-
-
-def create_plate(out: Path, source: Path) -> None:
-    """The output plate's metadata, mirroring the source plate's rows, columns, wells and fields; fields already
-    written stay (a rerun continues)."""
+def create_plate(out: Path, source: Path, fields: list[NgffField]) -> None:
+    """The output plate's metadata, mirroring the source plate's rows, columns and wells and the ``fields`` listed
+    from it (``list_fields``); fields already written stay (a rerun continues)."""
     import zarr
     from ome_zarr.writer import write_plate_metadata, write_well_metadata
 
@@ -161,9 +157,12 @@ def create_plate(out: Path, source: Path) -> None:
     wells = [w["path"] for w in layout["wells"]]
     write_plate_metadata(root, [r["name"] for r in layout["rows"]], [c["name"] for c in layout["columns"]], wells,
                          field_count=layout.get("field_count"), name=layout.get("name") or source.name)
+    images: dict[str, list[str]] = {w: [] for w in wells}
+    for f in fields:
+        well, image = f.path.rsplit("/", 1)
+        images[well].append(image)
     for w in wells:
-        images = (_attrs(source / w) or {}).get("well", {}).get("images", [])
-        write_well_metadata(root.require_group(w), [im["path"] for im in images])
+        write_well_metadata(root.require_group(w), images[w])
 
 
 def channel_colour(name: str, index: int) -> str:

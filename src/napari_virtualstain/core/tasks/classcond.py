@@ -69,15 +69,21 @@ def _norms(config: BundleConfig):
     return [c.normalization for c in config.output_channels]
 
 
+def _condition(config: BundleConfig, given: np.ndarray | None, device) -> torch.Tensor | None:
+    """The invariant channels (units) as the network's conditioning: (1, C_in, H, W), on their fixed scale."""
+    if given is None:
+        return None
+    return torch.from_numpy(fixed_normalize(given, [c.normalization for c in config.input_channels]))[None].to(device)
+
+
 def _split_channels(config: BundleConfig, chw: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
-    """An image's channels (in ``config.image_names`` order) -> normalised variable channels, invariant channels."""
+    """An image's channels (in ``config.image_names`` order) -> normalised variable channels, and the invariant
+    channels as they came (None without any)."""
     names = config.image_names
     variable = fixed_normalize(chw[[names.index(n) for n in config.output_names]], _norms(config))
     if not config.input_channels:
         return variable, None
-    invariant = fixed_normalize(chw[[names.index(n) for n in config.input_names]],
-                                [c.normalization for c in config.input_channels])
-    return variable, invariant
+    return variable, chw[[names.index(n) for n in config.input_names]]
 
 
 def _join_channels(config: BundleConfig, variable: np.ndarray, given: np.ndarray | None) -> np.ndarray:
@@ -148,7 +154,7 @@ def translate(
     if not 0.0 < strength <= 1.0:
         raise VirtualStainError(f"strength (how far to invert, as a fraction of the schedule) must be in (0, 1]; got {strength}")
     chw = prepare_input(image, config.image_names, channel_axis, what=input_name or "image")
-    x0, invariant = _split_channels(config, chw)
+    x0, given = _split_channels(config, chw)
     run = setup_run(bundle, chw.shape[1], chw.shape[2], tile_size=tile_size, tile_overlap=tile_overlap,
                     device=device, half=half, threads=threads)
     dev, plan, denoiser = run.device, run.plan, run.denoiser
@@ -161,7 +167,7 @@ def translate(
     total = k + k
 
     x = torch.from_numpy(x0)[None].to(dev)
-    cond = None if invariant is None else torch.from_numpy(invariant)[None].to(dev)
+    cond = _condition(config, given, dev)
     hooks = SamplerHooks(progress=_phase(progress, 0, total), should_cancel=should_cancel)
     latent = sample(denoiser, inverse, x, plan, make_generators([0]), condition=cond, batch_size=batch_size,
                     hooks=hooks, timesteps=up, class_labels=torch.tensor([src], device=dev))
@@ -171,7 +177,6 @@ def translate(
     out = sample(guided, ddim, latent.expand(len(labels), -1, -1, -1).contiguous(), plan, make_generators(range(len(labels))),
                  condition=cond, batch_size=batch_size, hooks=hooks, timesteps=down,
                  class_labels=torch.tensor(labels, device=dev))
-    given = None if invariant is None else chw[[config.image_names.index(n) for n in config.input_names]]
     decoded = [_join_channels(config, fixed_denormalize(o, _norms(config)), given) for o in out.cpu().numpy()]
     translated = decoded[0]
     control = decoded[0] if same else decoded[1]
@@ -230,7 +235,6 @@ def synthesize(
     _check_common(steps, guidance)
     if not isinstance(n, int) or n < 1:
         raise VirtualStainError(f"number of samples must be a positive integer, got {n!r}")
-    factor = downsample_factor(config.unet)
     given = cond = None
     if config.input_channels:
         if condition is None:
@@ -242,19 +246,19 @@ def synthesize(
         height, width = given.shape[1:]
         if height < 8 or width < 8:
             raise VirtualStainError(f"the condition image is {height}x{width}; it must be at least 8x8 pixels")
-        cond = torch.from_numpy(fixed_normalize(given, [c.normalization for c in config.input_channels]))[None]
         run = setup_run(bundle, height, width, device=device, half=half, threads=threads)  # tiled as a translation
+        cond = _condition(config, given, run.device)
     else:
         if condition is not None:
             raise VirtualStainError(f"checkpoint {config.name!r} has no invariant channels; it takes no condition image")
         size = int(size or config.unet.get("sample_size", config.tile_size))
+        factor = downsample_factor(config.unet)
         if size < 8 or size % factor:
             raise VirtualStainError(f"sample size {size} must be a multiple of {factor} (the network's downsampling), at least 8")
         height = width = size
         tile = min(config.tile_size, size)
         run = setup_run(bundle, size, size, tile_size=tile, tile_overlap=0 if tile == size else config.tile_overlap,
                         device=device, half=half, threads=threads)
-    cond = None if cond is None else cond.to(run.device)
     dev, plan = run.device, run.plan
     denoiser = GuidedDenoiser(run.denoiser, config.null_class, guidance)
     ddim = bundle.make_scheduler("ddim", steps)
