@@ -174,7 +174,7 @@ def cmd_train(args) -> int:
         command="virtualstain " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
         prediction_type=args.prediction_type, precision=args.precision, lr_schedule=args.lr_schedule,
         residual_source=args.residual_source, mean_from=args.mean_from, kappa=args.kappa,
-        max_minutes=args.max_minutes,
+        max_minutes=args.max_minutes, loss=args.loss, distance_head=args.distance_head, augment=args.augment,
         extra={"cond_dropout": args.cond_dropout} if args.cond_dropout is not None else {},
     )
     from .train import distributed
@@ -473,9 +473,9 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--samples", type=int, default=None,
                     help="average this many samples (seeds SEED..SEED+k-1, one batch): more accurate, less textured; "
                          "default: the checkpoint's validated count (else 1)")
-    pr.add_argument("--labels-from", choices=["boundaries", "stain"], default=None,
-                    help="nuclei labels from the predicted boundary channels or by segmenting the predicted stain "
-                         "(default: the checkpoint's validated route)")
+    pr.add_argument("--labels-from", choices=["boundaries", "stain", "distance"], default=None,
+                    help="nuclei labels from the predicted boundary channels, by segmenting the predicted stain, or "
+                         "seeded at the peaks of a distance (centre) channel (default: the checkpoint's validated route)")
     pr.add_argument("--uncertainty", choices=["steps", "seeds", "both"], default=None,
                     help="also write DDPMavg + std maps (<stem>_uncertainty.tif) and flagged regions (<stem>_flags_*)")
     pr.add_argument("--seeds", type=int, default=1, help="--uncertainty seeds|both: number of seeds (>= 2), batched")
@@ -538,6 +538,15 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--kappa", type=float, default=2.0, help="residual_shift: noise scale kappa of eq. (1)")
     tr.add_argument("--max-minutes", type=float, default=None,
                     help="time budget: after 20 steps, train only as many steps as fit (the lr schedule follows)")
+    tr.add_argument("--loss", choices=["mse", "l1_msssim", "spotlight"], default="mse",
+                    help="loss on the predicted stain/labels maps: mse; l1_msssim (0.5 L1 + 0.5 (1 - MS-SSIM), "
+                         "Cytoland); spotlight (foreground-weighted MSE + soft Dice on the foreground, Spotlight)")
+    tr.add_argument("--distance-head", action="store_true",
+                    help="also learn a per-nucleus centre map ('<set> distance': distance to the boundary, 1 at the "
+                         "centre) from the labels; predict --labels-from distance seeds nuclei at its peaks")
+    tr.add_argument("--augment", action="store_true",
+                    help="rotation (any angle), zoom 0.8-1.25, gamma/contrast/gain, noise and blur of the input, on "
+                         "top of the flips and quarter turns (for few training images)")
     tr.add_argument("--steps", type=int, default=2000, help="optimiser steps in all (a resumed run counts on)")
     tr.add_argument("--batch-size", type=int, default=8, help="random crops per step")
     tr.add_argument("--crop-size", type=int, default=128,

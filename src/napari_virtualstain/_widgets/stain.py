@@ -93,9 +93,9 @@ class StainWidget(TaskWidget):
         self.samples.setValue(int(c.sampling.get("samples", 1)))
         self.samples.setEnabled(c.objective != "regression")
         self.labels_from.clear()
-        self.labels_from.addItems(["boundaries", "stain"] if c.labels_from_stain else ["boundaries"])
+        self.labels_from.addItems(c.label_routes())
         self.labels_from.setCurrentText(c.sampling.get("labels_from", "boundaries"))
-        self.labels_from.setEnabled(bool(c.labels_from_stain))
+        self.labels_from.setEnabled(len(c.label_routes()) > 1)
 
     def build_extra(self, layout: QVBoxLayout) -> None:
         self.save_button = QPushButton("Save last result… (TIFFs, as the CLI writes them)")

@@ -22,11 +22,11 @@ FORMAT_VERSION = 1
 WEIGHTS_NAME = "model.safetensors"
 MEAN_WEIGHTS_NAME = "mean_model.safetensors"  # mean-anchored bundles: the one-pass mean predictor mu(x)
 RESIDUAL_SOURCES = ("mean_input", "mean_prediction")
-LABEL_ROUTES = ("boundaries", "stain")
+LABEL_ROUTES = ("boundaries", "stain", "distance")
 TASKS = ("stain", "classcond")  # classcond: class-conditional DDPM (translation, synthesis)
 OBJECTIVES = ("residual_shift", "regression", "ddpm")
 DIFFUSION_OBJECTIVES = ("residual_shift", "ddpm")
-KINDS = ("stain", "boundary", "foreground")
+KINDS = ("stain", "boundary", "foreground", "distance")  # distance: per-instance centre map
 PICKLE_SUFFIXES = (".pt", ".pth", ".ckpt", ".pkl", ".pickle", ".bin", ".tar")
 _PICKLE_EXPLANATION = (  # the advice first: a notification may show only its start
     "Pick a checkpoint folder (config.json + model.safetensors) instead; pickle files can run code when loaded, so "
@@ -100,6 +100,16 @@ class BundleConfig:
         if name not in self.classes:
             raise VirtualStainError(f"unknown class {name!r}; checkpoint {self.name!r} knows: {', '.join(self.classes)}")
         return self.classes.index(name)
+
+    @property
+    def distance_channels(self) -> dict[str, str]:
+        """Labels set -> its distance channel (the centre map the 'distance' labels route seeds from)."""
+        return {c.labels: c.name for c in self.output_channels if c.kind == "distance" and c.labels}
+
+    def label_routes(self) -> list[str]:
+        """The labels routes this bundle can take: boundaries always, stain / distance where it has the channels."""
+        return ["boundaries"] + (["stain"] if self.labels_from_stain else []) + (
+            ["distance"] if self.distance_channels else [])
 
     @property
     def input_names(self) -> list[str]:

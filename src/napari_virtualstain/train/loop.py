@@ -33,14 +33,16 @@ from ..core.errors import VirtualStainError
 from ..core.metrics import image_metrics
 from ..core.model import Denoiser, build_unet, default_unet_config, downsample_factor, fast_bf16, pick_device
 from ..core.normalize import FixedNorm, PercentileNorm, fit_fixed_norm
-from ..core.postprocess import boundary_target, foreground_target
+from ..core.postprocess import boundary_target, distance_target, foreground_target
 from ..core.sampling import SamplerHooks, tile_multiple
 from ..core.schedulers import ResidualShiftScheduler, default_ddpm_config, make_scheduler
 from ..core.tasks.stain import encode_inputs, encode_targets, residual_source, run_stain_model
 from ..core.tiling import TilePlan, reflect_pad
 from . import distributed
 from .data import TrainingSpec, split_regions
+from .augment import augment_batch
 from .distributed import draw_noise
+from .objectives import reconstruction_loss
 from .progress import TrainProgress  # noqa: F401 - re-exported: the loop's progress lines
 
 log = logging.getLogger(__name__)
@@ -74,17 +76,23 @@ class TrainOptions:
     half_weights: bool = False
     max_minutes: float | None = None  # time budget: after a short probe, steps = what fits (GPU recipes)
     precision: str = "auto"  # auto: bf16 autocast where it is fast (AVX-512 bf16/AMX CPUs, bf16 GPUs), else float32
+    loss: str = "mse"  # x0 reconstruction loss (train/objectives.py): mse, l1_msssim or spotlight
+    distance_head: bool = False  # add a '<set> distance' centre map per labels set (labels route 'distance')
+    augment: bool = False  # rotation/zoom + intensity augmentation (train/augment.py) on top of flips/rot90
     command: str = ""
     extra: dict = field(default_factory=dict)
 
 
-def output_channels(spec: TrainingSpec, stain_norms: list[FixedNorm]) -> list[ChannelSpec]:
-    """Stains, then for each labels set a boundary channel and the foreground channel that masks its watershed."""
+def output_channels(spec: TrainingSpec, stain_norms: list[FixedNorm], distance: bool = False) -> list[ChannelSpec]:
+    """Stains, then for each labels set a boundary channel and the foreground channel that masks its watershed
+    (and, with ``distance``, its normalised distance-to-boundary map for sets seeded on their own)."""
     chans = [ChannelSpec(n, "stain", norm) for n, norm in zip(spec.stain_names, stain_norms)]
     for lab in spec.label_names:
         chans.append(ChannelSpec(f"{lab} boundary", "boundary", FixedNorm(0.0, 1.0), lab, f"{lab} foreground",
                                  spec.label_seeds.get(lab)))
         chans.append(ChannelSpec(f"{lab} foreground", "foreground", FixedNorm(0.0, 1.0), lab))
+        if distance and not spec.label_seeds.get(lab):
+            chans.append(ChannelSpec(f"{lab} distance", "distance", FixedNorm(0.0, 1.0), lab))
     return chans
 
 
@@ -97,7 +105,7 @@ def build_config(spec: TrainingSpec, opts: TrainOptions, train_regions, mean_bun
     else:
         stain_norms = [fit_fixed_norm([im.stains[c][:, xs] for im, xs in train_regions])
                        for c in range(len(spec.stain_names))]
-        outs = output_channels(spec, stain_norms)
+        outs = output_channels(spec, stain_norms, opts.distance_head)
     n_in = len(spec.input_names) + (len(outs) if opts.objective in DIFFUSION_OBJECTIVES else 0)
     n_in += len(outs) if mean_bundle is not None else 0
     unet = default_unet_config(n_in, len(outs), opts.crop_size, tuple(opts.block_out_channels), opts.layers_per_block)
@@ -144,7 +152,8 @@ def load_mean_bundle(spec: TrainingSpec, opts: TrainOptions):
     if c.input_names != spec.input_names:
         raise VirtualStainError(f"--mean-from {opts.mean_from}: its inputs {c.input_names} differ from the data's "
                                 f"{spec.input_names}")
-    expected = [o.name for o in output_channels(spec, [FixedNorm(0.0, 1.0)] * len(spec.stain_names))]
+    distance = any(o.kind == "distance" for o in c.output_channels)  # the refinement follows mu's outputs
+    expected = [o.name for o in output_channels(spec, [FixedNorm(0.0, 1.0)] * len(spec.stain_names), distance)]
     if c.output_names != expected:
         raise VirtualStainError(f"--mean-from {opts.mean_from}: its outputs {c.output_names} differ from the data's "
                                 f"{expected}")
@@ -173,6 +182,8 @@ def region_arrays(config: BundleConfig, spec: TrainingSpec, regions, min_size: i
         raw = [*im.stains]
         for lab in spec.label_names:
             raw += [boundary_target(im.labels[lab]), foreground_target(im.labels[lab])]
+            if f"{lab} distance" in config.output_names:
+                raw.append(distance_target(im.labels[lab]))
         tgt = encode_targets(config, np.stack(raw))[:, :, xs]
         t = torch.from_numpy(np.concatenate([cond, tgt]))
         t = reflect_pad(t, max(0, min_size - t.shape[-2]), max(0, min_size - t.shape[-1]))
@@ -208,10 +219,14 @@ def training_scheduler(config: BundleConfig):
     return None
 
 
-def training_loss(unet, scheduler, config: BundleConfig, cond, x0, generator: torch.Generator) -> torch.Tensor:
+def training_loss(unet, scheduler, config: BundleConfig, cond, x0, generator: torch.Generator,
+                  loss: str = "mse") -> torch.Tensor:
+    """The objective's loss on one batch; ``loss`` (train/objectives.py) scores a predicted x0 (regression,
+    residual shift); the DDPM's noise prediction keeps MSE."""
+    kinds = [c.kind for c in config.output_channels]
     if scheduler is None:
         pred = unet(cond, torch.zeros(cond.shape[0], device=cond.device, dtype=torch.long)).sample
-        return F.mse_loss(pred, x0)
+        return reconstruction_loss(loss, pred, x0, kinds)
     t, noise = draw_noise(scheduler.config.num_train_timesteps, tuple(x0.shape), generator)
     t, noise = t.to(x0.device), noise.to(x0.device)
     if config.objective == "ddpm":
@@ -226,7 +241,7 @@ def training_loss(unet, scheduler, config: BundleConfig, cond, x0, generator: to
     pred = unet(torch.cat([scheduler.scale_model_input(x_t, t), cond], dim=1), t).sample
     if config.anchored:  # the network predicts x0 - mu(x); mu is y
         pred = pred.float() + y
-    return F.mse_loss(pred.float(), x0)
+    return reconstruction_loss(loss, pred, x0, kinds)
 
 
 def validate(unet, config: BundleConfig, val_arrays, opts: TrainOptions, device, mean_unet=None) -> dict:
@@ -362,10 +377,16 @@ def stain_job(spec: TrainingSpec, opts: TrainOptions) -> TrainingJob:
     mean_unet = mean.unet if mean is not None else None
     if mean_unet is not None:
         train_arrays = append_mean_prediction(train_arrays, mean_unet, opts, tile_multiple(config))
+    n_inputs = len(spec.input_names)
+
+    def next_batch(rng):
+        batch = random_batch(train_arrays, opts.batch_size, opts.crop_size, rng)
+        return augment_batch(*batch, rng, n_inputs) if opts.augment else batch
+
     return TrainingJob(
         config,
-        lambda rng: random_batch(train_arrays, opts.batch_size, opts.crop_size, rng),
-        lambda unet, sched, batch, gen: training_loss(unet, sched, config, batch[0], batch[1], gen),
+        next_batch,
+        lambda unet, sched, batch, gen: training_loss(unet, sched, config, batch[0], batch[1], gen, opts.loss),
         (lambda ema, device: validate(ema, config, val_arrays, opts, device, mean_unet)) if val_arrays else None,
         [f"{im.name}[:, {xs.start}:{xs.stop}]" for im, xs in train_regions],
         [f"{im.name}[:, {xs.start}:{xs.stop}]" for im, xs in val_regions],

@@ -28,7 +28,7 @@ from ..bundle import Bundle, BundleConfig
 from ..errors import VirtualStainError
 from ..inputs import RGB_NOTE, is_colour_for_grey, prepare_input, rescale_planes, resize_planes
 from ..normalize import FixedNorm, fixed_denormalize, fixed_normalize, percentile_normalize
-from ..postprocess import boundaries_to_labels, stain_to_labels
+from ..postprocess import boundaries_to_labels, distance_to_labels, stain_to_labels
 from ..schedulers import randn_per_item
 from ..sampling import (
     Progress,
@@ -105,11 +105,12 @@ def with_mean_prediction(mean_denoiser, cond: torch.Tensor, plan: TilePlan, batc
 def label_route(config: BundleConfig, labels_from: str | None) -> str:
     """Which route instance labels take: the bundle's validated default unless the user picks one."""
     route = labels_from or config.sampling.get("labels_from", "boundaries")
-    if route not in ("boundaries", "stain"):
-        raise VirtualStainError(f"labels from {route!r}: use 'boundaries' or 'stain'")
-    if route == "stain" and not config.labels_from_stain:
-        raise VirtualStainError(f"checkpoint {config.name!r} names no stain to segment labels from; use labels from "
-                                "'boundaries'")
+    if route not in ("boundaries", "stain", "distance"):
+        raise VirtualStainError(f"labels from {route!r}: use 'boundaries', 'stain' or 'distance'")
+    if route not in config.label_routes():
+        what = "names no stain to segment labels from" if route == "stain" else "has no distance (centre) channel"
+        raise VirtualStainError(f"checkpoint {config.name!r} {what}; use labels from "
+                                f"{' or '.join(repr(r) for r in config.label_routes())}")
     return route
 
 
@@ -118,7 +119,8 @@ def labels_from_channels(config: BundleConfig, image: np.ndarray, labels_from: s
     """Instance labels for every boundary channel; re-run it with other thresholds without the network.
 
     ``labels_from`` "stain": labels sets that the bundle maps to a stain (nuclei <- Hoechst) are segmented from the
-    predicted stain (``stain_to_labels``); "boundaries": from the boundary/foreground channels. Channels that take their
+    predicted stain (``stain_to_labels``); "distance": sets with a distance channel are seeded at its centres
+    (``distance_to_labels``); "boundaries": from the boundary/foreground channels. Channels that take their
     seeds from another labels set (cells from nuclei) are done after it, always over their boundary channel.
     """
     names = config.output_names
@@ -132,6 +134,9 @@ def labels_from_channels(config: BundleConfig, image: np.ndarray, labels_from: s
             labels[name] = stain_to_labels(image[names.index(config.labels_from_stain[name])])
             continue
         fg = image[names.index(spec.foreground)] if spec.foreground in names else None
+        if route == "distance" and name in config.distance_channels:
+            labels[name] = distance_to_labels(image[names.index(config.distance_channels[name])], fg)
+            continue
         seeds = labels.get(spec.seeds) if spec.seeds else None
         labels[name] = boundaries_to_labels(image[c], fg, seeds=seeds, **thresholds)
     return {(s.labels or s.name): labels[s.labels or s.name] for _, s in sorted(todo)}

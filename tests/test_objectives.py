@@ -1,0 +1,120 @@
+"""Objectives that place nuclei: the distance (centre) head, the losses, augmentation, test-time augmentation."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from napari_virtualstain.core.bundle import load_bundle
+from napari_virtualstain.core.errors import VirtualStainError
+from napari_virtualstain.core.metrics import match_labels
+from napari_virtualstain.core.postprocess import boundaries_to_labels, distance_target, distance_to_labels
+from napari_virtualstain.core.tasks.stain import labels_from_channels, predict_stain
+from napari_virtualstain.train.augment import augment_batch
+from napari_virtualstain.train.data import load_folder
+from napari_virtualstain.train.loop import TrainOptions, train
+from napari_virtualstain.train.objectives import ms_ssim, reconstruction_loss, soft_dice
+
+from test_train import TINY, data_folder  # noqa: F401 - the fixture
+
+
+def _touching_discs():
+    """Rows of discs of radius 6 whose edges touch (centres 11 px apart): the case where seeds must be centres."""
+    yy, xx = np.mgrid[:64, :96]
+    labels = np.zeros((64, 96), np.int32)
+    n = 0
+    for cy in (14, 40):
+        for cx in range(10, 90, 11):
+            n += 1
+            labels[(yy - cy) ** 2 + (xx - cx) ** 2 <= 36] = n
+    return labels
+
+
+def test_distance_target_is_one_at_each_centre_and_low_at_its_edge():
+    labels = _touching_discs()
+    d = distance_target(labels)
+    assert d.max() == pytest.approx(1.0) and d[labels == 0].max() == 0
+    for i in range(1, labels.max() + 1):
+        inside = d[labels == i]
+        assert inside.max() == pytest.approx(1.0) and inside.min() < 0.3
+
+
+def test_distance_route_splits_touching_nuclei_where_a_blurred_boundary_map_merges_them():
+    from scipy import ndimage as ndi
+
+    from napari_virtualstain.core.postprocess import boundary_target, foreground_target
+
+    labels = _touching_discs()
+    # what a network that has not fitted sharp edges gives: every map blurred by 1.5 px
+    dist = ndi.gaussian_filter(distance_target(labels), 1.5)
+    fg = ndi.gaussian_filter(foreground_target(labels), 1.5)
+    bnd = ndi.gaussian_filter(boundary_target(labels), 1.5)
+    from_distance = match_labels(labels, distance_to_labels(dist, fg), 0.5)
+    from_boundaries = match_labels(labels, boundaries_to_labels(bnd, fg), 0.5)
+    assert from_distance["f1"] > 0.95
+    assert from_distance["f1"] > from_boundaries["f1"] + 0.2
+
+
+def test_ms_ssim_is_one_for_identical_images_and_drops_with_noise():
+    g = torch.Generator().manual_seed(0)
+    a = torch.rand(2, 1, 128, 128, generator=g)
+    assert torch.allclose(ms_ssim(a, a), torch.ones(2, 1), atol=1e-4)
+    noisy = (a + 0.3 * torch.randn(a.shape, generator=g)).clamp(0, 1)
+    assert (ms_ssim(a, noisy) < 0.9).all()
+
+
+def test_spotlight_weighs_foreground_errors_more_than_background_ones():
+    kinds = ["stain", "foreground"]
+    target = -torch.ones(1, 2, 32, 32)
+    target[:, :, 8:16, 8:16] = 1.0  # one bright nucleus, its foreground 1
+    err_fg, err_bg = target.clone(), target.clone()
+    err_fg[:, 0, 8:12, 8:12] -= 0.5  # 16 stain pixels wrong inside the nucleus ...
+    err_bg[:, 0, 20:24, 20:24] += 0.5  # ... or 16 in the background
+    fg_loss = reconstruction_loss("spotlight", err_fg, target, kinds)
+    bg_loss = reconstruction_loss("spotlight", err_bg, target, kinds)
+    assert fg_loss > 5 * bg_loss
+    assert reconstruction_loss("mse", err_fg, target, kinds) == pytest.approx(
+        reconstruction_loss("mse", err_bg, target, kinds).item())
+    assert soft_dice(torch.ones(1, 4, 4), torch.ones(1, 4, 4)) == pytest.approx(0.0, abs=0.05)
+    with pytest.raises(VirtualStainError, match="loss 'huber'"):
+        reconstruction_loss("huber", target, target, kinds)
+
+
+def test_augmentation_moves_input_and_target_together_and_leaves_appended_planes():
+    rng = np.random.default_rng(3)
+    yy, xx = np.mgrid[:64, :64]
+    blob = torch.from_numpy(((yy - 20) ** 2 + (xx - 40) ** 2 < 64).astype(np.float32))
+    cond = torch.stack([blob, blob * 0.5])[None].repeat(4, 1, 1, 1)  # plane 0 an image, plane 1 "mu(x)"
+    target = blob[None, None].repeat(4, 1, 1, 1)
+    c2, t2 = augment_batch(cond, target, rng, n_image_inputs=1)
+    assert c2.shape == cond.shape and t2.shape == target.shape
+    assert torch.equal(cond[:, 1] * 2, target[:, 0])  # inputs untouched
+    for i in range(4):  # plane 1 moved only geometrically, exactly as the target did
+        assert torch.allclose(c2[i, 1] * 2, t2[i, 0], atol=1e-5)
+    assert not torch.allclose(c2[:, 0], cond[:, 0])
+    again = augment_batch(cond, target, np.random.default_rng(3), n_image_inputs=1)
+    assert torch.equal(again[0], c2) and torch.equal(again[1], t2)  # the run's generator decides: resumable
+
+
+@pytest.mark.parametrize("loss", ["spotlight", "l1_msssim"])
+def test_distance_head_training_gives_a_distance_route(data_folder, tmp_path, loss):  # noqa: F811
+    spec = load_folder(data_folder, stain_names=["Hoechst"])
+    opts = TrainOptions(**{**TINY, "crop_size": 48}, objective="regression", distance_head=True, loss=loss,
+                        augment=True)
+    train(spec, tmp_path / "b", opts)
+    bundle = load_bundle(tmp_path / "b")
+    c = bundle.config
+    assert c.output_names == ["Hoechst", "nuclei boundary", "nuclei foreground", "nuclei distance"]
+    assert c.label_routes() == ["boundaries", "stain", "distance"]
+    assert c.training["options"]["loss"] == loss and c.training["options"]["augment"]
+    image = np.asarray(load_folder(data_folder).images[0].inputs[0])
+    res = predict_stain(bundle, image, labels_from="distance")
+    assert res.provenance["labels_from"] == "distance" and res.labels["nuclei"].shape == image.shape
+    assert set(labels_from_channels(c, res.image, "boundaries")) == {"nuclei"}
+
+
+def test_distance_route_on_a_bundle_without_the_channel_names_the_routes_it_has(tiny_bundle_dir):
+    bundle = load_bundle(tiny_bundle_dir)
+    with pytest.raises(VirtualStainError, match="no distance"):
+        predict_stain(bundle, np.zeros((32, 32), np.float32), labels_from="distance")
