@@ -118,3 +118,35 @@ def test_distance_route_on_a_bundle_without_the_channel_names_the_routes_it_has(
     bundle = load_bundle(tiny_bundle_dir)
     with pytest.raises(VirtualStainError, match="no distance"):
         predict_stain(bundle, np.zeros((32, 32), np.float32), labels_from="distance")
+
+
+def test_tta_is_exact_for_a_symmetric_network_and_costs_its_passes(tiny_bundle_dir):
+    from napari_virtualstain.core.model import TTADenoiser, dihedral
+
+    x = torch.arange(2 * 3 * 8 * 16, dtype=torch.float32).reshape(2, 3, 8, 16)
+    for k in range(4):
+        for flip in (False, True):
+            assert torch.equal(dihedral(dihedral(x, k, flip), k, flip, inverse=True), x)
+
+    class Shift(torch.nn.Module):  # not symmetric: output = input moved one pixel right
+        def precision(self):
+            return "float32"
+
+        def forward(self, x, t, class_labels=None):
+            return torch.roll(x, 1, dims=-1)
+
+    square = torch.rand(1, 1, 16, 16)
+    assert torch.equal(TTADenoiser(Shift(), 1)(square, 0), Shift()(square, 0))
+    avg = TTADenoiser(Shift(), 4)(square, 0)  # turned back, the four shifts point four ways: a cross blur
+    expected = sum(torch.roll(square, s, dims=d) for s, d in ((1, -1), (-1, -1), (1, -2), (-1, -2))) / 4
+    assert torch.allclose(avg, expected, atol=1e-6)
+    with pytest.raises(VirtualStainError, match="1, 2, 4, 8"):
+        TTADenoiser(Shift(), 3)
+
+    bundle = load_bundle(tiny_bundle_dir)
+    image = np.random.default_rng(0).random((40, 56)).astype(np.float32)
+    plain = predict_stain(bundle, image, make_labels=False)
+    eight = predict_stain(bundle, image, make_labels=False, tta=8)
+    assert eight.provenance["tta"] == 8 and plain.provenance["tta"] == 1
+    assert eight.provenance["network_passes"] == 8 * plain.provenance["network_passes"]
+    assert eight.image.shape == plain.image.shape and not np.allclose(eight.image, plain.image)

@@ -473,6 +473,10 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--samples", type=int, default=None,
                     help="average this many samples (seeds SEED..SEED+k-1, one batch): more accurate, less textured; "
                          "default: the checkpoint's validated count (else 1)")
+    pr.add_argument("--tta", type=int, choices=[1, 2, 4, 8], default=None,
+                    help="test-time augmentation: average the network over 1, 2, 4 (quarter turns) or 8 (+ mirrors) "
+                         "transforms of every tile; costs that many passes (default: the checkpoint's validated "
+                         "value, else 1)")
     pr.add_argument("--labels-from", choices=["boundaries", "stain", "distance"], default=None,
                     help="nuclei labels from the predicted boundary channels, by segmenting the predicted stain, or "
                          "seeded at the peaks of a distance (centre) channel (default: the checkpoint's validated route)")

@@ -130,7 +130,7 @@ def _parse_window(text: str) -> tuple[float, float]:
 SETTINGS = ("seed", "samples", "steps", "sampler", "tile_size", "tile_overlap", "block_size", "labels_from",
             "boundary_threshold", "foreground_threshold", "no_labels", "uncertainty", "seeds", "window", "flag_map",
             "flag_threshold", "flag_otsu", "flag_min_area", "flag_merge", "flag_max_regions", "flag_group", "plane", "all_planes",
-            "channel_axis", "pixel_size", "rescale", "precision")
+            "channel_axis", "pixel_size", "rescale", "precision", "tta")
 
 
 def settings_key(bundle, args) -> str:
@@ -202,7 +202,7 @@ def predict_planes(image, axes: str | None, name: str, input_file: str, bundle, 
             maps.append(unc.maps)
         else:
             res = predict_stain(bundle, arr, seed=args.seed, samples=args.samples, block_size=args.block_size,
-                                pixel_size_um=input_um, rescale=args.rescale, **common)
+                                pixel_size_um=input_um, rescale=args.rescale, tta=args.tta, **common)
         if not args.no_labels:
             route = label_route(bundle.config, args.labels_from)
             res.labels = labels_from_channels(bundle.config, res.image, route, **thresholds)

@@ -47,7 +47,7 @@ def stack_stain_results(results: list, sel: InputSelection) -> StackedStain:
 
 def predict_selection(bundle, sel: InputSelection, s: RunSettings, progress, should_cancel,
                       samples: int | None = None, labels_from: str | None = None,
-                      rescale: bool = False) -> StackedStain:
+                      rescale: bool = False, tta: int | None = None) -> StackedStain:
     """The worker side of a virtual-stain run: the same ``predict_stain`` the CLI calls, once per plane."""
     from ..core.tasks.stain import predict_stain
 
@@ -56,7 +56,7 @@ def predict_selection(bundle, sel: InputSelection, s: RunSettings, progress, sho
             bundle, array, channel_axis=sel.channel_axis, seed=s.seed, tile_size=s.tile_size,
             tile_overlap=s.tile_overlap, batch_size=s.batch_size, device=s.device, sampler=s.sampler, steps=s.steps,
             progress=cb, should_cancel=should_cancel, input_name=sel.layer_name, samples=samples,
-            labels_from=labels_from, pixel_size_um=sel.geometry.pixel_size_um(), rescale=rescale,
+            labels_from=labels_from, pixel_size_um=sel.geometry.pixel_size_um(), rescale=rescale, tta=tta,
         )
 
     return stack_stain_results(per_plane(sel, predict, progress, should_cancel), sel)
@@ -77,6 +77,11 @@ class StainWidget(TaskWidget):
         self.labels_from.setToolTip("Nuclei from the predicted boundary channels, or by segmenting the predicted "
                                     "stain (Otsu + distance-transform watershed)")
         form.addRow("Nuclei from", self.labels_from)
+        self.tta = QComboBox()
+        self.tta.addItems(["1", "2", "4", "8"])
+        self.tta.setToolTip("Test-time augmentation: average the network over this many flips/quarter turns of "
+                            "every tile (1 = off); each one costs a full pass")
+        form.addRow("Flips/turns averaged", self.tta)
         self.rescale = QCheckBox("rescale to the checkpoint's pixel size")
         self.rescale.setToolTip("Resample the plane to the pixel size the model was trained at (the layer's scale "
                                 "gives the image's), predict, and resample the result back onto the layer's grid")
@@ -96,6 +101,7 @@ class StainWidget(TaskWidget):
         self.labels_from.addItems(c.label_routes())
         self.labels_from.setCurrentText(c.sampling.get("labels_from", "boundaries"))
         self.labels_from.setEnabled(len(c.label_routes()) > 1)
+        self.tta.setCurrentText(str(c.sampling.get("tta", 1)))
 
     def build_extra(self, layout: QVBoxLayout) -> None:
         self.save_button = QPushButton("Save last result… (TIFFs, as the CLI writes them)")
@@ -117,10 +123,11 @@ class StainWidget(TaskWidget):
         probabilities = self.probabilities.isChecked()
         samples = int(self.samples.value()) if bundle.config.objective != "regression" else None
         labels_from = self.labels_from.currentText() or None
+        tta = int(self.tta.currentText())
 
         def work(progress, should_cancel) -> tuple[StackedStain, list[LayerTuple]]:
             stacked = predict_selection(bundle, sel, settings, progress, should_cancel, samples, labels_from,
-                                        rescale)
+                                        rescale, tta)
             return stacked, stain_layer_tuples(
                 stacked.image, stacked.channel_names, stacked.channel_kinds, stacked.labels, stacked.provenance,
                 sel.geometry, probabilities=probabilities,

@@ -296,7 +296,8 @@ def _mean_model(d: dict, residual: str, objective: str, n_in: int, n_out: int) -
 
 
 def _sampling(d) -> dict:
-    """Defaults a bundle was validated with: steps (residual-shift chain), samples (seeds averaged), labels_from;
+    """Defaults a bundle was validated with: steps (residual-shift chain), samples (seeds averaged), labels_from,
+    tta (test-time flips/turns averaged);
     classcond: guidance and strength of a translation."""
     if not isinstance(d, dict):
         raise BundleError("config.json: 'sampling' must be an object")
@@ -310,6 +311,8 @@ def _sampling(d) -> dict:
         raise BundleError("config.json: 'sampling.strength' must be a number in (0, 1]")
     if d.get("labels_from", "boundaries") not in LABEL_ROUTES:
         raise BundleError(f"config.json: 'sampling.labels_from' must be one of {', '.join(LABEL_ROUTES)}")
+    if d.get("tta", 1) not in (1, 2, 4, 8) or isinstance(d.get("tta"), bool):
+        raise BundleError("config.json: 'sampling.tta' must be 1, 2, 4 or 8 (flips/quarter turns averaged)")
     return dict(d)
 
 

@@ -125,6 +125,45 @@ class Denoiser(torch.nn.Module):
         return out
 
 
+TTA_CHOICES = (1, 2, 4, 8)
+
+
+def dihedral(x: torch.Tensor, k: int, flip: bool, inverse: bool = False) -> torch.Tensor:
+    """One of the 8 flips/quarter turns of the last two axes (or its inverse)."""
+    if inverse:
+        x = torch.rot90(x, -k, dims=(-2, -1))
+        return torch.flip(x, dims=(-1,)) if flip else x
+    x = torch.flip(x, dims=(-1,)) if flip else x
+    return torch.rot90(x, k, dims=(-2, -1))
+
+
+class TTADenoiser(torch.nn.Module):
+    """Test-time augmentation: the wrapped network's output averaged over ``n`` flips/quarter turns of its input
+    (1: none; 2: + a mirror; 4: the quarter turns, as Cytoland; 8: all of them), each turned back before averaging.
+    Works tile by tile and at every sampler step, so tiles, blocks and chains need nothing else; costs n passes."""
+
+    def __init__(self, denoiser: torch.nn.Module, n: int):
+        super().__init__()
+        from .errors import VirtualStainError
+
+        if n not in TTA_CHOICES:
+            raise VirtualStainError(f"test-time augmentation takes {', '.join(map(str, TTA_CHOICES))} transforms, "
+                                    f"not {n}")
+        self.inner = denoiser
+        self.n = n
+        self.precision = denoiser.precision
+        self.transforms = {1: [(0, False)], 2: [(0, False), (0, True)], 4: [(k, False) for k in range(4)],
+                           8: [(k, f) for f in (False, True) for k in range(4)]}[n]
+
+    def forward(self, x: torch.Tensor, timestep, class_labels: torch.Tensor | None = None) -> torch.Tensor:
+        total = None
+        for k, flip in self.transforms:
+            out = self.inner(dihedral(x, k, flip), timestep, class_labels=class_labels)
+            out = dihedral(out, k, flip, inverse=True)
+            total = out if total is None else total + out
+        return total / self.n if self.n > 1 else total
+
+
 def pick_device(requested: str | None = None) -> torch.device:
     """cuda -> mps -> cpu, unless the user asked for one; an unavailable request is an error, not a silent fallback."""
     from .errors import VirtualStainError

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 
 from .errors import Cancelled
-from .model import Denoiser, downsample_factor, pick_device
+from .model import Denoiser, TTADenoiser, downsample_factor, pick_device
 from .threads import use_threads
 from .tiling import TilePlan
 
@@ -74,6 +74,7 @@ class RunSetup:
     started: float
     mean_denoiser: Denoiser | None = None  # mean-anchored bundles: the one-pass mu(x) network
     threads: dict | None = None  # CPU runs: intra-op threads and why (``threads.use_threads``)
+    tta: int = 1  # test-time augmentation: network outputs averaged over this many flips/quarter turns
 
     def provenance(self, batch_size: int, image_shape, input_name: str | None) -> dict:
         """Run settings every output records (tiles, device, precision, input, time, package version)."""
@@ -84,6 +85,7 @@ class RunSetup:
             "batch_size": batch_size,
             "device": str(self.device),
             "precision": self.denoiser.precision(),
+            "tta": self.tta,
             **(self.threads or {}),
             "input": input_name,
             "input_shape": list(image_shape),
@@ -98,9 +100,11 @@ def tile_multiple(config) -> int:
 
 
 def setup_run(bundle, height: int, width: int, *, tile_size: int | None = None, tile_overlap: int | None = None,
-              device: str | None = None, half: bool | None = None, threads: int | None = None) -> RunSetup:
+              device: str | None = None, half: bool | None = None, threads: int | None = None,
+              tta: int = 1) -> RunSetup:
     """Device, tiles (the bundle's defaults unless given), the bundle's UNet on that device and, on a CPU, the
-    intra-op threads (``threads``, else the environment's, else the free cores: :mod:`.threads`)."""
+    intra-op threads (``threads``, else the environment's, else the free cores: :mod:`.threads`); ``tta`` > 1 wraps
+    the networks in :class:`TTADenoiser`."""
     config = bundle.config
     dev = pick_device(device)
     used = use_threads(threads) if dev.type == "cpu" else None
@@ -109,8 +113,10 @@ def setup_run(bundle, height: int, width: int, *, tile_size: int | None = None, 
     plan = TilePlan(height, width, tile, overlap, tile_multiple(config))
     anchor = len(config.output_channels) if config.anchored and config.objective == "residual_shift" else 0
     mean = Denoiser(bundle.mean_unet.to(dev), half=half) if config.anchored else None
-    return RunSetup(dev, plan, Denoiser(bundle.unet.to(dev), half=half, anchor_channels=anchor), time.perf_counter(),
-                    mean, used)
+    net = Denoiser(bundle.unet.to(dev), half=half, anchor_channels=anchor)
+    if tta != 1:
+        net, mean = TTADenoiser(net, tta), (TTADenoiser(mean, tta) if mean is not None else None)
+    return RunSetup(dev, plan, net, time.perf_counter(), mean, used, tta)
 
 
 def make_generators(seeds: Sequence[int]) -> list[torch.Generator]:

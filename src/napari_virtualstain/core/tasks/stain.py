@@ -237,6 +237,7 @@ def predict_stain(
     block_size: int | None = None,
     pixel_size_um: float | None = None,
     rescale: bool = False,
+    tta: int | None = None,
 ) -> StainResult:
     """Predict every output channel of ``bundle`` for one 2D image (any size; tiled when larger than a tile).
 
@@ -249,6 +250,9 @@ def predict_stain(
     ``samples`` k > 1: k chains (seeds ``seed .. seed+k-1``) run as one batch and their mean is returned, with their
     std in ``sample_std`` — sample averaging trades realism for accuracy (Whang et al. 2022). Default: the bundle's
     validated ``sampling.samples`` (else 1).
+
+    ``tta``: average the network's outputs over 1, 2, 4 or 8 flips/quarter turns of every tile (n network passes
+    per pass; default: the bundle's validated ``sampling.tta``, else 1).
     """
     config = bundle.config
     if config.task != "stain":
@@ -262,8 +266,9 @@ def predict_stain(
         chw = rescale_planes(chw, factor)
     blocks = block_plan(config, chw.shape[1], chw.shape[2], block_size)
     side = (blocks.tile_size,) * 2 if blocks is not None else chw.shape[1:]
+    n_tta = int(tta or config.sampling.get("tta", 1))
     run = setup_run(bundle, *side, tile_size=tile_size, tile_overlap=tile_overlap, device=device, half=half,
-                    threads=threads)
+                    threads=threads, tta=n_tta)
     cond = torch.from_numpy(encode_inputs(config, chw))[None].to(run.device)  # normalised once, over the whole field
     del chw
     if blocks is not None:  # padded here, once: the block runner would otherwise hold a padded copy beside it
@@ -293,7 +298,7 @@ def predict_stain(
         "samples": len(arrays),
         "sampler": sampler_name(config, scheduler),
         "steps": len(scheduler.timesteps) if scheduler is not None else 1,
-        "network_passes": passes,
+        "network_passes": passes * n_tta,
         "labels_from": route,
         **run.provenance(batch_size, np.shape(image), input_name),
         "input_pixel_size_um": pixel_size_um,
