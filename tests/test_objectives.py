@@ -112,6 +112,17 @@ def test_distance_head_training_gives_a_distance_route(data_folder, tmp_path, lo
     res = predict_stain(bundle, image, labels_from="distance")
     assert res.provenance["labels_from"] == "distance" and res.labels["nuclei"].shape == image.shape
     assert set(labels_from_channels(c, res.image, "boundaries")) == {"nuclei"}
+    if loss != "spotlight":
+        return
+    from napari_virtualstain.train.defaults import choose_sampling, write_sampling
+
+    result = choose_sampling(bundle, spec, tta=(1, 4))
+    chosen = result["chosen"]
+    assert chosen["labels_from"] in c.label_routes() and chosen["tta"] in (1, 4) and "steps" not in chosen
+    assert [r["tta"] for r in result["tta_sweep"]] == [1, 4]
+    again = write_sampling(tmp_path / "b", chosen, "test")
+    assert again.id == bundle.id and again.config.sampling["tta"] == chosen["tta"]
+    assert predict_stain(again, image).provenance["tta"] == chosen["tta"]  # the validated default is used
 
 
 def test_distance_route_on_a_bundle_without_the_channel_names_the_routes_it_has(tiny_bundle_dir):

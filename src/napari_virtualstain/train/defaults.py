@@ -1,0 +1,117 @@
+"""Choose a stain bundle's sampling defaults on its own validation regions (never the held-out test data).
+
+The candidates are predicted on exactly the regions training held out (``split_regions``) and scored with Pearson r
+of each stain (truth's 1–99.8 % scale, as ``virtualstain evaluate``) and nuclei/cell F1@0.5 of each labels route.
+Rules, in order (fewest network passes that are within ``tolerance`` of the best):
+- steps (diffusion bundles): the fewest whose mean stain r is within the tolerance of the best step count (k = 1);
+- samples: the fewest k at those steps whose mean stain r is within the tolerance of the best k;
+- labels route: boundaries, stain or distance — the one with the highest F1 for the first labels set;
+- test-time augmentation: the fewest flips/turns (1, 4, 8) whose F1 and r are both within the tolerance of the best.
+The result is stored as the bundle's ``sampling`` (the id does not change: it is the weights' hash).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+from ..core.bundle import Bundle, load_bundle
+from ..core.metrics import image_metrics, match_labels, normalize_pair, pool_matching
+from ..core.tasks.stain import labels_from_channels, predict_stain
+from .data import TrainingSpec, split_regions
+
+TTA_CANDIDATES = (1, 4, 8)
+
+
+def score_sampling(bundle: Bundle, regions, *, steps: int | None = None, samples: int = 1, tta: int = 1,
+                   seed: int = 0) -> dict:
+    """Mean stain r / SSIM and pooled F1@0.5 per 'labels set (route)' over the validation regions."""
+    c = bundle.config
+    stains = [o.name for o in c.output_channels if o.kind == "stain"]
+    rs, ss, matches = [], [], {}
+    t0 = time.perf_counter()
+    for im, xs in regions:
+        multi = im.inputs.shape[0] > 1
+        res = predict_stain(bundle, im.inputs[:, :, xs] if multi else im.inputs[0][:, xs],
+                            channel_axis=0 if multi else None, seed=seed, steps=steps, samples=samples, tta=tta,
+                            make_labels=False)
+        for i, name in enumerate(stains):
+            p, t, _ = normalize_pair(res.channel(name), im.stains[i][:, xs])
+            m = image_metrics(p, t)
+            rs.append(m["pearson"])
+            ss.append(m["ssim"])
+        for route in c.label_routes():
+            for name, lab in labels_from_channels(c, res.image, route).items():
+                if name in im.labels:
+                    matches.setdefault(f"{name} ({route})", []).append(match_labels(im.labels[name][:, xs], lab, 0.5))
+    return {"steps": steps, "samples": samples, "tta": tta, "r": float(np.mean(rs)) if rs else None,
+            "ssim": float(np.mean(ss)) if ss else None,
+            "f1": {k: pool_matching(v)["f1"] for k, v in matches.items()},
+            "seconds": round(time.perf_counter() - t0, 1)}
+
+
+def _fewest(rows: list[dict], key: str, value: Callable[[dict], float], tolerance: float):
+    best = max(value(r) for r in rows)
+    return min(r[key] for r in rows if value(r) >= best - tolerance)
+
+
+def choose_sampling(bundle: Bundle, spec: TrainingSpec, *, steps=(1, 2, 3, 4, 8, 15), samples=(1, 2, 4, 8),
+                    tta=TTA_CANDIDATES, tolerance: float = 0.01, log: Callable[[str], None] | None = None) -> dict:
+    """The sweep and the chosen ``{"steps", "samples", "labels_from", "tta"}`` (module doc) for ``bundle``."""
+    _, regions = split_regions(spec)
+    if not regions:
+        from ..core.errors import VirtualStainError
+
+        raise VirtualStainError("choosing defaults needs validation regions: the data holds nothing out (val "
+                                "fraction 0 and no image marked split: val)")
+    c = bundle.config
+    say = log or (lambda text: None)
+
+    def run(**kw) -> dict:
+        row = score_sampling(bundle, regions, **kw)
+        say(f"steps {row['steps']} k {row['samples']} tta {row['tta']}: r {row['r'] if row['r'] is None else round(row['r'], 3)} "
+            + " ".join(f"F1 {k} {v:.3f}" for k, v in row["f1"].items()) + f" ({row['seconds']} s)")
+        return row
+
+    has_stain = any(o.kind == "stain" for o in c.output_channels)
+    r_of = (lambda row: row["r"]) if has_stain else (lambda row: 0.0)
+    diffusion = c.objective != "regression"
+    if diffusion and c.objective == "residual_shift":
+        T = c.scheduler["num_train_timesteps"]
+        rows = [run(steps=s) for s in steps if s <= T]
+        n_steps = _fewest(rows, "steps", r_of, tolerance)
+    else:
+        rows, n_steps = [run()], None
+    krows = [next(r for r in rows if r["steps"] == n_steps)]
+    if diffusion:
+        krows += [run(steps=n_steps, samples=k) for k in samples if k > 1]
+    n_samples = _fewest(krows, "samples", r_of, tolerance)
+    chosen = next(r for r in krows if r["samples"] == n_samples)
+    first_set = next((o.labels for o in c.output_channels if o.kind == "boundary"), None)
+    routes = {k.split(" (")[1][:-1]: v for k, v in chosen["f1"].items() if k.split(" (")[0] == first_set}
+    route = max(routes, key=routes.get) if routes else "boundaries"
+
+    def f1_of(row):
+        return row["f1"].get(f"{first_set} ({route})", 0.0)
+
+    trows = [chosen] + [run(steps=n_steps, samples=n_samples, tta=n) for n in tta if n > 1]
+    best_f1, best_r = max(f1_of(r) for r in trows), max(r_of(r) for r in trows)
+    n_tta = min(r["tta"] for r in trows if f1_of(r) >= best_f1 - tolerance and r_of(r) >= best_r - tolerance)
+    picked = {"samples": n_samples, "labels_from": route, "tta": n_tta} | ({"steps": n_steps} if n_steps else {})
+    return {"bundle_id": bundle.id, "validation_regions": len(regions), "chosen": picked, "steps_sweep": rows,
+            "samples_sweep": krows, "tta_sweep": trows, "tolerance": tolerance}
+
+
+def write_sampling(bundle_path: str | Path, chosen: dict, note: str) -> Bundle:
+    """Store ``chosen`` as the bundle's ``sampling`` in config.json (atomically) and check it still loads."""
+    cfg_path = Path(bundle_path) / "config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg["sampling"] = dict(chosen) | {"chosen_by": note}
+    tmp = cfg_path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(cfg, indent=2) + "\n")
+    tmp.replace(cfg_path)
+    return load_bundle(bundle_path)
