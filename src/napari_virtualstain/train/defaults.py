@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from ..core.bundle import Bundle, load_bundle
+from ..core.errors import VirtualStainError
 from ..core.metrics import image_metrics, match_labels, normalize_pair, pool_matching
 from ..core.tasks.stain import labels_from_channels, predict_stain
 from .data import TrainingSpec, split_regions
@@ -40,7 +41,10 @@ def score_sampling(bundle: Bundle, regions, *, steps: int | None = None, samples
                             channel_axis=0 if multi else None, seed=seed, steps=steps, samples=samples, tta=tta,
                             make_labels=False)
         for i, name in enumerate(stains):
-            p, t, _ = normalize_pair(res.channel(name), im.stains[i][:, xs])
+            try:
+                p, t, _ = normalize_pair(res.channel(name), im.stains[i][:, xs])
+            except VirtualStainError:  # no stain in this region (a constant truth): nothing to correlate with
+                continue
             m = image_metrics(p, t)
             rs.append(m["pearson"])
             ss.append(m["ssim"])
@@ -64,8 +68,6 @@ def choose_sampling(bundle: Bundle, spec: TrainingSpec, *, steps=(1, 2, 3, 4, 8,
     """The sweep and the chosen ``{"steps", "samples", "labels_from", "tta"}`` (module doc) for ``bundle``."""
     _, regions = split_regions(spec)
     if not regions:
-        from ..core.errors import VirtualStainError
-
         raise VirtualStainError("choosing defaults needs validation regions: the data holds nothing out (val "
                                 "fraction 0 and no image marked split: val)")
     c = bundle.config
@@ -77,8 +79,9 @@ def choose_sampling(bundle: Bundle, spec: TrainingSpec, *, steps=(1, 2, 3, 4, 8,
             + " ".join(f"F1 {k} {v:.3f}" for k, v in row["f1"].items()) + f" ({row['seconds']} s)")
         return row
 
-    has_stain = any(o.kind == "stain" for o in c.output_channels)
-    r_of = (lambda row: row["r"]) if has_stain else (lambda row: 0.0)
+    def r_of(row):  # no stain channel, or none in the validation regions: r does not decide
+        return row["r"] if row["r"] is not None else 0.0
+
     diffusion = c.objective != "regression"
     if diffusion and c.objective == "residual_shift":
         T = c.scheduler["num_train_timesteps"]
