@@ -37,6 +37,7 @@ FAULTS = {
     "disk full": "test_faults.py::test_full_disk_or_read_only_folder_is_one_error_and_no_file",
     "read-only output folder": "test_faults.py::test_full_disk_or_read_only_folder_is_one_error_and_no_file",
     "non-ASCII paths": "test_faults.py::test_non_ascii_paths",
+    "output path that is a file or cannot be made": "test_faults.py::test_a_bad_output_path_is_refused_before_the_model_loads",
     "8192 x 8192 input": "test_faults.py::test_an_8192_field_is_planned_in_bounded_blocks",
     "labels image as input": "test_cli.py::test_a_labels_plane_given_to_predict_gets_a_warning",
     "pixel size of another objective": "test_cli.py::test_pixel_size_mismatch_warns_and_rescale_fixes_it",
@@ -116,6 +117,26 @@ def test_full_disk_or_read_only_folder_is_one_error_and_no_file(tiny_bundle_dir,
     assert list(out.iterdir()) == []  # neither the file nor its temporary part
     monkeypatch.setattr(tifffile, "imwrite", real)
     assert main(["predict", "-c", str(tiny_bundle_dir), str(path), "-o", str(tmp_path / "elsewhere"), "-q"]) == 0
+
+
+@pytest.mark.parametrize("command", ["predict", "demo"])
+def test_a_bad_output_path_is_refused_before_the_model_loads(tiny_bundle_dir, tmp_path, capsys, monkeypatch, command):
+    """-o naming a file, a path under a file, or a folder that cannot be written: one error line, exit 2, and the
+    checkpoint is never opened (nothing computed)."""
+    import napari_virtualstain.core.bundle as bundle_module
+
+    field = tmp_path / "field.tif"
+    tifffile.imwrite(field, (np.random.default_rng(0).random((40, 56)) * 1000).astype(np.uint16))
+    opened = []
+    real_load = bundle_module.load_bundle
+    monkeypatch.setattr(bundle_module, "load_bundle", lambda *a, **k: opened.append(a) or real_load(*a, **k))
+    args = ["-c", str(tiny_bundle_dir)] + ([str(field)] if command == "predict" else [])
+    for bad, words in ((field, "is a file"), (field / "sub", "a part of the path is a file")):
+        assert main([command, *args, "-o", str(bad)]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error:") and words in err and "-o" in err and "Traceback" not in err
+    assert opened == []
+    assert field.read_bytes()[:2] in (b"II", b"MM")  # the input is untouched
 
 
 def test_non_ascii_paths(tiny_bundle_dir, tmp_path):

@@ -38,8 +38,10 @@ log = logging.getLogger("napari_virtualstain")
 
 def cmd_predict(args) -> int:
     from .core.bundle import load_bundle
+    from .core.io import check_output_folder
     from .core.uncertainty import check_request
 
+    check_output_folder(args.output)  # a bad -o is refused before the model loads
     bundle = load_bundle(args.checkpoint)
     _parse_plane(args.plane)  # a bad --plane is refused before any work
     uncertainty = args.uncertainty
@@ -221,6 +223,9 @@ def cmd_demo(args) -> int:
         raise VirtualStainError(str(exc)) from None
     data = read_image(path)  # (C, T, Y, X): Hoechst, brightfield, nuclei labels, cell labels
     t = data.shape[1] - 1
+    from .core.io import check_output_folder
+
+    check_output_folder(args.output)
     bundle = load_bundle(args.checkpoint)
     res = predict_stain(bundle, data[1, t], seed=args.seed, device=args.device, **_compute(args),
                         input_name=f"scratch assay t={t}", progress=_progress_printer(f"scratch assay t={t}"))
@@ -242,8 +247,10 @@ def cmd_translate(args) -> int:
     """Invert each image under --from, regenerate under --to; write translation, control and difference."""
     from .core.bundle import load_bundle
     from .core.io import read_axes, read_image, write_channels
+    from .core.io import check_output_folder
     from .core.tasks.classcond import translate
 
+    check_output_folder(args.output)
     bundle = load_bundle(args.checkpoint)
     config = bundle.config
     if config.task != "classcond":
@@ -285,8 +292,10 @@ def cmd_translate(args) -> int:
 def cmd_synthesize(args) -> int:
     from .core.bundle import load_bundle
     from .core.io import write_channels
+    from .core.io import check_output_folder
     from .core.tasks.classcond import synthesize
 
+    check_output_folder(args.output)
     bundle = load_bundle(args.checkpoint)
     condition = None
     if args.condition:

@@ -22,6 +22,28 @@ from .errors import VirtualStainError
 IMAGE_SUFFIXES = (".tif", ".tiff", ".png", ".jpg", ".jpeg", ".bmp")
 
 
+def check_output_folder(path: str | Path) -> Path:
+    """Create the output folder (or OME-Zarr store) if needed and prove it writable — before any model runs, so a
+    bad ``-o`` costs nothing: one clear error instead of a traceback after the work."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise VirtualStainError(f"output {path} is a file, not a folder; give a folder for -o (it is created if "
+                                "missing)")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / f".virtualstain-write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        why = {errno.ENOSPC: "the disk is full", errno.EROFS: "the file system is read-only",
+               errno.EACCES: "permission denied", errno.EPERM: "permission denied",
+               errno.ENOTDIR: "a part of the path is a file", errno.ENOENT: "its parent cannot hold folders"}.get(
+                   exc.errno, exc.strerror or str(exc))
+        raise VirtualStainError(f"cannot write into output folder {path}: {why}; choose another folder (-o) with "
+                                "write access, e.g. -o ~/virtualstain-out") from None
+    return path
+
+
 @contextlib.contextmanager
 def atomic_write(path: str | Path):
     """Yield a temporary path beside ``path``; rename it to ``path`` only when the block completes. An OSError
