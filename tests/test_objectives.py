@@ -161,3 +161,43 @@ def test_tta_is_exact_for_a_symmetric_network_and_costs_its_passes(tiny_bundle_d
     assert eight.provenance["tta"] == 8 and plain.provenance["tta"] == 1
     assert eight.provenance["network_passes"] == 8 * plain.provenance["network_passes"]
     assert eight.image.shape == plain.image.shape and not np.allclose(eight.image, plain.image)
+
+
+def test_fine_tuning_starts_from_the_source_weights_and_records_it(data_folder, tmp_path):  # noqa: F811
+    from napari_virtualstain.cli import main
+
+    spec = load_folder(data_folder, stain_names=["Hoechst"])
+    train(spec, tmp_path / "src", TrainOptions(**TINY, objective="regression"))
+    source = load_bundle(tmp_path / "src")
+    # one step at a vanishing rate: the fine-tuned network is still the source's
+    train(spec, tmp_path / "ft", TrainOptions(**{**TINY, "steps": 1, "val_every": 1, "lr": 1e-12,
+                                                "block_out_channels": (4, 8)}, objective="regression",
+                                             init=str(tmp_path / "src")))
+    tuned = load_bundle(tmp_path / "ft")
+    assert tuned.config.unet == source.config.unet  # the source's widths, not the (4, 8) asked for
+    assert tuned.config.output_channels == source.config.output_channels  # and its stain scale
+    init = tuned.config.training["init_from"]
+    assert init["id"] == source.id and init["name"] == source.config.name and not init["new_head"]
+    image = np.asarray(spec.images[0].inputs[0])
+    a = predict_stain(source, image, make_labels=False).image
+    b = predict_stain(tuned, image, make_labels=False).image
+    assert np.allclose(a, b, atol=1e-3 * (np.abs(a).max() + 1))
+    # other outputs (no labels): a new last layer, everything else carried over
+    only_stain = load_folder(data_folder, stain_names=["Hoechst"])
+    only_stain.label_names = []
+    train(only_stain, tmp_path / "head", TrainOptions(**{**TINY, "steps": 1, "val_every": 1}, objective="regression",
+                                                      init=str(tmp_path / "src")))
+    head = load_bundle(tmp_path / "head")
+    assert head.config.output_names == ["Hoechst"] and head.config.training["init_from"]["new_head"]
+    src_sd, head_sd = source.unet.state_dict(), head.unet.state_dict()
+    assert torch.allclose(src_sd["conv_in.weight"].float(), head_sd["conv_in.weight"].float(), atol=1e-2)
+    # a different number of input planes: one clear error
+    two = load_folder(data_folder, stain_names=["Hoechst"])
+    for im in two.images:
+        im.inputs = np.concatenate([im.inputs, im.inputs])
+    two.input_names = ["z0", "z1"]
+    with pytest.raises(VirtualStainError, match="takes 1 input plane"):
+        train(two, tmp_path / "bad", TrainOptions(**TINY, objective="regression", init=str(tmp_path / "src")))
+    assert not (tmp_path / "bad" / "config.json").exists()
+    assert main(["train", str(data_folder), "-o", str(tmp_path / "cc"), "--task", "classcond",
+                 "--init", str(tmp_path / "src")]) == 2

@@ -162,6 +162,8 @@ def cmd_train(args) -> int:
     from .train.classcond_data import ClassCondSpec
 
     classcond = isinstance(spec, ClassCondSpec)
+    if classcond and args.init:
+        raise VirtualStainError("--init fine-tunes virtual-stain models; class-conditional training starts from scratch")
     if args.invariant is not None:
         if not classcond:
             raise VirtualStainError("--invariant is for class-conditional training (--task classcond): a stain model's "
@@ -176,7 +178,7 @@ def cmd_train(args) -> int:
         command="virtualstain " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
         prediction_type=args.prediction_type, precision=args.precision, lr_schedule=args.lr_schedule,
         residual_source=args.residual_source, mean_from=args.mean_from, kappa=args.kappa,
-        max_minutes=args.max_minutes, loss=args.loss, distance_head=args.distance_head, augment=args.augment,
+        max_minutes=args.max_minutes, init=args.init, loss=args.loss, distance_head=args.distance_head, augment=args.augment,
         extra={"cond_dropout": args.cond_dropout} if args.cond_dropout is not None else {},
     )
     from .train import distributed
@@ -551,6 +553,11 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--kappa", type=float, default=2.0, help="residual_shift: noise scale kappa of eq. (1)")
     tr.add_argument("--max-minutes", type=float, default=None,
                     help="time budget: after 20 steps, train only as many steps as fit (the lr schedule follows)")
+    tr.add_argument("--init", default=None, metavar="BUNDLE",
+                    help="fine-tune: start from this bundle's weights (a folder or a bundled name, e.g. demo-stain); "
+                         "its architecture is kept (--channels is ignored) and so are its outputs when the data has "
+                         "the same (else a new last layer); the input planes must match; recorded in the new bundle's "
+                         "training.init_from")
     tr.add_argument("--loss", choices=["mse", "l1_msssim", "spotlight"], default="mse",
                     help="loss on the predicted stain/labels maps: mse; l1_msssim (0.5 L1 + 0.5 (1 - MS-SSIM), "
                          "Cytoland); spotlight (foreground-weighted MSE + soft Dice on the foreground, Spotlight)")

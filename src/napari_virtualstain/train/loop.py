@@ -79,6 +79,7 @@ class TrainOptions:
     loss: str = "mse"  # x0 reconstruction loss (train/objectives.py): mse, l1_msssim or spotlight
     distance_head: bool = False  # add a '<set> distance' centre map per labels set (labels route 'distance')
     augment: bool = False  # rotation/zoom + intensity augmentation (train/augment.py) on top of flips/rot90
+    init: str | None = None  # fine-tune: start from this bundle's weights (train/finetune.py)
     command: str = ""
     extra: dict = field(default_factory=dict)
 
@@ -96,12 +97,15 @@ def output_channels(spec: TrainingSpec, stain_norms: list[FixedNorm], distance: 
     return chans
 
 
-def build_config(spec: TrainingSpec, opts: TrainOptions, train_regions, mean_bundle=None) -> BundleConfig:
-    """The bundle's config; a mean-anchored model takes its output channels (and their scales) from mu's bundle."""
+def build_config(spec: TrainingSpec, opts: TrainOptions, train_regions, mean_bundle=None, init=None) -> BundleConfig:
+    """The bundle's config; a mean-anchored model takes its output channels (and their scales) from mu's bundle, a
+    fine-tuned one from the bundle it starts from."""
     if opts.objective not in OBJECTIVES:
         raise VirtualStainError(f"unknown objective {opts.objective!r}; use one of {', '.join(OBJECTIVES)}")
     if mean_bundle is not None:
         outs = list(mean_bundle.config.output_channels)
+    elif init is not None:
+        outs = list(init.config.output_channels)
     else:
         stain_norms = [fit_fixed_norm([im.stains[c][:, xs] for im, xs in train_regions])
                        for c in range(len(spec.stain_names))]
@@ -364,6 +368,7 @@ class TrainingJob:
     val_regions: list[str]
     mean_unet: torch.nn.Module | None = None  # mean-anchored: the frozen mu(x), saved in the same bundle
     provenance: dict = field(default_factory=dict)  # extra facts for config.training (e.g. where mu came from)
+    init: object | None = None  # fine-tuning: the Bundle whose weights the network starts from
 
 
 def stain_job(spec: TrainingSpec, opts: TrainOptions) -> TrainingJob:
@@ -371,7 +376,18 @@ def stain_job(spec: TrainingSpec, opts: TrainOptions) -> TrainingJob:
     if not train_regions:
         raise VirtualStainError("no training images: every image is marked split: val")
     mean = load_mean_bundle(spec, opts)
-    config = build_config(spec, opts, train_regions, mean)
+    init = None
+    if opts.init:
+        from . import finetune
+
+        init = finetune.load_init(opts.init)
+        arch = finetune.init_unet_config(init, opts.objective, mean is not None)
+        opts.block_out_channels, opts.layers_per_block = tuple(arch["block_out_channels"]), arch["layers_per_block"]
+        if opts.distance_head or any(o.kind == "distance" for o in init.config.output_channels):
+            opts.distance_head = True  # the source's centre map carries over (or the user asked for one)
+        same = finetune.same_outputs(init, spec.input_names, [o.name for o in output_channels(
+            spec, [FixedNorm(0.0, 1.0)] * len(spec.stain_names), opts.distance_head)])
+    config = build_config(spec, opts, train_regions, mean, init if init is not None and same else None)
     train_arrays = region_arrays(config, spec, train_regions, opts.crop_size)
     val_arrays = region_arrays(config, spec, val_regions, 0) if val_regions else []
     mean_unet = mean.unet if mean is not None else None
@@ -393,6 +409,7 @@ def stain_job(spec: TrainingSpec, opts: TrainOptions) -> TrainingJob:
         mean_unet,
         {"mean_model": {"from": str(opts.mean_from), "bundle_name": mean.config.name, "bundle_id": mean.id,
                         "training": mean.config.training}} if mean is not None else {},
+        init,
     )
 
 
@@ -457,7 +474,12 @@ def train(
     rng = np.random.default_rng(opts.seed)
     gen = torch.Generator().manual_seed(opts.seed)
     unet = build_unet(config.unet).to(device)
-    if job.mean_unet is not None and config.objective == "residual_shift":
+    if job.init is not None:
+        from . import finetune
+
+        finetune.load_init_weights(unet, job.init, config)
+        job.provenance.update(finetune.provenance(job.init, opts.init, config))
+    elif job.mean_unet is not None and config.objective == "residual_shift":
         # start as mu exactly: the residual head outputs 0 until it has learned something
         torch.nn.init.zeros_(unet.conv_out.weight)
         torch.nn.init.zeros_(unet.conv_out.bias)
