@@ -201,3 +201,27 @@ def test_fine_tuning_starts_from_the_source_weights_and_records_it(data_folder, 
     assert not (tmp_path / "bad" / "config.json").exists()
     assert main(["train", str(data_folder), "-o", str(tmp_path / "cc"), "--task", "classcond",
                  "--init", str(tmp_path / "src")]) == 2
+
+
+def test_train_without_an_objective_runs_the_recommended_recipe_into_one_bundle(data_folder, tmp_path, capsys):  # noqa: F811
+    from napari_virtualstain.cli import main
+    from napari_virtualstain.train.recipe import MEAN_DIR, saved_step
+
+    from test_train import TINY_CLI
+
+    out = tmp_path / "mine"
+    assert main(["train", str(data_folder), "-o", str(out), "--stain-names", "Hoechst", *TINY_CLI]) == 0
+    err = capsys.readouterr().err
+    assert "stage 1/3 mean network" in err and "stage 2/3 refinement" in err and "stage 3/3 sampling" in err
+    bundle = load_bundle(out)
+    c = bundle.config
+    assert c.objective == "residual_shift" and c.anchored and bundle.mean_unet is not None
+    assert {"steps", "samples", "labels_from", "tta"} <= set(c.sampling) and (out / "defaults.json").is_file()
+    assert c.training["recipe"].startswith("recommended") and c.training["mean_model"]["bundle_name"] == "mine"
+    assert predict_stain(bundle, np.asarray(load_folder(data_folder).images[0].inputs[0])).labels
+    # --resume with more steps: the mean network trains on, the refinement starts again on the new mu
+    assert main(["train", str(data_folder), "-o", str(out), "--stain-names", "Hoechst", *TINY_CLI[:1], "4",
+                 *TINY_CLI[2:], "--resume"]) == 0
+    assert "starts again" in capsys.readouterr().err
+    assert saved_step(out / MEAN_DIR) == 4 and saved_step(out) == 2
+    assert load_bundle(out).config.training["mean_model"]["training"]["steps"] == 4

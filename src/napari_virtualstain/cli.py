@@ -177,14 +177,20 @@ def cmd_train(args) -> int:
         tile_size=args.tile_size, tile_overlap=args.tile_overlap, half_weights=args.half_weights,
         command="virtualstain " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
         prediction_type=args.prediction_type, precision=args.precision, lr_schedule=args.lr_schedule,
-        residual_source=args.residual_source, mean_from=args.mean_from, kappa=args.kappa,
+        residual_source=args.residual_source or "mean_input", mean_from=args.mean_from, kappa=args.kappa,
         max_minutes=args.max_minutes, init=args.init, loss=args.loss, distance_head=args.distance_head, augment=args.augment,
         extra={"cond_dropout": args.cond_dropout} if args.cond_dropout is not None else {},
     )
     from .train import distributed
 
     multi = distributed.launched_by_torchrun()
-    bundle, history = train(spec, args.output, opts, resume=args.resume)
+    recipe = (not classcond and args.objective is None and args.residual_source is None and not args.mean_from)
+    if recipe:
+        from .train.recipe import train_recommended
+
+        bundle, history = train_recommended(spec, args.output, opts, resume=args.resume)
+    else:
+        bundle, history = train(spec, args.output, opts, resume=args.resume)
     if bundle is not None:  # under torchrun, rank 0 reports
         print(bundle.summary())
         if history and "val" in history[-1]:
@@ -530,7 +536,10 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("data", help="folder (input/, target/, labels/NAME/) or YAML/JSON training config")
     tr.add_argument("--output", "-o", required=True, help="bundle folder to write (and resume from)")
     tr.add_argument("--objective", choices=["residual_shift", "ddpm", "regression"], default=None,
-                    help="residual_shift (default for stain): 15-step CellResDM model; ddpm (classcond: the only one): epsilon DDPM (DDIM/DDPM sampling, uncertainty maps); regression: one-pass baseline")
+                    help="none given (stain): the recommended recipe in one bundle - mean network, refinement on it, "
+                         "sampling defaults chosen on validation (docs/training.md); residual_shift: the 15-step "
+                         "CellResDM model as published; ddpm (classcond: the only one): epsilon DDPM (DDIM/DDPM "
+                         "sampling, uncertainty maps); regression: the one-pass network alone")
     tr.add_argument("--task", choices=["stain", "classcond"], default=None,
                     help="stain (default): paired input -> stain model; classcond: class-conditional DDPM for translate/"
                          "synthesize (implied by a CSV or a config with task: classcond)")
@@ -543,7 +552,7 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--prediction-type", choices=["epsilon", "v_prediction"], default="epsilon",
                     help="ddpm stain models: the UNet predicts the noise (epsilon, as DM4ISL) or v; v learns to use "
                          "the brightfield much sooner (docs/benchmarks.md)")
-    tr.add_argument("--residual-source", choices=["mean_input", "mean_prediction"], default="mean_input",
+    tr.add_argument("--residual-source", choices=["mean_input", "mean_prediction"], default=None,
                     help="residual_shift: where the chain starts. mean_input: the mean input plane (CellResDM as "
                          "published); mean_prediction: mu(x) of the regression bundle given with --mean-from (predict, "
                          "then refine: the chain only adds what mu cannot know)")

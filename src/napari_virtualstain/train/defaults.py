@@ -6,7 +6,8 @@ Rules, in order (fewest network passes that are within ``tolerance`` of the best
 - steps (diffusion bundles): the fewest whose mean stain r is within the tolerance of the best step count (k = 1);
 - samples: the fewest k at those steps whose mean stain r is within the tolerance of the best k;
 - labels route: boundaries, stain or distance — the one with the highest F1 for the first labels set;
-- test-time augmentation: the fewest flips/turns (1, 4, 8) whose F1 and r are both within the tolerance of the best.
+- test-time augmentation: among the flips/turns (1, 4, 8) that keep the stain r within the tolerance of no TTA's,
+  the fewest whose F1 is within the tolerance of the best.
 The result is stored as the bundle's ``sampling`` (the id does not change: it is the weights' hash).
 """
 
@@ -102,8 +103,8 @@ def choose_sampling(bundle: Bundle, spec: TrainingSpec, *, steps=(1, 2, 3, 4, 8,
         return row["f1"].get(f"{first_set} ({route})", 0.0)
 
     trows = [chosen] + [run(steps=n_steps, samples=n_samples, tta=n) for n in tta if n > 1]
-    best_f1, best_r = max(f1_of(r) for r in trows), max(r_of(r) for r in trows)
-    n_tta = min(r["tta"] for r in trows if f1_of(r) >= best_f1 - tolerance and r_of(r) >= best_r - tolerance)
+    keeps_r = [r for r in trows if r_of(r) >= r_of(chosen) - tolerance]  # never trade stain r for F1
+    n_tta = _fewest(keeps_r, "tta", f1_of, tolerance)
     picked = {"samples": n_samples, "labels_from": route, "tta": n_tta} | ({"steps": n_steps} if n_steps else {})
     return {"bundle_id": bundle.id, "validation_regions": len(regions), "chosen": picked, "steps_sweep": rows,
             "samples_sweep": krows, "tta_sweep": trows, "tolerance": tolerance}

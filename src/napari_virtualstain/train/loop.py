@@ -79,6 +79,7 @@ class TrainOptions:
     loss: str = "mse"  # x0 reconstruction loss (train/objectives.py): mse, l1_msssim or spotlight
     distance_head: bool = False  # add a '<set> distance' centre map per labels set (labels route 'distance')
     augment: bool = False  # rotation/zoom + intensity augmentation (train/augment.py) on top of flips/rot90
+    stage: str = ""  # shown before the progress (the recipe's "stage 1/3 mean network")
     init: str | None = None  # fine-tune: start from this bundle's weights (train/finetune.py)
     command: str = ""
     extra: dict = field(default_factory=dict)
@@ -499,7 +500,7 @@ def train(
         "options": {k: v for k, v in asdict(opts).items() if k not in ("command", "extra")},
         "train_regions": job.train_regions, "val_regions": job.val_regions, **job.provenance, **opts.extra,
     }
-    progress = TrainProgress(opts.steps, start, f"train {config.task}/{config.objective}",
+    progress = TrainProgress(opts.steps, start, f"{opts.stage + ': ' if opts.stage else ''}train {config.task}/{config.objective}",
                              None if ranks.main else io.StringIO())
     amp = training_autocast(opts.precision, device)
     config.training["precision"] = "bf16" if amp else "float32"

@@ -1,0 +1,75 @@
+"""The recommended recipe in one call: the mean network, the refinement on it, then the sampling defaults.
+
+``virtualstain train DATA -o B`` with no ``--objective`` runs this; the published forms stay one option away
+(``--objective residual_shift`` CellResDM as published, ``regression`` the one-pass network alone, ``ddpm``).
+
+1. mean network mu (``--objective regression``, with the run's loss, distance head and augmentation), written to
+   ``B/training_state/mean_network`` (resume state, not a bundle to use);
+2. refinement (mean-anchored residual shift, kappa 1, MSE; half the steps): starts as mu exactly and is stored in
+   ``B`` with mu inside — one folder, one id;
+3. sampling defaults (steps, samples, labels route, TTA) chosen on the validation regions (``train/defaults.py``).
+
+``--resume`` continues whichever stage was running; if the mean network trains on (a larger ``--steps``), the
+refinement starts again, because it was fitted to the old mu.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+from ..core.errors import VirtualStainError
+from .defaults import choose_sampling, write_sampling
+from .loop import STATE_DIR, TrainOptions, train
+
+MEAN_DIR = f"{STATE_DIR}/mean_network"
+RECIPE = "recommended: mean network, refinement on it (kappa 1), sampling defaults chosen on validation"
+
+
+def saved_step(folder: Path) -> int:
+    state = folder / STATE_DIR / "state.json"
+    return int(json.loads(state.read_text())["step"]) if state.is_file() else 0
+
+
+def refinement_steps(steps: int) -> int:
+    return max(1, steps // 2)
+
+
+def train_recommended(spec, out: str | Path, opts: TrainOptions, resume: bool = False, log=None):
+    """Run the three stages (module doc) into ``out``; returns (bundle, refinement history)."""
+    out = Path(out)
+    say = log or (lambda text: print(text, file=sys.stderr, flush=True))
+    mean_dir = out / MEAN_DIR
+    mean_opts = replace(opts, objective="regression", residual_source="mean_input", mean_from=None,
+                        stage="stage 1/3 mean network", extra={**opts.extra, "recipe_stage": "mean network"})
+    mean_step, ref_step = saved_step(mean_dir), saved_step(out)
+    if resume and not mean_step:
+        raise VirtualStainError(f"nothing to resume: {mean_dir} holds no saved training state; start without --resume")
+    mean_moved = False
+    if mean_step < opts.steps or not resume:
+        train(spec, mean_dir, mean_opts, resume=resume and mean_step > 0)
+        mean_moved = True
+    else:
+        say(f"stage 1/3 mean network: done ({mean_step} steps)")
+    ref_opts = replace(opts, objective="residual_shift", residual_source="mean_prediction", mean_from=str(mean_dir),
+                       kappa=1.0, steps=refinement_steps(opts.steps), loss="mse", distance_head=False, augment=False,
+                       init=None, stage="stage 2/3 refinement",
+                       extra={**opts.extra, "recipe": RECIPE})
+    ref_resume = resume and ref_step > 0 and not mean_moved
+    if resume and ref_step and mean_moved:
+        say("stage 2/3 refinement: starts again, since the mean network it refines has trained on")
+    bundle, history = train(spec, out, ref_opts, resume=ref_resume)
+    if bundle is None:  # not rank 0 under torchrun
+        return None, history
+    say("stage 3/3 sampling defaults: chosen on the validation regions")
+    try:
+        result = choose_sampling(bundle, spec, log=lambda text: say(f"  {text}"))
+    except VirtualStainError as exc:  # no validation regions: keep the bundle, say why there are no defaults
+        say(f"  no defaults chosen: {exc}")
+        return bundle, history
+    bundle = write_sampling(out, result["chosen"], "napari_virtualstain.train.recipe on the validation regions")
+    (out / "defaults.json").write_text(json.dumps(result, indent=1))
+    say(f"  chosen: {result['chosen']}")
+    return bundle, history
