@@ -453,7 +453,8 @@ def test_manifest_widgets_open_in_napari(make_napari_viewer):
     manifest = npe2.PluginManifest.from_file(__import__("pathlib").Path(__file__).parent.parent / "napari.yaml")
     widgets = {w.display_name: w.command for w in manifest.contributions.widgets}
     expected = {"Virtual stain": _widgets.StainWidget, "Uncertainty": _widgets.UncertaintyWidget,
-                "Translate condition": _widgets.TranslateWidget, "Synthesize": _widgets.SynthesizeWidget}
+                "Translate condition": _widgets.TranslateWidget, "Synthesize": _widgets.SynthesizeWidget,
+                "Train": _widgets.TrainWidget}
     assert set(widgets) == set(expected)
     assert manifest.contributions.sample_data  # the scratch-assay sample stays
     # what `python -m napari_virtualstain._widgets` opens: the sample (time point 9) + the requested widgets

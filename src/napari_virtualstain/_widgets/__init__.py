@@ -6,7 +6,8 @@ Shared pieces: ``_controls.ModelControls`` (checkpoint, input layer, device, ste
 
 from .stain import StainWidget
 from .synthesize import SynthesizeWidget
+from .train import TrainWidget
 from .translate import TranslateWidget
 from .uncertainty import UncertaintyWidget
 
-__all__ = ["StainWidget", "SynthesizeWidget", "TranslateWidget", "UncertaintyWidget"]
+__all__ = ["StainWidget", "SynthesizeWidget", "TrainWidget", "TranslateWidget", "UncertaintyWidget"]

@@ -1,6 +1,7 @@
 """``python -m napari_virtualstain._widgets [WIDGET ...]``: napari with the scratch-assay sample and widgets open.
 
-WIDGET is a menu name ("Virtual stain", "Uncertainty", "Translate condition", "Synthesize"); default: Virtual stain.
+WIDGET is a menu name ("Virtual stain", "Uncertainty", "Translate condition", "Synthesize", "Train"); default:
+Virtual stain.
 The same as starting ``napari -w napari-virtualstain "Virtual stain"`` and choosing File > Open Sample.
 """
 

@@ -37,6 +37,18 @@ DEFAULT_CHECKPOINT = "demo-stain"  # fits the sample data (File > Open Sample)
 _BROWSE = "__browse__"
 
 _cache: dict[tuple[str, float], Bundle] = {}
+# bundles written in this session (the Train widget): every ModelControls lists them beside the bundled demos
+_USER_CHECKPOINTS: list[str] = []
+_LISTENERS: "weakref.WeakSet[ModelControls]" = weakref.WeakSet()
+
+
+def remember_checkpoint(folder: str | Path) -> None:
+    """Offer a freshly written bundle in every widget's checkpoint list at once (and in widgets opened later)."""
+    folder = str(Path(folder).resolve())
+    if folder not in _USER_CHECKPOINTS:
+        _USER_CHECKPOINTS.append(folder)
+    for controls in list(_LISTENERS):
+        controls.offer_checkpoint(folder)
 
 
 def get_bundle(name_or_path: str | Path) -> Bundle:
@@ -267,6 +279,19 @@ class ModelControls(QWidget):
             if _task_of(folder) in self.tasks:
                 self.checkpoint.addItem(name, str(folder))
         self.checkpoint.addItem("Choose folder…", _BROWSE)
+        for folder in _USER_CHECKPOINTS:
+            self.offer_checkpoint(folder)
+        _LISTENERS.add(self)
+
+    def offer_checkpoint(self, folder: str) -> None:
+        """List a bundle folder (before 'Choose folder…') if it is of this widget's task; the selection stays."""
+        try:
+            if _task_of(Path(folder)) not in self.tasks or self.checkpoint.findData(folder) >= 0:
+                return
+            name = json.loads((Path(folder) / "config.json").read_text()).get("name", Path(folder).name)
+        except (OSError, ValueError, RuntimeError):  # RuntimeError: the combo box's C++ object is gone
+            return
+        self.checkpoint.insertItem(self.checkpoint.count() - 1, f"{name} ({Path(folder).name})", folder)
 
     def _select_first_checkpoint(self) -> None:
         if self.checkpoint.count() > 1:

@@ -456,12 +456,15 @@ def train(
     opts: TrainOptions,
     resume: bool = False,
     on_step: Callable[[int, float], None] | None = None,
+    on_validate: Callable[[dict], None] | None = None,
 ):
     """Train and write a bundle to ``out`` (and resume state to ``out/training_state``); returns (bundle, history).
 
     Under ``torchrun`` every process runs this; rank 0 writes and returns the bundle, the others return None.
 
-    ``spec``: a paired-stain :class:`TrainingSpec` or a class-conditional ``ClassCondSpec``.
+    ``spec``: a paired-stain :class:`TrainingSpec` or a class-conditional ``ClassCondSpec``. ``on_step(step, loss)``
+    after every step (raise ``Cancelled`` there to stop: the last validated bundle stays as it was written),
+    ``on_validate(record)`` after every validation (step, loss, seconds, val metrics).
     """
     from .classcond import ClassCondSpec, classcond_job
 
@@ -547,6 +550,8 @@ def train(
             config.training["history"] = history
             save_bundle(out, config, ema, half=opts.half_weights, mean_unet=job.mean_unet)
             progress.update(done, running, record["seconds"], validated=True, val=record.get("val"))
+            if on_validate is not None:
+                on_validate(dict(record))
         else:
             progress.update(done, running, earlier + time.perf_counter() - t0)
     progress.close()

@@ -37,8 +37,16 @@ def refinement_steps(steps: int) -> int:
     return max(1, steps // 2)
 
 
-def train_recommended(spec, out: str | Path, opts: TrainOptions, resume: bool = False, log=None):
-    """Run the three stages (module doc) into ``out``; returns (bundle, refinement history)."""
+def _hooks(stage: int, on_step, on_validate) -> dict:
+    return {"on_step": (lambda step, loss: on_step(stage, step, loss)) if on_step else None,
+            "on_validate": (lambda record: on_validate(stage, record)) if on_validate else None}
+
+
+def train_recommended(spec, out: str | Path, opts: TrainOptions, resume: bool = False, log=None,
+                      on_step=None, on_validate=None):
+    """Run the three stages (module doc) into ``out``; returns (bundle, refinement history).
+
+    ``on_step(stage, step, loss)`` and ``on_validate(stage, record)``: as ``train``'s, with the stage (1 or 2)."""
     out = Path(out)
     say = log or (lambda text: print(text, file=sys.stderr, flush=True))
     mean_dir = out / MEAN_DIR
@@ -49,7 +57,7 @@ def train_recommended(spec, out: str | Path, opts: TrainOptions, resume: bool = 
         raise VirtualStainError(f"nothing to resume: {mean_dir} holds no saved training state; start without --resume")
     mean_moved = False
     if mean_step < opts.steps or not resume:
-        train(spec, mean_dir, mean_opts, resume=resume and mean_step > 0)
+        train(spec, mean_dir, mean_opts, resume=resume and mean_step > 0, **_hooks(1, on_step, on_validate))
         mean_moved = True
     else:
         say(f"stage 1/3 mean network: done ({mean_step} steps)")
@@ -60,7 +68,7 @@ def train_recommended(spec, out: str | Path, opts: TrainOptions, resume: bool = 
     ref_resume = resume and ref_step > 0 and not mean_moved
     if resume and ref_step and mean_moved:
         say("stage 2/3 refinement: starts again, since the mean network it refines has trained on")
-    bundle, history = train(spec, out, ref_opts, resume=ref_resume)
+    bundle, history = train(spec, out, ref_opts, resume=ref_resume, **_hooks(2, on_step, on_validate))
     if bundle is None:  # not rank 0 under torchrun
         return None, history
     say("stage 3/3 sampling defaults: chosen on the validation regions")
