@@ -204,6 +204,45 @@ def _split_names(text: str | None):
     return [s.strip() for s in text.split(",")] if text else None
 
 
+def cmd_calibrate(args) -> int:
+    """Split-conformal scale of the ensemble std (core/confidence.py) from images with ground truth."""
+    from .core.bundle import load_bundle
+    from .core.confidence import calibrate, save_calibration
+    from .train.data import load_config, load_folder, split_regions
+
+    bundle = load_bundle(args.checkpoint)
+    src = Path(args.data)
+    spec = (load_folder(src, _split_names(args.input_names), _split_names(args.stain_names)) if src.is_dir()
+            else load_config(src))
+    train_r, val_r = split_regions(spec)
+    regions = val_r if args.regions == "val" else [(im, slice(None)) for im in spec.images]
+    if not regions:
+        raise VirtualStainError(f"{src} holds no validation regions; use --regions all")
+    missing = [s for s in spec.stain_names if s not in bundle.config.output_names]
+    if missing or not spec.stain_names:
+        raise VirtualStainError(f"the data's stains ({', '.join(spec.stain_names) or 'none'}) must be named as the "
+                                f"checkpoint's ({', '.join(bundle.config.output_names)}): --stain-names")
+
+    def pairs():
+        for im, xs in regions:
+            multi = im.inputs.shape[0] > 1
+            image = im.inputs[:, :, xs] if multi else im.inputs[0][:, xs]
+            yield image, {s: im.stains[i][:, xs] for i, s in enumerate(spec.stain_names)}
+
+    levels = tuple(float(v) for v in args.levels.split(","))
+    multi_input = len(bundle.config.input_channels) > 1
+    record = calibrate(bundle, pairs(), levels, args.members, args.seed, channel_axis=0 if multi_input else None,
+                       **_compute(args))
+    record["data"] = str(src)
+    record["regions"] = args.regions
+    path = save_calibration(bundle, record)
+    for s, e in record["stains"].items():
+        for g, qs in e["q"].items():
+            print(f"{s} ({g}, {e['pixels'][g]} pixels): q " + ", ".join(f"{k}: {v:.3g}" for k, v in qs.items()))
+    print(f"wrote {path}")
+    return 0
+
+
 def cmd_info(args) -> int:
     from .core.bundle import bundled_checkpoints, load_bundle
 
@@ -490,6 +529,15 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--samples", type=int, default=None,
                     help="average this many samples (seeds SEED..SEED+k-1, one batch): more accurate, less textured; "
                          "default: the checkpoint's validated count (else 1)")
+    pr.add_argument("--objects", action="store_true",
+                    help="also write <stem>_<labels>_objects.csv: one row per predicted nucleus/cell (id, centroid, "
+                         "area, mean stain, ensemble std, confidence = mean IoU with the nuclei of the --members "
+                         "flipped/turned (and, for diffusion checkpoints, reseeded) predictions)")
+    pr.add_argument("--interval", type=float, default=None, metavar="LEVEL",
+                    help="add calibrated LEVEL intervals (e.g. 0.9) as '<stain> low 90%%' / '<stain> high 90%%' "
+                         "channels; needs a calibrated checkpoint (virtualstain calibrate)")
+    pr.add_argument("--members", type=int, default=4,
+                    help="--objects / --interval: ensemble size (2-8; the prediction itself is one)")
     pr.add_argument("--tta", type=int, choices=[1, 2, 4, 8], default=None,
                     help="test-time augmentation: average the network over 1, 2, 4 (quarter turns) or 8 (+ mirrors) "
                          "transforms of every tile; costs that many passes (default: the checkpoint's validated "
@@ -683,6 +731,21 @@ def build_parser() -> argparse.ArgumentParser:
     ph.add_argument("--ring-width", type=int, default=6, help="cytoplasmic ring width in pixels")
     ph.add_argument("--output", "-o", required=True, help="report folder (cells.csv, summary.json, ratios.png)")
     ph.set_defaults(func=cmd_phenotype)
+
+    ca = sub.add_parser("calibrate", help="calibrate a checkpoint's intervals (split conformal) on images with truth",
+                        formatter_class=_DefaultsFormatter)
+    ca.add_argument("checkpoint", help="bundle folder (calibration.json is written into it)")
+    ca.add_argument("data", help="training-style data with ground truth: a folder (input/, target/) or a config")
+    ca.add_argument("--regions", choices=["all", "val"], default="all",
+                    help="all pixels of the data, or only its validation regions (a training config's held-out "
+                         "strip: never pixels the model trained on)")
+    ca.add_argument("--levels", default="0.8,0.9,0.95", help="interval levels to calibrate")
+    ca.add_argument("--members", type=int, default=4, help="ensemble size; predict --interval must use the same")
+    ca.add_argument("--seed", type=int, default=0)
+    ca.add_argument("--input-names", default=None, help="data folder: input channel names")
+    ca.add_argument("--stain-names", default=None, help="data folder: target channel names (as the checkpoint's)")
+    _compute_options(ca)
+    ca.set_defaults(func=cmd_calibrate)
 
     info = sub.add_parser("info", help="describe a checkpoint, or list the bundled ones")
     info.add_argument("checkpoint", nargs="?")

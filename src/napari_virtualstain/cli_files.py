@@ -130,7 +130,7 @@ def _parse_window(text: str) -> tuple[float, float]:
 SETTINGS = ("seed", "samples", "steps", "sampler", "tile_size", "tile_overlap", "block_size", "labels_from",
             "boundary_threshold", "foreground_threshold", "no_labels", "uncertainty", "seeds", "window", "flag_map",
             "flag_threshold", "flag_otsu", "flag_min_area", "flag_merge", "flag_max_regions", "flag_group", "plane", "all_planes",
-            "channel_axis", "pixel_size", "rescale", "precision", "tta")
+            "channel_axis", "pixel_size", "rescale", "precision", "tta", "objects", "interval", "members")
 
 
 def settings_key(bundle, args) -> str:
@@ -200,6 +200,11 @@ def predict_planes(image, axes: str | None, name: str, input_file: str, bundle, 
                                       window=_parse_window(args.window), **common)
             res = unc.stain
             maps.append(unc.maps)
+        elif getattr(args, "objects", False) or getattr(args, "interval", None):
+            res = _predict_with_trust(bundle, arr, args, common, thresholds, input_um)
+            results.append((idx, res))
+            res.provenance.update({"plane": list(idx), "input_file": input_file, **thresholds})
+            continue
         else:
             res = predict_stain(bundle, arr, seed=args.seed, samples=args.samples, block_size=args.block_size,
                                 pixel_size_um=input_um, rescale=args.rescale, tta=args.tta, **common)
@@ -212,6 +217,32 @@ def predict_planes(image, axes: str | None, name: str, input_file: str, bundle, 
     return results, maps
 
 
+def _predict_with_trust(bundle, arr, args, common: dict, thresholds: dict, input_um):
+    """The ensemble route of predict (--objects, --interval): the prediction, its labels, per-nucleus tables
+    (``res.provenance['objects']``, written by ``predict_file``) and calibrated low/high channels."""
+    from .core.confidence import interval_channels, nucleus_table, predict_ensemble
+
+    if args.samples not in (None, 1) or args.rescale:
+        raise VirtualStainError("--objects / --interval build their own ensemble: leave out --samples and --rescale")
+    opts = {k: v for k, v in common.items() if k != "make_labels"}
+    ens = predict_ensemble(bundle, arr, args.members, seed=args.seed, labels_from=args.labels_from,
+                           thresholds=thresholds, make_labels=not args.no_labels, tta=args.tta,
+                           pixel_size_um=input_um, block_size=args.block_size, **opts)
+    res = ens.prediction
+    if args.objects and res.labels:
+        c = bundle.config
+        stains = [o.name for o in c.output_channels if o.kind == "stain"]
+        res.provenance["objects"] = {name: nucleus_table(ens, name, c.labels_from_stain.get(name) or
+                                                         (stains[0] if stains else None)) for name in res.labels}
+    if args.interval:
+        planes, names = interval_channels(bundle, ens, args.interval)
+        res.image = np.concatenate([res.image, planes.astype(res.image.dtype)])
+        res.channel_names = res.channel_names + names
+        res.channel_kinds = res.channel_kinds + ["interval"] * len(names)
+        res.provenance["interval"] = args.interval
+    return res
+
+
 def predict_file(path: Path, bundle, args, key: str) -> list[Path]:
     """One input file (every selected plane) -> its output files; the unit of work in-process and on Dask workers."""
     from .core.io import read_axes, read_image, read_pixel_size, write_channels, write_labels
@@ -222,7 +253,14 @@ def predict_file(path: Path, bundle, args, key: str) -> list[Path]:
     stem = output_stem(path)
     first = results[0][1]
     label_files = [f"{stem}_{name.replace(' ', '_')}_labels.tif" for name in first.labels]
-    prov = first.provenance | {"planes": [list(i) for i, _ in results], "settings_key": key, "outputs": label_files}
+    tables = first.provenance.pop("objects", None)
+    for _, r in results[1:]:
+        r.provenance.pop("objects", None)
+    table_files = [f"{stem}_{name.replace(' ', '_')}_objects.csv" for name in tables or {}]
+    if tables and len(results) > 1:
+        raise VirtualStainError("--objects takes one plane per file (give --plane, not --all-planes)")
+    prov = first.provenance | {"planes": [list(i) for i, _ in results], "settings_key": key,
+                               "outputs": label_files + table_files}
 
     def stacked(arrays):
         return np.stack(arrays) if len(arrays) > 1 else arrays[0]
@@ -230,6 +268,11 @@ def predict_file(path: Path, bundle, args, key: str) -> list[Path]:
     written = []
     for name, file in zip(first.labels, label_files):  # labels first: the stain file marks the field as done
         written.append(write_labels(out / file, stacked([r.labels[name] for _, r in results]), prov | {"labels": name}))
+    if tables:
+        from .core.confidence import write_table
+
+        for (name, rows), file in zip(tables.items(), table_files):
+            written.append(write_table(out / file, rows, prov | {"labels": name, "members": args.members}))
     if args.uncertainty:
         written += _write_uncertainty(out, stem, bundle.config, first.channel_names, maps, prov, args)
     written.insert(0, write_channels(out / f"{stem}_virtualstain.tif", stacked([r.image for _, r in results]),
@@ -270,6 +313,9 @@ def _predict_ngff_field(field, bundle, args, key: str) -> list[Path]:
     while data.ndim > plane_ndim and data.shape[0] == 1 and args.plane is None:  # singleton T / Z
         data, axes = data[0], axes[1:]
     input_um = args.pixel_size or fd.pixel_size_um
+    if getattr(args, "objects", False):
+        raise VirtualStainError("--objects writes CSV tables beside TIFF outputs; OME-Zarr fields are predicted "
+                                "without it (export the fields you need to TIFF)")
     results, _ = predict_planes(data, axes, field.name, str(field.location), bundle, args, input_um)
     res = results[0][1]
     target = ngff_output(field, args)
