@@ -264,10 +264,13 @@ def stain_layer_tuples(
     *,
     probabilities: bool = False,
     suffix: str = "(virtual)",
+    objects: dict[str, list[dict]] | None = None,
 ) -> list[LayerTuple]:
     """Stain channels as additive Image layers, labels as Labels layers, boundary/foreground probabilities on request.
 
-    ``stack`` is (*lead, C, Y, X) with lead matching ``geometry.ndim - 2``; labels are (*lead, Y, X).
+    ``stack`` is (*lead, C, Y, X) with lead matching ``geometry.ndim - 2``; labels are (*lead, Y, X). ``objects``
+    (per labels set, one row per object: ``core.confidence.nucleus_table``) become the labels layer's ``features``,
+    and the layer is coloured by confidence (red 0 → green 1); calibrated interval channels are hidden Image layers.
     """
     n_lead = geometry.ndim - 2
     prov = json_safe(provenance)
@@ -282,6 +285,11 @@ def stain_layer_tuples(
                 "contrast_limits": robust_limits(data), "metadata": meta, **geometry.kwargs(),
             }, "image"))
             n_stain += 1
+        elif kind == "interval":
+            out.append((data, {
+                "name": f"{name} {suffix}", "colormap": "gray", "blending": "additive", "visible": False,
+                "contrast_limits": robust_limits(data), "metadata": meta, **geometry.kwargs(),
+            }, "image"))
         elif probabilities:
             out.append((data, {
                 "name": f"{name} {suffix}", "colormap": "magma" if kind == "boundary" else "gray",
@@ -290,10 +298,34 @@ def stain_layer_tuples(
             }, "image"))
     for name, lab in labels.items():
         meta = {**prov, "channel": name, "kind": "labels"}
+        extra = {}
+        rows = (objects or {}).get(name)
+        if rows is not None:
+            extra = {"features": objects_features(rows), "colormap": confidence_colormap(rows)}
         out.append((np.ascontiguousarray(lab), {  # outlines: the virtual stain stays visible inside each object
-            "name": f"{name} {suffix}", "opacity": 0.8, "contour": 1, "metadata": meta, **geometry.kwargs(),
+            "name": f"{name} {suffix}", "opacity": 0.8, "contour": 1, "metadata": meta, **geometry.kwargs(), **extra,
         }, "labels"))
     return out
+
+
+def objects_features(rows: list[dict]) -> dict:
+    """A labels layer's features table: napari matches the ``index`` column to label values."""
+    keys = list(rows[0]) if rows else ["label", "confidence"]
+    table = {k: [r[k] for r in rows] for k in keys}
+    table["index"] = table.pop("label")
+    return table
+
+
+def confidence_colormap(rows: list[dict], hide_below: float = 0.0):
+    """Label id -> colour from red (confidence 0) through yellow to green (1); ids below ``hide_below`` and the
+    background are transparent."""
+    from napari.utils.colormaps import DirectLabelColormap
+
+    colours = {None: (0.0, 0.0, 0.0, 0.0), 0: (0.0, 0.0, 0.0, 0.0)}
+    for r in rows:
+        c = float(r["confidence"])
+        colours[int(r["label"])] = (0, 0, 0, 0) if c < hide_below else (min(1.0, 2 * (1 - c)), min(1.0, 2 * c), 0.1, 1.0)
+    return DirectLabelColormap(color_dict=colours)
 
 
 def add_layers(viewer, tuples: list[LayerTuple]) -> list:

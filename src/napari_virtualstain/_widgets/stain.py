@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from qtpy.QtWidgets import QCheckBox, QComboBox, QFileDialog, QFormLayout, QPushButton, QSpinBox, QVBoxLayout
+from qtpy.QtWidgets import QCheckBox, QComboBox, QFileDialog, QFormLayout, QPushButton, QSpinBox, QVBoxLayout, QWidget
 
 from ..core.errors import VirtualStainError
 from ..core.inputs import pixel_size_warning
@@ -26,6 +26,7 @@ class StackedStain:
     channel_kinds: list[str]
     labels: dict[str, np.ndarray]  # (*lead, Y, X)
     provenance: dict
+    objects: dict[str, list[dict]] | None = None  # per labels set: one row per object (confidence on)
 
 
 def stack_stain_results(results: list, sel: InputSelection) -> StackedStain:
@@ -47,9 +48,13 @@ def stack_stain_results(results: list, sel: InputSelection) -> StackedStain:
 
 def predict_selection(bundle, sel: InputSelection, s: RunSettings, progress, should_cancel,
                       samples: int | None = None, labels_from: str | None = None,
-                      rescale: bool = False, tta: int | None = None) -> StackedStain:
-    """The worker side of a virtual-stain run: the same ``predict_stain`` the CLI calls, once per plane."""
+                      rescale: bool = False, tta: int | None = None, members: int = 0) -> StackedStain:
+    """The worker side of a virtual-stain run: the same ``predict_stain`` the CLI calls, once per plane; with
+    ``members`` > 1 the CLI's ``--objects`` ensemble (one plane) and a confidence per object."""
     from ..core.tasks.stain import predict_stain
+
+    if members > 1:
+        return _predict_with_confidence(bundle, sel, s, progress, should_cancel, labels_from, tta, members)
 
     def predict(array, cb):
         return predict_stain(
@@ -60,6 +65,32 @@ def predict_selection(bundle, sel: InputSelection, s: RunSettings, progress, sho
         )
 
     return stack_stain_results(per_plane(sel, predict, progress, should_cancel), sel)
+
+
+def _predict_with_confidence(bundle, sel, s, progress, should_cancel, labels_from, tta, members) -> StackedStain:
+    from ..core.confidence import nucleus_table, predict_ensemble
+
+    if len(sel.arrays) != 1:
+        raise VirtualStainError("Confidence per nucleus is computed for one plane: untick 'every plane', or "
+                                "untick 'confidence per nucleus'")
+    c = bundle.config
+
+    def one(array, cb):
+        ens = predict_ensemble(bundle, array, members, seed=s.seed, labels_from=labels_from, tta=tta,
+                               channel_axis=sel.channel_axis, tile_size=s.tile_size, tile_overlap=s.tile_overlap,
+                               batch_size=s.batch_size, device=s.device, sampler=s.sampler, steps=s.steps,
+                               progress=cb, should_cancel=should_cancel, input_name=sel.layer_name,
+                               pixel_size_um=sel.geometry.pixel_size_um())
+        stains = [o.name for o in c.output_channels if o.kind == "stain"]
+        tables = {n: nucleus_table(ens, n, c.labels_from_stain.get(n) or (stains[0] if stains else None))
+                  for n in ens.prediction.labels}
+        ens.prediction.provenance["ensemble_members"] = members
+        return ens.prediction, tables
+
+    (res, tables), = per_plane(sel, one, progress, should_cancel)
+    stacked = stack_stain_results([res], sel)
+    stacked.objects = tables
+    return stacked
 
 
 class StainWidget(TaskWidget):
@@ -86,6 +117,10 @@ class StainWidget(TaskWidget):
         self.rescale.setToolTip("Resample the plane to the pixel size the model was trained at (the layer's scale "
                                 "gives the image's), predict, and resample the result back onto the layer's grid")
         form.addRow(self.rescale)
+        self.confidence = QCheckBox("confidence per nucleus (4 flipped/turned predictions)")
+        self.confidence.setToolTip("Colour each nucleus by how well 4 flipped/turned predictions agree on it (red 0, "
+                                   "green 1; the table is the labels layer's features); costs 3 more predictions")
+        form.addRow(self.confidence)
         self.probabilities = QCheckBox("also add boundary / foreground probabilities")
         self.probabilities.setToolTip("The raw per-pixel probabilities the instance labels are made from")
         form.addRow(self.probabilities)
@@ -110,6 +145,27 @@ class StainWidget(TaskWidget):
         self.save_button.setEnabled(False)
         self.save_button.clicked.connect(self._save_clicked)
         layout.addWidget(self.save_button)
+        from qtpy.QtCore import Qt
+        from qtpy.QtWidgets import QHBoxLayout, QLabel, QSlider
+
+        row = QHBoxLayout()
+        self.hide_below = QSlider(Qt.Orientation.Horizontal)
+        self.hide_below.setRange(0, 100)
+        self.hide_below.setToolTip("Hide the nuclei whose confidence is below this value (0-1)")
+        self.hide_below.valueChanged.connect(self._recolour)
+        self.hide_label = QLabel("hide below 0.00")
+        self.next_doubtful = QPushButton("Next doubtful nucleus")
+        self.next_doubtful.setToolTip("Centre the view on the least confident nuclei, one after another")
+        self.next_doubtful.clicked.connect(self.step_doubtful)
+        row.addWidget(self.hide_label)
+        row.addWidget(self.hide_below)
+        row.addWidget(self.next_doubtful)
+        self.confidence_row = QWidget()
+        self.confidence_row.setLayout(row)
+        self.confidence_row.setVisible(False)
+        layout.addWidget(self.confidence_row)
+        self._confident: list = []  # (labels layer, rows) of the last run with confidence
+        self._doubt_index = -1
         self.last: StackedStain | None = None
         self._last_pixel_size: float | None = None
 
@@ -124,23 +180,66 @@ class StainWidget(TaskWidget):
         samples = int(self.samples.value()) if bundle.config.objective != "regression" else None
         labels_from = self.labels_from.currentText() or None
         tta = int(self.tta.currentText())
+        members = 4 if self.confidence.isChecked() else 0
 
         def work(progress, should_cancel) -> tuple[StackedStain, list[LayerTuple]]:
             stacked = predict_selection(bundle, sel, settings, progress, should_cancel, samples, labels_from,
-                                        rescale, tta)
+                                        rescale, tta, members)
             return stacked, stain_layer_tuples(
                 stacked.image, stacked.channel_names, stacked.channel_kinds, stacked.labels, stacked.provenance,
-                sel.geometry, probabilities=probabilities,
+                sel.geometry, probabilities=probabilities, objects=stacked.objects,
             )
 
         def done(payload):
             stacked, tuples = payload
-            yield from iter_add_layers(self.viewer, tuples)
+            added = []
+            for layer in iter_add_layers(self.viewer, tuples):
+                added.append(layer)
+                yield layer
+            if stacked.objects:
+                self._confident = [(la, stacked.objects[la.metadata["channel"]]) for la in added
+                                   if la.metadata.get("kind") == "labels" and la.metadata.get("channel")
+                                   in stacked.objects]
+                self._doubt_index = -1
+                self.confidence_row.setVisible(True)
+                self._recolour()
             self.last, self._last_pixel_size = stacked, bundle.config.pixel_size_um
             self.save_button.setEnabled(True)
             self.warn_if_input_gone(sel)
 
         return Job(f"Virtual stain of '{sel.layer_name}'", work, done, {"selection": sel})
+
+    def _recolour(self, *_) -> None:
+        """Apply 'hide below' to the labels layers of the last confidence run (the labels themselves stay)."""
+        from ._layers import confidence_colormap
+
+        value = self.hide_below.value() / 100
+        self.hide_label.setText(f"hide below {value:.2f}")
+        for layer, rows in self._confident:
+            if layer in self.viewer.layers:
+                layer.colormap = confidence_colormap(rows, value)
+
+    def doubtful(self) -> list[tuple[object, dict]]:
+        """(layer, row) of the first labels set's objects, least confident first."""
+        if not self._confident:
+            return []
+        layer, rows = self._confident[0]
+        return [(layer, r) for r in sorted(rows, key=lambda r: r["confidence"])]
+
+    def step_doubtful(self) -> dict | None:
+        """Centre the camera on the next least confident nucleus; returns its row."""
+        todo = self.doubtful()
+        if not todo:
+            return None
+        self._doubt_index = (self._doubt_index + 1) % len(todo)
+        layer, row = todo[self._doubt_index]
+        y, x = row["centroid_y"], row["centroid_x"]
+        world = np.asarray(layer.data_to_world([*([0] * (layer.ndim - 2)), y, x]))
+        self.viewer.camera.center = tuple(world[-2:])
+        self.viewer.camera.zoom = max(self.viewer.camera.zoom, 4.0)
+        self.status.setText(f"nucleus {row['label']}: confidence {row['confidence']:.2f} "
+                            f"({self._doubt_index + 1} of {len(todo)}, least confident first)")
+        return row
 
     def save_results(self, folder: str | Path) -> list[Path]:
         """Write the last run like ``virtualstain predict`` does: one multi-channel TIFF + one TIFF per labels set."""

@@ -1,0 +1,49 @@
+"""Virtual stain widget with 'confidence per nucleus': the labels layer carries the CLI's table as features, is
+coloured by confidence, hides doubtful nuclei on request (labels untouched) and steps through them."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from test_widgets import _no_thread_left, notes, scratch, wait_done  # noqa: F401 - fixtures
+
+pytestmark = pytest.mark.gui
+
+
+def test_confidence_per_nucleus_features_colour_hide_and_step(make_napari_viewer, qtbot, scratch, notes):  # noqa: F811
+    from napari.utils.colormaps import DirectLabelColormap
+
+    from napari_virtualstain._widgets import StainWidget
+    from napari_virtualstain.core.bundle import load_bundle
+    from napari_virtualstain.core.confidence import nucleus_table, predict_ensemble
+
+    viewer = make_napari_viewer()
+    field = np.ascontiguousarray(scratch[9, 40:168, 100:292])
+    layer = viewer.add_image(field, name="Brightfield", scale=(0.619, 0.619))
+    widget = StainWidget(viewer)
+    assert widget.controls.set_checkpoint("demo-stain-regression") is not None
+    widget.controls.set_input_layer(layer)
+    widget.confidence.setChecked(True)
+    assert widget.run()
+    wait_done(qtbot, widget, timeout=60000)
+    assert widget.runner.last_outcome == "done", notes.all()
+    nuclei = viewer.layers["nuclei (virtual)"]
+    table = nuclei.features
+    bundle = load_bundle("demo-stain-regression")
+    ens = predict_ensemble(bundle, field, 4, labels_from=bundle.config.sampling.get("labels_from"))
+    rows = nucleus_table(ens, "nuclei", "Hoechst")
+    assert len(rows) >= 3 and list(table["index"]) == [r["label"] for r in rows]  # the CLI's table, same numbers
+    np.testing.assert_allclose(table["confidence"], [r["confidence"] for r in rows], atol=1e-3)
+    assert isinstance(nuclei.colormap, DirectLabelColormap) and not widget.confidence_row.isHidden()
+    labels_before = np.array(nuclei.data)
+    widget.hide_below.setValue(100)  # everything below confidence 1 goes transparent
+    doubtful = [r["label"] for r in rows if r["confidence"] < 1.0]
+    assert all(nuclei.colormap.color_dict[i][3] == 0 for i in doubtful)
+    assert np.array_equal(nuclei.data, labels_before)  # hiding recolours; the labels stay
+    first = widget.step_doubtful()
+    assert first["confidence"] == min(r["confidence"] for r in rows)
+    cy, cx = first["centroid_y"] * 0.619, first["centroid_x"] * 0.619
+    np.testing.assert_allclose(viewer.camera.center[-2:], (cy, cx), atol=1e-3)
+    assert widget.step_doubtful()["confidence"] >= first["confidence"]
+    assert not notes.errors()
