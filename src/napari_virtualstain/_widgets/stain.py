@@ -235,8 +235,11 @@ class StainWidget(TaskWidget):
         layer, row = todo[self._doubt_index]
         y, x = row["centroid_y"], row["centroid_x"]
         world = np.asarray(layer.data_to_world([*([0] * (layer.ndim - 2)), y, x]))
-        self.viewer.camera.center = tuple(world[-2:])
-        self.viewer.camera.zoom = max(self.viewer.camera.zoom, 4.0)
+        from .review import camera_of
+
+        camera = camera_of(self.viewer)
+        camera.center = tuple(world[-2:])
+        camera.zoom = max(camera.zoom, 4.0)
         self.status.setText(f"nucleus {row['label']}: confidence {row['confidence']:.2f} "
                             f"({self._doubt_index + 1} of {len(todo)}, least confident first)")
         return row
