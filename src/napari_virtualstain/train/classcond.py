@@ -19,6 +19,7 @@ from ..core.model import default_unet_config, downsample_factor
 from ..core.normalize import fit_fixed_norm, fixed_normalize
 from ..core.schedulers import default_ddpm_config
 from ..core.tiling import reflect_pad
+from .job import TrainingJob
 from .classcond_data import ClassCondSpec
 from .distributed import draw_noise
 
@@ -62,8 +63,6 @@ def build_classcond_config(spec: ClassCondSpec, opts) -> BundleConfig:
 
 
 def classcond_job(spec: ClassCondSpec, opts):
-    from .loop import TrainingJob
-
     config = build_classcond_config(spec, opts)
     by_name = {c.name: c.normalization for c in config.output_channels + config.input_channels}
     norms = [by_name[c] for c in spec.channel_names]
