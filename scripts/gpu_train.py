@@ -104,7 +104,7 @@ def localised_config(config: Path, data_root: Path, work: Path) -> Path:
 def run_jobs(out: Path, data_root: Path, minutes: float, smoke: bool, only: list[str] | None) -> dict:
     import torch
 
-    from napari_virtualstain.cli import _load_training_spec  # noqa: F401  (the CLI's loader: same parsing)
+    from napari_virtualstain.train.specs import load_training_spec  # noqa: F401  (the CLI's loader: same parsing)
     from napari_virtualstain.train.classcond_data import load_classcond_config
     from napari_virtualstain.train.data import load_config
     from napari_virtualstain.train.loop import TrainOptions, train

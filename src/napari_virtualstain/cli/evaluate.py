@@ -1,0 +1,81 @@
+"""``virtualstain evaluate``: predictions against real stains and true labels -> CSV, JSON, markdown, figures."""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from pathlib import Path
+
+from ..core.errors import VirtualStainError
+from .common import split_names
+
+log = logging.getLogger("napari_virtualstain")
+
+
+def cmd_evaluate(args) -> int:
+    """Score one or more prediction folders against the real stains / true labels and write a report folder."""
+    from ..core.evaluate import evaluate, parse_named_folder, parse_thresholds, write_report
+
+    methods: dict[str, Path] = {}
+    for text in args.pred:
+        name, folder = parse_named_folder(text, "--pred")
+        if name in methods:
+            raise VirtualStainError(f"two --pred folders are both called {name!r}; name them: --pred NAME=FOLDER")
+        methods[name] = folder
+    labels: dict[str, Path] = {}
+    for text in args.labels:
+        name, folder = parse_named_folder(text, "--labels", require_name=True)
+        if name in labels:
+            raise VirtualStainError(f"--labels {name!r} is given twice")
+        labels[name] = folder
+    if args.truth is not None and not Path(args.truth).is_dir():
+        raise VirtualStainError(f"--truth folder {args.truth} does not exist")
+    if args.input is not None and not Path(args.input).is_dir():
+        raise VirtualStainError(f"--input folder {args.input} does not exist")
+    if args.max_figures < 0:
+        raise VirtualStainError("--max-figures must be 0 or more")
+    report = evaluate(
+        methods, args.truth, truth_channels=split_names(args.truth_channels), label_dirs=labels,
+        input_dir=args.input, iou_thresholds=parse_thresholds(args.iou_thresholds), max_figures=args.max_figures,
+        progress=(lambda stem: log.info("evaluating %s", stem)),
+    )
+    written = write_report(report, args.output)
+    for note, n in Counter(report.notes).items():  # one line per distinct note, not one per image
+        print(f"note: {note}" + (f" ({n} images)" if n > 1 else ""))
+    for r in report.summary:
+        if r["metric_type"] == "image":
+            print(f"{r['method']} {r['target']} ({r['n_images']} image(s)): Pearson r {r['pearson']:.3f} "
+                  f"(raw {r['pearson_raw']:.3f}), SSIM {r['ssim']:.3f}, PSNR {r['psnr']:.1f} dB, MSE {r['mse']:.4g}")
+        elif r["iou_threshold"] == 0.5:
+            print(f"{r['method']} {r['target']} ({r['n_images']} image(s), {r['n_true']} true / {r['n_pred']} "
+                  f"predicted objects) @ IoU 0.5: F1 {r['f1']:.3f}, precision {r['precision']:.3f}, recall {r['recall']:.3f}, "
+                  f"PQ {r['panoptic_quality']:.3f}")
+    print("\n".join(f"wrote {p}" for p in written))
+    return 0
+
+
+def add_parsers(sub) -> None:
+    ev = sub.add_parser(
+        "evaluate", help="score predictions (one or more methods) against real stains / true labels; writes a report",
+        description="Match files by stem: truth TRUTH/<stem>.tif <-> PRED/<stem>_virtualstain.tif (channels by name); "
+                    "true labels LABELS/<stem>.tif <-> PRED/<stem>_NAME_labels.tif. Stains are scored on the truth's "
+                    "1-99.8 percentile scale (clipped), and Pearson r also on the raw values (pearson_raw), which "
+                    "shows failures the clipping hides; instances are matched one-to-one by IoU.",
+    )
+    ev.add_argument("--pred", action="append", required=True, metavar="METHOD=FOLDER",
+                    help="a folder of 'virtualstain predict' outputs, named METHOD in the report (repeat to compare "
+                         "methods); a bare FOLDER is named after the folder")
+    ev.add_argument("--truth", default=None, metavar="FOLDER",
+                    help="real stains <stem>.tif: 2D (one channel) or CYX (name the channels with --truth-channels)")
+    ev.add_argument("--truth-channels", default=None, metavar="NAMES",
+                    help="comma-separated names of the truth channels in order, as the predictions name them "
+                         "(e.g. Hoechst); default: the truth's ImageJ channel names")
+    ev.add_argument("--labels", action="append", default=[], metavar="NAME=FOLDER",
+                    help="true instance labels FOLDER/<stem>.tif, compared with each method's <stem>_NAME_labels.tif "
+                         "(e.g. nuclei=truth_labels/); repeat for more label sets")
+    ev.add_argument("--input", default=None, metavar="FOLDER", help="input images <stem>.tif shown in the figures")
+    ev.add_argument("--iou-thresholds", default=None, metavar="LIST",
+                    help="comma-separated IoU thresholds for the instance sweep (default 0.5,0.55,...,0.9)")
+    ev.add_argument("--max-figures", type=int, default=20, help="per-image figures for at most this many images")
+    ev.add_argument("--output", "-o", required=True, help="report folder (CSV, JSON, Markdown, PNG figures)")
+    ev.set_defaults(func=cmd_evaluate)
