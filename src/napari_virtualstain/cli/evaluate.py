@@ -12,9 +12,42 @@ from .common import split_names
 log = logging.getLogger("napari_virtualstain")
 
 
+def parse_named_folder(text: str, option: str, require_name: bool = False) -> tuple[str, Path]:
+    """``NAME=FOLDER`` (or just ``FOLDER``, named after the folder unless ``require_name``)."""
+    name, sep, folder = text.partition("=")
+    if not sep:
+        if require_name:
+            raise VirtualStainError(f"{option} takes NAME=FOLDER (e.g. {option} nuclei=truth_labels/); got {text!r}")
+        name, folder = "", text
+    name, folder = name.strip(), folder.strip()
+    if not folder:
+        raise VirtualStainError(f"{option} {text!r} names no folder; use {option} NAME=FOLDER")
+    path = Path(folder)
+    if not path.is_dir():
+        raise VirtualStainError(f"{option} {text!r}: folder {path} does not exist")
+    return (name or path.resolve().name), path
+
+
+def parse_thresholds(text: str | None) -> tuple[float, ...]:
+    from ..core.evaluate import DEFAULT_IOU_THRESHOLDS
+
+    if not text:
+        return DEFAULT_IOU_THRESHOLDS
+    try:
+        values = tuple(float(v) for v in text.split(","))
+    except ValueError:
+        raise VirtualStainError(
+            f"--iou-thresholds takes comma-separated numbers (e.g. 0.5,0.7,0.9); got {text!r}"
+        ) from None
+    for v in values:
+        if not 0 < v <= 1:
+            raise VirtualStainError(f"IoU thresholds must be in (0, 1]; got {v:g}")
+    return values
+
+
 def cmd_evaluate(args) -> int:
     """Score one or more prediction folders against the real stains / true labels and write a report folder."""
-    from ..core.evaluate import evaluate, parse_named_folder, parse_thresholds, write_report
+    from ..core.evaluate import evaluate, write_report
 
     methods: dict[str, Path] = {}
     for text in args.pred:
