@@ -126,3 +126,7 @@ def test_a_blocked_field_matches_the_whole_field_and_reports_its_blocks(held_out
     assert pearson(blocked.channel("Hoechst"), whole.channel("Hoechst")) > 0.9
     fractions = [e.fraction for e in events]
     assert fractions == sorted(fractions) and fractions[-1] == pytest.approx(1.0)
+    n = blocked.provenance["blocks"]["num_blocks"]
+    assert {e.num_blocks for e in events} == {n} and events[-1].done and not events[0].done
+    # what a person reads: the block, then the step within it (not blocks x steps run together)
+    assert events[-1].describe().startswith(f"block {n}/{n} · step ")

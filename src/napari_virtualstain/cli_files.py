@@ -17,6 +17,7 @@ import numpy as np
 from .core.errors import VirtualStainError
 
 log = logging.getLogger("napari_virtualstain")
+BIG_FIELD_PIXELS = 2048 * 2048  # above this, the labels step announces itself (it takes a while)
 
 
 def _parse_plane(text: str | None) -> tuple[int, ...] | None:
@@ -210,6 +211,9 @@ def predict_planes(image, axes: str | None, name: str, input_file: str, bundle, 
                                 pixel_size_um=input_um, rescale=args.rescale, tta=args.tta, **common)
         if not args.no_labels:
             route = label_route(bundle.config, args.labels_from)
+            if not args.quiet and res.image[0].size > BIG_FIELD_PIXELS:  # seconds to minutes: say what runs
+                print(f"  {what}: instance labels ({route}) of {res.image.shape[-2]} x {res.image.shape[-1]} px...",
+                      file=sys.stderr, flush=True)
             res.labels = labels_from_channels(bundle.config, res.image, route, **thresholds)
             res.provenance["labels_from"] = route
         res.provenance.update({"plane": list(idx), "input_file": input_file, **thresholds})
@@ -372,21 +376,24 @@ def _progress_printer(what: str, min_interval: float = 1.0):
     """One line per finished step (at most one a second), and 100 % exactly once."""
     import time
 
-    state = {"step": None, "printed": 0.0, "done": False}
+    state = {"step": None, "printed": 0.0, "done": False, "t0": time.monotonic()}
 
     def report(p):
         if state["done"]:
             return
-        finished = p.step >= p.num_steps or (p.step == p.num_steps - 1 and p.tile >= p.num_tiles)
         now = time.monotonic()
-        if finished:
+        key = (p.block, p.step)
+        if p.done:
             state["done"] = True
-            print(f"  {what}: 100% ({p.num_steps}/{p.num_steps} steps)", file=sys.stderr, flush=True)
-        elif p.step != state["step"] and (state["step"] is None or now - state["printed"] >= min_interval):
-            print(f"  {what}: {int(100 * p.fraction):3d}% (step {p.step + 1}/{p.num_steps})", file=sys.stderr,
-                  flush=True)
+            blocks = f"{p.num_blocks} blocks, " if p.num_blocks > 1 else ""
+            print(f"  {what}: 100% ({blocks}{p.num_steps}/{p.num_steps} steps)", file=sys.stderr, flush=True)
+        elif key != state["step"] and (state["step"] is None or now - state["printed"] >= min_interval):
+            elapsed, frac = now - state["t0"], p.fraction
+            eta = f", ~{elapsed * (1 - frac) / frac:.0f} s left" if frac > 0.02 and elapsed > 10 else ""
+            text = p.describe().rsplit(" · tile", 1)[0]
+            print(f"  {what}: {int(100 * frac):3d}% ({text}{eta})", file=sys.stderr, flush=True)
             state["printed"] = now
-        state["step"] = p.step
+        state["step"] = key
 
     return report
 

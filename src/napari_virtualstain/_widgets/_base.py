@@ -31,11 +31,11 @@ PROGRESS_MAX = 1000
 
 
 def describe_progress(p, plane: int = 0, n_planes: int = 1) -> str:
-    """'plane 2/5 · step 3/15 · tile 4/6' for a core ``Progress``."""
-    if p.step >= p.num_steps:  # the sampler's closing report: every step and tile is done
+    """'plane 2/5 · block 3/16 · step 3/15 · tile 4/6' for a core ``Progress``."""
+    if p.done and p.step >= p.num_steps:  # the sampler's closing report: every step and tile is done
         text = f"step {p.num_steps}/{p.num_steps} · done"
     else:
-        text = f"step {p.step + 1}/{p.num_steps} · tile {p.tile}/{p.num_tiles}"
+        text = p.describe()
     return f"plane {plane + 1}/{n_planes} · {text}" if n_planes > 1 else text
 
 

@@ -29,16 +29,31 @@ from .tiling import TilePlan
 
 @dataclass(frozen=True)
 class Progress:
-    """One progress report: ``step`` of ``num_steps`` diffusion steps, ``tile`` of ``num_tiles`` within the step."""
+    """One progress report: ``step`` of ``num_steps`` diffusion steps, ``tile`` of ``num_tiles`` within the step,
+    and for a big field run block by block, ``block`` of ``num_blocks``."""
 
     step: int
     num_steps: int
     tile: int
     num_tiles: int
+    block: int = 0
+    num_blocks: int = 1
 
     @property
     def fraction(self) -> float:
-        return (self.step + self.tile / max(self.num_tiles, 1)) / max(self.num_steps, 1)
+        within = (self.step + self.tile / max(self.num_tiles, 1)) / max(self.num_steps, 1)
+        return (self.block + min(within, 1.0)) / max(self.num_blocks, 1)
+
+    @property
+    def done(self) -> bool:
+        last_step = self.step >= self.num_steps or (self.step == self.num_steps - 1 and self.tile >= self.num_tiles)
+        return last_step and self.block >= self.num_blocks - 1
+
+    def describe(self) -> str:
+        """'block 12/64 · step 1/2 · tile 3/9' (the block part only for a field run in blocks)."""
+        step = min(self.step + 1, self.num_steps)
+        text = f"step {step}/{self.num_steps} · tile {min(self.tile, self.num_tiles)}/{self.num_tiles}"
+        return f"block {self.block + 1}/{self.num_blocks} · {text}" if self.num_blocks > 1 else text
 
 
 @dataclass

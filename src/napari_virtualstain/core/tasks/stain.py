@@ -355,7 +355,7 @@ def _run_in_blocks(run: RunSetup, config: BundleConfig, cond: torch.Tensor, bloc
         j = done[0]
         report = None
         if progress is not None:
-            report = lambda p: progress(Progress(j * passes + p.step, n_blocks * passes, p.tile, p.num_tiles))  # noqa: E731
+            report = lambda p: progress(Progress(p.step, p.num_steps, p.tile, p.num_tiles, j, n_blocks))  # noqa: E731
         block_seeds = [s + BLOCK_SEED_STRIDE * j for s in seeds] if isinstance(seeds, list) else seeds
         out, _ = run_stain_model(run.denoiser, config, sub, run.plan, block_seeds, batch_size,
                                  SamplerHooks(progress=report, should_cancel=should_cancel), scheduler,
