@@ -126,6 +126,26 @@ def test_non_finite_refused(bundle, bad):
     assert "NaN" in message(exc) and "1 NaN/Inf pixel" in message(exc)
 
 
+def test_the_nan_advice_works_for_a_wide_hole(bundle, tmp_path, capsys):
+    """The message names --fill-nan; it fills a 12 x 20 px hole (a median filter would leave it) and predicts."""
+    import tifffile
+
+    from napari_virtualstain.cli import main
+    from napari_virtualstain.core.normalize import fill_non_finite
+
+    img = brightfield_u8().astype(np.float32)
+    img[10:22, 8:28] = np.nan
+    filled = fill_non_finite(img)
+    assert np.isfinite(filled).all() and np.array_equal(filled[~np.isnan(img)], img[~np.isnan(img)])
+    path = tmp_path / "holey.tif"
+    tifffile.imwrite(path, img)
+    out = tmp_path / "out"
+    assert main(["predict", "-c", str(bundle.path), str(path), "-o", str(out), "-q"]) == 2
+    assert "--fill-nan" in capsys.readouterr().err
+    assert main(["predict", "-c", str(bundle.path), str(path), "-o", str(out), "-q", "--fill-nan"]) == 0
+    assert (out / "holey_virtualstain.tif").is_file() and "filled" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("value, dtype", [(0, np.uint16), (7.5, np.float32)])
 def test_constant_image_refused(bundle, value, dtype):
     with pytest.raises(VirtualStainError, match="constant"):

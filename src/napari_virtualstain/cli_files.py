@@ -131,7 +131,7 @@ def _parse_window(text: str) -> tuple[float, float]:
 SETTINGS = ("seed", "samples", "steps", "sampler", "tile_size", "tile_overlap", "block_size", "labels_from",
             "boundary_threshold", "foreground_threshold", "no_labels", "uncertainty", "seeds", "window", "flag_map",
             "flag_threshold", "flag_otsu", "flag_min_area", "flag_merge", "flag_max_regions", "flag_group", "plane", "all_planes",
-            "channel_axis", "pixel_size", "rescale", "precision", "tta", "objects", "interval", "members")
+            "channel_axis", "pixel_size", "rescale", "precision", "tta", "objects", "interval", "members", "fill_nan")
 
 
 def settings_key(bundle, args) -> str:
@@ -186,6 +186,12 @@ def predict_planes(image, axes: str | None, name: str, input_file: str, bundle, 
     results, maps = [], []
     for idx, arr in iter_planes(image, plane, args.all_planes, plane_ndim, axes):
         arr = np.asarray(arr)  # a lazy (Dask) field computes this plane only
+        if getattr(args, "fill_nan", False) and np.issubdtype(arr.dtype, np.floating) and not np.isfinite(arr).all():
+            from .core.normalize import fill_non_finite
+
+            print(f"note: {name}: {int((~np.isfinite(arr)).sum())} NaN/Inf pixel(s) filled from their nearest "
+                  "finite pixel (--fill-nan)", file=sys.stderr)
+            arr = fill_non_finite(arr)
         what = name + (f" plane {idx}" if idx else "")
         log.info("predicting %s %s", what, arr.shape)
         if not results and (note := labels_warning(arr, what)):

@@ -95,6 +95,9 @@ def add_parsers(sub) -> None:
     pr.add_argument("--samples", type=int, default=None,
                     help="average this many samples (seeds SEED..SEED+k-1, one batch): more accurate, less textured; "
                          "default: the checkpoint's validated count (else 1)")
+    pr.add_argument("--fill-nan", action="store_true",
+                    help="give NaN/Inf pixels the value of their nearest finite pixel (any hole size) instead of "
+                         "refusing the image")
     pr.add_argument("--objects", action="store_true",
                     help="also write <stem>_<labels>_objects.csv: one row per predicted nucleus/cell (id, centroid, "
                          "area, mean stain, ensemble std, confidence = mean IoU with the nuclei of the --members "
