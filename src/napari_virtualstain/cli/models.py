@@ -27,6 +27,21 @@ def cmd_info(args) -> int:
     return 0
 
 
+def cmd_napari(args) -> int:
+    """The public door to ``python -m napari_virtualstain._widgets``: napari, the sample, the widgets."""
+    try:
+        import napari  # noqa: F401
+    except ModuleNotFoundError:
+        raise VirtualStainError("napari is not installed: pip install 'napari-virtualstain[gui]'") from None
+    from .._widgets.__main__ import main as open_napari
+
+    known = {"Virtual stain", "Uncertainty", "Translate condition", "Synthesize", "Train"}
+    unknown = [w for w in args.widgets if w not in known]
+    if unknown:
+        raise VirtualStainError(f"unknown widget {unknown[0]!r}; choose from {', '.join(sorted(known))}")
+    return open_napari(args.widgets)
+
+
 def cmd_demo(args) -> int:
     """Predict the bundled demo on the scratch-assay time point it never saw, and say how close it is."""
     from ..core.bundle import load_bundle
@@ -183,4 +198,10 @@ def add_parsers(sub) -> None:
     demo.add_argument("--device", default="auto")
     compute_options(demo)
     demo.set_defaults(func=cmd_demo)
+
+    nap = sub.add_parser("napari", help="open napari with the scratch-assay sample and the plugin's widgets docked")
+    nap.add_argument("widgets", nargs="*", metavar="WIDGET",
+                     help="menu names to dock: 'Virtual stain' (default), Uncertainty, 'Translate condition', "
+                          "Synthesize, Train")
+    nap.set_defaults(func=cmd_napari)
 

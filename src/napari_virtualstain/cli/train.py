@@ -82,8 +82,9 @@ def add_parsers(sub) -> None:
     tr.add_argument("--objective", choices=["residual_shift", "ddpm", "regression"], default=None,
                     help="none given (stain): the recommended recipe in one bundle - mean network, refinement on it, "
                          "sampling defaults chosen on validation (docs/training.md); residual_shift: the 15-step "
-                         "CellResDM model as published; ddpm (classcond: the only one): epsilon DDPM (DDIM/DDPM "
-                         "sampling, uncertainty maps); regression: the one-pass network alone")
+                         "CellResDM model as published; ddpm: a DDPM (stain: epsilon or --prediction-type v, DDIM/DDPM "
+                         "sampling, uncertainty maps; classcond: the only one, v-prediction with zero terminal SNR); "
+                         "regression: the one-pass network alone")
     tr.add_argument("--task", choices=["stain", "classcond"], default=None,
                     help="stain (default): paired input -> stain model; classcond: class-conditional DDPM for translate/"
                          "synthesize (implied by a CSV or a config with task: classcond)")

@@ -113,7 +113,7 @@ class Bundle:
               else f"  inputs: {', '.join(c.input_names)}\n  outputs: {outs}\n")
         return (
             f"{c.name} [{self.short_id}] task={c.task} objective={c.objective}"
-            f"{' (mean-anchored: mu(x) + residual-shift refinement)' if c.anchored else ''}\n"
+            f"{(' (mean-anchored: mu(x) + ' + ('DDPM on the residual' if c.objective == 'ddpm' else 'residual-shift refinement') + ')') if c.anchored else ''}\n"
             f"{io}"
             f"  tile {c.tile_size} overlap {c.tile_overlap}; pixel size "
             f"{f'{c.pixel_size_um} um' if c.pixel_size_um else 'not recorded (train with --pixel-size)'}\n"
