@@ -48,3 +48,18 @@ def test_confidence_per_nucleus_features_colour_hide_and_step(make_napari_viewer
     np.testing.assert_allclose(camera_of(viewer).center[-2:], (cy, cx), atol=1e-3)
     assert widget.step_doubtful()["confidence"] >= first["confidence"]
     assert not notes.errors()
+
+
+def test_every_dock_widget_fits_a_laptop_screen(make_napari_viewer):
+    """1366 x 768: every dock widget (and two docked together) can shrink under the screen's height; the rest
+    scrolls instead of pushing the buttons or the review panel off-screen."""
+    from napari_virtualstain import _widgets
+
+    viewer = make_napari_viewer()
+    heights = {}
+    for cls in (_widgets.StainWidget, _widgets.UncertaintyWidget, _widgets.TranslateWidget,
+                _widgets.SynthesizeWidget, _widgets.TrainWidget):
+        w = cls(viewer)
+        heights[cls.__name__] = w.minimumSizeHint().height()
+    assert all(h <= 300 for h in heights.values()), heights
+    assert heights["StainWidget"] + heights["UncertaintyWidget"] <= 768 - 150  # menus, title bar, layer list

@@ -12,10 +12,12 @@ from collections.abc import Callable
 
 from qtpy.QtWidgets import (
     QFormLayout,
+    QFrame,
     QHBoxLayout,
     QLabel,
     QProgressBar,
     QPushButton,
+    QScrollArea,
     QVBoxLayout,
     QWidget,
 )
@@ -88,7 +90,8 @@ class TaskWidget(QWidget):
         buttons = QHBoxLayout()
         buttons.addWidget(self.run_button)
         buttons.addWidget(self.cancel_button)
-        layout = QVBoxLayout(self)
+        inner = QWidget()
+        layout = QVBoxLayout(inner)
         layout.addWidget(self.controls)
         layout.addLayout(self.options)
         layout.addLayout(buttons)
@@ -96,6 +99,13 @@ class TaskWidget(QWidget):
         layout.addWidget(self.status)
         self.build_extra(layout)
         layout.addStretch(1)
+        scroll = QScrollArea()  # a laptop's 768 px: the dock scrolls instead of pushing the panel off-screen
+        scroll.setWidgetResizable(True)
+        scroll.setFrameShape(QFrame.Shape.NoFrame)
+        scroll.setWidget(inner)
+        outer = QVBoxLayout(self)
+        outer.setContentsMargins(0, 0, 0, 0)
+        outer.addWidget(scroll)
 
         self.runner = Runner(self)
         self.runner.progress.connect(self._on_progress)
