@@ -129,7 +129,7 @@ def _parse_window(text: str) -> tuple[float, float]:
 
 
 SETTINGS = ("seed", "samples", "steps", "sampler", "tile_size", "tile_overlap", "block_size", "labels_from",
-            "boundary_threshold", "foreground_threshold", "no_labels", "uncertainty", "seeds", "window", "flag_map",
+            "boundary_threshold", "foreground_threshold", "center_threshold", "no_labels", "uncertainty", "seeds", "window", "flag_map",
             "flag_threshold", "flag_otsu", "flag_min_area", "flag_merge", "flag_max_regions", "flag_group", "plane", "all_planes",
             "channel_axis", "pixel_size", "rescale", "precision", "tta", "objects", "interval", "members", "fill_nan")
 
@@ -178,7 +178,11 @@ def predict_planes(image, axes: str | None, name: str, input_file: str, bundle, 
     plane = _parse_plane(args.plane)
     n_in = len(bundle.config.input_channels)
     plane_ndim = 2 if n_in == 1 and args.channel_axis is None else 3
-    thresholds = {"boundary_threshold": args.boundary_threshold, "foreground_threshold": args.foreground_threshold}
+    from .core.tasks.stain import label_thresholds
+
+    thresholds = label_thresholds(bundle.config, boundary_threshold=args.boundary_threshold,
+                                  foreground_threshold=args.foreground_threshold,
+                                  center_threshold=getattr(args, "center_threshold", None))
     seeds = [args.seed + k for k in range(args.seeds)]
     warning = None if args.rescale else pixel_size_warning(bundle.config.pixel_size_um, input_um, bundle.config.name)
     if warning:

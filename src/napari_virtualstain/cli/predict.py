@@ -85,8 +85,14 @@ def add_parsers(sub) -> None:
                     help="indices of leading axes to pick, e.g. '3' (t=3) or '1,0' (C=1, T=0 of a CTYX file)")
     pr.add_argument("--all-planes", action="store_true", help="predict every plane of a stack")
     pr.add_argument("--no-labels", action="store_true", help="skip instance labels from boundary channels")
-    pr.add_argument("--boundary-threshold", type=float, default=0.5)
-    pr.add_argument("--foreground-threshold", type=float, default=0.5)
+    pr.add_argument("--boundary-threshold", type=float, default=None,
+                    help="labels: boundary probability that separates objects (default: the checkpoint's validated "
+                         "value, else 0.5)")
+    pr.add_argument("--foreground-threshold", type=float, default=None,
+                    help="labels: foreground probability inside an object (default: the checkpoint's, else 0.5)")
+    pr.add_argument("--center-threshold", type=float, default=None,
+                    help="labels from distance: centre-map value that seeds an object (default: the checkpoint's, "
+                         "else 0.5)")
     pr.add_argument("--sampler", choices=["ddim", "ddpm"], default=None,
                     help="ddpm checkpoints: ddim (default, --steps 50) or ddpm (every training step)")
     pr.add_argument("--steps", type=int, default=None,

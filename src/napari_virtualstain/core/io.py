@@ -23,24 +23,29 @@ IMAGE_SUFFIXES = (".tif", ".tiff", ".png", ".jpg", ".jpeg", ".bmp")
 
 
 def check_output_folder(path: str | Path) -> Path:
-    """Create the output folder (or OME-Zarr store) if needed and prove it writable — before any model runs, so a
-    bad ``-o`` costs nothing: one clear error instead of a traceback after the work."""
+    """Prove that the output folder (or OME-Zarr store) can be made and written — before any model runs, so a bad
+    ``-o`` costs nothing: one clear error instead of a traceback after the work. Nothing is created here: the
+    nearest existing folder above it gets a probe file, removed at once."""
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise VirtualStainError(f"output {path} is a file, not a folder; give a folder for -o (it is created if "
                                 "missing)")
+    base = path
+    while not base.exists() and base != base.parent:
+        base = base.parent
+    if not base.is_dir():
+        raise VirtualStainError(f"cannot write into output folder {path}: a part of the path ({base}) is a file; "
+                                "choose another folder (-o), e.g. -o ~/virtualstain-out")
+    probe = base / f".virtualstain-write-test-{os.getpid()}"
     try:
-        path.mkdir(parents=True, exist_ok=True)
-        probe = path / f".virtualstain-write-test-{os.getpid()}"
         probe.write_bytes(b"")
         probe.unlink()
     except OSError as exc:
         why = {errno.ENOSPC: "the disk is full", errno.EROFS: "the file system is read-only",
                errno.EACCES: "permission denied", errno.EPERM: "permission denied",
-               errno.ENOTDIR: "a part of the path is a file", errno.ENOENT: "its parent cannot hold folders"}.get(
-                   exc.errno, exc.strerror or str(exc))
-        raise VirtualStainError(f"cannot write into output folder {path}: {why}; choose another folder (-o) with "
-                                "write access, e.g. -o ~/virtualstain-out") from None
+               errno.ENOENT: "that place cannot hold files"}.get(exc.errno, exc.strerror or str(exc))
+        raise VirtualStainError(f"cannot write into output folder {path}: {why} (in {base}); choose another "
+                                "folder (-o) with write access, e.g. -o ~/virtualstain-out") from None
     return path
 
 

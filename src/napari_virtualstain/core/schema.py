@@ -296,6 +296,9 @@ def _sampling(d) -> dict:
         raise BundleError("config.json: 'sampling.strength' must be a number in (0, 1]")
     if d.get("labels_from", "boundaries") not in LABEL_ROUTES:
         raise BundleError(f"config.json: 'sampling.labels_from' must be one of {', '.join(LABEL_ROUTES)}")
+    for key in ("boundary_threshold", "foreground_threshold", "center_threshold"):
+        if key in d and (not isinstance(d[key], (int, float)) or isinstance(d[key], bool) or not 0 < d[key] < 1):
+            raise BundleError(f"config.json: 'sampling.{key}' must be a number in (0, 1)")
     if d.get("tta", 1) not in (1, 2, 4, 8) or isinstance(d.get("tta"), bool):
         raise BundleError("config.json: 'sampling.tta' must be 1, 2, 4 or 8 (flips/quarter turns averaged)")
     return dict(d)

@@ -7,7 +7,10 @@ Rules, in order (fewest network passes that are within ``tolerance`` of the best
 - samples: the fewest k at those steps whose mean stain r is within the tolerance of the best k;
 - labels route: boundaries, stain or distance — the one with the highest F1 for the first labels set;
 - test-time augmentation: among the flips/turns (1, 4, 8) that keep the stain r within the tolerance of no TTA's,
-  the fewest whose F1 is within the tolerance of the best.
+  the fewest whose F1 is within the tolerance of the best;
+- labels thresholds, model-free on the same predictions: the foreground threshold (0.3-0.6) and, for the distance
+  route, the centre threshold (0.3-0.6) with the highest F1; kept at 0.5 unless another wins by the tolerance.
+  (A regression network's foreground map is underconfident at nuclei edges: 0.3-0.4 measured best on the demos.)
 The result is stored as the bundle's ``sampling`` (the id does not change: it is the weights' hash).
 """
 
@@ -106,8 +109,50 @@ def choose_sampling(bundle: Bundle, spec: TrainingSpec, *, steps=(1, 2, 3, 4, 8,
     keeps_r = [r for r in trows if r_of(r) >= r_of(chosen) - tolerance]  # never trade stain r for F1
     n_tta = _fewest(keeps_r, "tta", f1_of, tolerance)
     picked = {"samples": n_samples, "labels_from": route, "tta": n_tta} | ({"steps": n_steps} if n_steps else {})
-    return {"bundle_id": bundle.id, "validation_regions": len(regions), "chosen": picked, "steps_sweep": rows,
-            "samples_sweep": krows, "tta_sweep": trows, "tolerance": tolerance}
+    result = {"bundle_id": bundle.id, "validation_regions": len(regions), "chosen": picked, "steps_sweep": rows,
+              "samples_sweep": krows, "tta_sweep": trows, "tolerance": tolerance}
+    if first_set is not None:
+        best, grid = sweep_thresholds(bundle, regions, first_set, tolerance, steps=n_steps, samples=n_samples,
+                                      tta=n_tta)
+        picked.update(best)
+        result["threshold_sweep"] = grid
+        say(f"labels: {best}")
+    return result
+
+
+THRESHOLDS = (0.3, 0.4, 0.5, 0.6)
+
+
+def sweep_thresholds(bundle: Bundle, regions, labels_set: str, tolerance: float, **predict_kw) -> tuple[dict, list]:
+    """Route and thresholds with the best pooled F1@0.5 of ``labels_set`` (model-free on one set of predictions)."""
+    c = bundle.config
+    preds = []
+    for im, xs in regions:
+        if labels_set not in im.labels:
+            continue
+        multi = im.inputs.shape[0] > 1
+        res = predict_stain(bundle, im.inputs[:, :, xs] if multi else im.inputs[0][:, xs],
+                            channel_axis=0 if multi else None, make_labels=False, **predict_kw)
+        preds.append((res.image, im.labels[labels_set][:, xs]))
+    rows = []
+    for route in c.label_routes():
+        centres = THRESHOLDS if route == "distance" else (None,)
+        fgs = THRESHOLDS if route != "stain" else (None,)
+        for fg in fgs:
+            for ct in centres:
+                ms = [match_labels(truth, labels_from_channels(c, img, route, foreground_threshold=fg,
+                                                               center_threshold=ct)[labels_set], 0.5)
+                      for img, truth in preds]
+                rows.append({"labels_from": route, "foreground_threshold": fg, "center_threshold": ct,
+                             "f1": pool_matching(ms)["f1"] if ms else 0.0})
+    if not rows or not preds:
+        return {}, rows
+    best = max(rows, key=lambda r: r["f1"])
+    plain = [r for r in rows if r["labels_from"] == best["labels_from"] and r["foreground_threshold"] in (None, 0.5)
+             and r["center_threshold"] in (None, 0.5)]
+    if plain and plain[0]["f1"] >= best["f1"] - tolerance:  # the defaults unless another setting clearly wins
+        best = plain[0]
+    return {k: v for k, v in best.items() if k != "f1" and v is not None}, rows
 
 
 def write_sampling(bundle_path: str | Path, chosen: dict, note: str) -> Bundle:

@@ -114,9 +114,24 @@ def label_route(config: BundleConfig, labels_from: str | None) -> str:
     return route
 
 
+LABEL_THRESHOLDS = ("boundary_threshold", "foreground_threshold", "center_threshold")
+
+
+def label_thresholds(config: BundleConfig, **given) -> dict[str, float]:
+    """The labels thresholds: the ones given (not None), else the bundle's validated ``sampling`` values, else 0.5."""
+    out = {}
+    for key in LABEL_THRESHOLDS:
+        value = given.get(key)
+        out[key] = float(value if value is not None else config.sampling.get(key, 0.5))
+    return out
+
+
 def labels_from_channels(config: BundleConfig, image: np.ndarray, labels_from: str | None = None,
                          **thresholds) -> dict[str, np.ndarray]:
     """Instance labels for every boundary channel; re-run it with other thresholds without the network.
+
+    ``boundary_threshold`` / ``foreground_threshold`` / ``center_threshold`` (distance route: where a centre map
+    seeds a nucleus) default to the bundle's validated ``sampling`` values (``label_thresholds``).
 
     ``labels_from`` "stain": labels sets that the bundle maps to a stain (nuclei <- Hoechst) are segmented from the
     predicted stain (``stain_to_labels``); "distance": sets with a distance channel are seeded at its centres
@@ -125,6 +140,7 @@ def labels_from_channels(config: BundleConfig, image: np.ndarray, labels_from: s
     """
     names = config.output_names
     route = label_route(config, labels_from)
+    t = label_thresholds(config, **thresholds)
     todo = [(c, s) for c, s in enumerate(config.output_channels) if s.kind == "boundary"]
     todo.sort(key=lambda cs: cs[1].seeds is not None)
     labels: dict[str, np.ndarray] = {}
@@ -135,10 +151,13 @@ def labels_from_channels(config: BundleConfig, image: np.ndarray, labels_from: s
             continue
         fg = image[names.index(spec.foreground)] if spec.foreground in names else None
         if route == "distance" and name in config.distance_channels:
-            labels[name] = distance_to_labels(image[names.index(config.distance_channels[name])], fg)
+            labels[name] = distance_to_labels(image[names.index(config.distance_channels[name])], fg,
+                                              seed_threshold=t["center_threshold"],
+                                              foreground_threshold=t["foreground_threshold"])
             continue
         seeds = labels.get(spec.seeds) if spec.seeds else None
-        labels[name] = boundaries_to_labels(image[c], fg, seeds=seeds, **thresholds)
+        labels[name] = boundaries_to_labels(image[c], fg, seeds=seeds, boundary_threshold=t["boundary_threshold"],
+                                            foreground_threshold=t["foreground_threshold"])
     return {(s.labels or s.name): labels[s.labels or s.name] for _, s in sorted(todo)}
 
 
