@@ -11,7 +11,9 @@ shipped mean network's budget (2,400 steps of 8 crops), so 4x = 9,600 and 16x = 
 
 ``score`` measures every snapshot on the validation strip (x >= 490 of t0-t7: never trained on) and on a sample of
 the training region (x < 490 of t3 and t7: the fit): Hoechst Pearson r, and per labels route the bundle offers
-(boundaries, stain, distance) nuclei F1@0.5 and the median centroid offset of matched nuclei. Held-out time points 8/9 are never read here.
+(boundaries, stain, distance) nuclei F1@0.5 and the median centroid offset of matched nuclei, at the default
+thresholds and at the ones that score best on the validation strip ("tuned", as the bundle's sampling defaults
+are chosen; the fit is scored at the same thresholds). Held-out time points 8/9 are never read here.
 """
 
 from __future__ import annotations
@@ -113,7 +115,9 @@ def centroid_offsets(true, pred, matches) -> list[float]:
 
 
 def score_bundle(path, frames: dict, **predict_options) -> dict:
-    """Hoechst r, nuclei F1@0.5 and median centroid offset on the validation strip and on training pixels."""
+    """Hoechst r, and per labels route nuclei F1@0.5 and median centroid offset, on the validation strip and on
+    training pixels: at the default thresholds (0.5), and at the foreground/centre thresholds that score best on the
+    validation strip ("tuned"; the fit is then scored at those same thresholds)."""
     import numpy as np
 
     from napari_virtualstain.core.bundle import load_bundle
@@ -122,21 +126,31 @@ def score_bundle(path, frames: dict, **predict_options) -> dict:
 
     bundle = load_bundle(path)
     routes = bundle.config.label_routes()
-    out = {}
-    for part, items in frames.items():
-        rs, matches, offsets = [], {r: [] for r in routes}, {r: [] for r in routes}
-        for image, stain, nuclei in items:
-            res = predict_stain(bundle, image, seed=0, threads=1, make_labels=False, **predict_options)
-            rs.append(pearson(res.channel("Hoechst"), stain.astype(np.float32)))
-            for route in routes:
-                pred = labels_from_channels(bundle.config, res.image, route)["nuclei"]
-                m = match_labels(nuclei, pred, 0.5, return_matches=True)
-                matches[route].append(m)
-                offsets[route] += centroid_offsets(nuclei, pred, m["matches"])
-        out[part] = {"hoechst_r": float(np.mean(rs))}
-        for route in routes:
-            out[part][f"nuclei_f1_05_{route}"] = pool_matching(matches[route])["f1"]
-            out[part][f"centroid_offset_px_{route}"] = float(np.median(offsets[route])) if offsets[route] else None
+    preds = {part: [(predict_stain(bundle, image, seed=0, threads=1, make_labels=False, **predict_options), stain,
+                     nuclei) for image, stain, nuclei in items] for part, items in frames.items()}
+
+    def f1(part, route, **thr):
+        ms, offsets = [], []
+        for res, _, nuclei in preds[part]:
+            lab = labels_from_channels(bundle.config, res.image, route, **thr)["nuclei"]
+            m = match_labels(nuclei, lab, 0.5, return_matches=True)
+            ms.append(m)
+            offsets += centroid_offsets(nuclei, lab, m["matches"])
+        return pool_matching(ms)["f1"], float(np.median(offsets)) if offsets else None
+
+    out = {part: {"hoechst_r": float(np.mean([pearson(r.channel("Hoechst"), st.astype(np.float32))
+                                              for r, st, _ in items]))} for part, items in preds.items()}
+    for route in routes:
+        default = {"foreground_threshold": 0.5, "center_threshold": 0.5, "boundary_threshold": 0.5}
+        grid = [{**default, "foreground_threshold": fg, "center_threshold": ct}
+                for fg in ((0.3, 0.4, 0.5) if route != "stain" else (0.5,))
+                for ct in ((0.3, 0.4, 0.5, 0.6) if route == "distance" else (0.5,))]
+        tuned = max(grid, key=lambda thr: f1("val", route, **thr)[0])
+        for part in preds:
+            out[part][f"nuclei_f1_05_{route}"], out[part][f"centroid_offset_px_{route}"] = f1(part, route, **default)
+            out[part][f"nuclei_f1_05_{route}_tuned"], out[part][f"centroid_offset_px_{route}_tuned"] = f1(
+                part, route, **tuned)
+        out["val"][f"thresholds_{route}_tuned"] = {k: v for k, v in tuned.items() if k != "boundary_threshold"}
     return out
 
 
@@ -160,6 +174,76 @@ def score(root: Path, output: Path) -> int:
     return 0
 
 
+def best_route(point: dict, part: str = "val") -> tuple[str, float]:
+    """The labels route with the highest tuned validation F1 (the one the bundle's defaults would pick)."""
+    routes = [k[len("nuclei_f1_05_"):-len("_tuned")] for k in point["val"] if k.endswith("_tuned")
+              and k.startswith("nuclei_f1_05_")]
+    route = max(routes, key=lambda r: point["val"][f"nuclei_f1_05_{r}_tuned"])
+    return route, point[part][f"nuclei_f1_05_{route}_tuned"]
+
+
+def report(scores: Path, figure: Path | None) -> str:
+    """A markdown table of every arm and snapshot, and (optionally) a PNG of the validation/fit curves."""
+    results = json.loads(scores.read_text())
+    rows = ["| arm | step | × 1 budget | train min | val r | val F1 (route) | fit r | fit F1 | val offset px |",
+            "|---|---|---|---|---|---|---|---|---|"]
+    curves = {}
+    for arm, entry in results.items():
+        for name, pt in sorted(entry["points"].items()):
+            route, vf1 = best_route(pt)
+            ff1 = pt["fit"][f"nuclei_f1_05_{route}_tuned"]
+            off = pt["val"][f"centroid_offset_px_{route}_tuned"]
+            rows.append(f"| {arm} | {pt['step']} | {pt['step'] / BASE_STEPS:g} | {pt['train_seconds'] / 60:.0f} | "
+                        f"{pt['val']['hoechst_r']:.3f} | {vf1:.3f} ({route}) | {pt['fit']['hoechst_r']:.3f} | "
+                        f"{ff1:.3f} | {off:.2f} |")
+            curves.setdefault(arm, []).append((pt["step"], pt["val"]["hoechst_r"], vf1, pt["fit"]["hoechst_r"], ff1))
+    if figure is not None:
+        _plot(curves, figure)
+    return "\n".join(rows)
+
+
+def _plot(curves: dict, path: Path) -> None:
+    """Four panels (val r, val F1, fit r, fit F1) against log2(steps), one colour per arm; numpy + Pillow only."""
+    import math
+
+    from PIL import Image, ImageDraw
+
+    colours = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75)]
+    titles = ["validation Hoechst r", "validation nuclei F1@0.5", "fit (training pixels) r", "fit nuclei F1@0.5"]
+    W, H, pad = 360, 240, 34
+    img = Image.new("RGB", (2 * W, 2 * H + 40), "white")
+    d = ImageDraw.Draw(img)
+    steps = [p[0] for c in curves.values() for p in c]
+    lx0, lx1 = math.log2(min(steps)), math.log2(max(steps)) + 1e-9
+    for k, title in enumerate(titles):
+        ox, oy = (k % 2) * W, (k // 2) * H
+        vals = [p[k + 1] for c in curves.values() for p in c]
+        y0, y1 = min(vals) - 0.02, max(vals) + 0.02
+        d.rectangle([ox + pad, oy + 20, ox + W - 10, oy + H - pad], outline=(160, 160, 160))
+        d.text((ox + pad, oy + 4), title, fill="black")
+        d.text((ox + 2, oy + 20), f"{y1:.2f}", fill="black")
+        d.text((ox + 2, oy + H - pad - 10), f"{y0:.2f}", fill="black")
+        d.text((ox + pad, oy + H - pad + 4), f"{min(steps)} steps", fill="black")
+        d.text((ox + W - 90, oy + H - pad + 4), f"{max(steps)} steps", fill="black")
+
+        def at(step, v):
+            x = ox + pad + (W - 10 - pad) * (math.log2(step) - lx0) / (lx1 - lx0)
+            y = oy + 20 + (H - pad - 20) * (1 - (v - y0) / (y1 - y0))
+            return x, y
+
+        for i, (arm, pts) in enumerate(curves.items()):
+            pts = sorted(pts)
+            xy = [at(p[0], p[k + 1]) for p in pts]
+            if len(xy) > 1:
+                d.line(xy, fill=colours[i % len(colours)], width=2)
+            for x, y in xy:
+                d.ellipse([x - 2, y - 2, x + 2, y + 2], fill=colours[i % len(colours)])
+    for i, arm in enumerate(curves):
+        d.text((10 + 120 * i, 2 * H + 14), arm, fill=colours[i % len(colours)])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    img.save(path)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -170,7 +254,13 @@ def main(argv=None) -> int:
     s = sub.add_parser("score", help="measure every snapshot of every arm under --root")
     s.add_argument("--root", type=Path, default=REPO / "runs/scaling")
     s.add_argument("-o", "--output", type=Path, default=REPO / "benchmarks/results/scaling_study.json")
+    t = sub.add_parser("report", help="markdown table (stdout) and a PNG of the curves from the scores JSON")
+    t.add_argument("scores", type=Path)
+    t.add_argument("--figure", type=Path, default=None)
     args, extra = p.parse_known_args(argv)
+    if args.cmd == "report":
+        print(report(args.scores, args.figure))
+        return 0
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     if args.cmd == "run":
         return run(args.arm, args.root, args.until, extra)
