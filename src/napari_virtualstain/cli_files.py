@@ -172,7 +172,7 @@ def predict_planes(image, axes: str | None, name: str, input_file: str, bundle, 
     """The selected plane(s) of one image -> [(plane index, StainResult)] with labels, and the uncertainty maps;
     shared by TIFF files and OME-Zarr fields."""
     from .core.inputs import labels_warning, pixel_size_warning
-    from .core.tasks.stain import label_route, labels_from_channels, predict_stain
+    from .core.tasks.stain import predict_stain
     from .core.uncertainty import predict_uncertainty
 
     plane = _parse_plane(args.plane)
@@ -204,8 +204,12 @@ def predict_planes(image, axes: str | None, name: str, input_file: str, bundle, 
             channel_axis=args.channel_axis, tile_size=args.tile_size, tile_overlap=args.tile_overlap,
             batch_size=args.batch_size, device=args.device, sampler=args.sampler, steps=args.steps,
             **_compute(args),
-            progress=_progress_printer(what) if not args.quiet else None, make_labels=False, input_name=what,
+            progress=_progress_printer(what) if not args.quiet else None, make_labels=not args.no_labels,
+            input_name=what, labels_from=args.labels_from, thresholds=thresholds,
         )
+        if not args.quiet and not args.no_labels and np.shape(arr)[-1] * np.shape(arr)[-2] > BIG_FIELD_PIXELS:
+            print(f"  {what}: instance labels follow the network passes (a big field: allow a while)",
+                  file=sys.stderr, flush=True)
         if args.uncertainty:
             unc = predict_uncertainty(bundle, arr, mode=args.uncertainty, seeds=seeds,
                                       window=_parse_window(args.window), **common)
@@ -219,14 +223,7 @@ def predict_planes(image, axes: str | None, name: str, input_file: str, bundle, 
         else:
             res = predict_stain(bundle, arr, seed=args.seed, samples=args.samples, block_size=args.block_size,
                                 pixel_size_um=input_um, rescale=args.rescale, tta=args.tta, **common)
-        if not args.no_labels:
-            route = label_route(bundle.config, args.labels_from)
-            if not args.quiet and res.image[0].size > BIG_FIELD_PIXELS:  # seconds to minutes: say what runs
-                print(f"  {what}: instance labels ({route}) of {res.image.shape[-2]} x {res.image.shape[-1]} px...",
-                      file=sys.stderr, flush=True)
-            res.labels = labels_from_channels(bundle.config, res.image, route, **thresholds)
-            res.provenance["labels_from"] = route
-        res.provenance.update({"plane": list(idx), "input_file": input_file, **thresholds})
+        res.provenance.update({"plane": list(idx), "input_file": input_file})
         results.append((idx, res))
     return results, maps
 
@@ -238,7 +235,7 @@ def _predict_with_trust(bundle, arr, args, common: dict, thresholds: dict, input
 
     if args.samples not in (None, 1) or args.rescale:
         raise VirtualStainError("--objects / --interval build their own ensemble: leave out --samples and --rescale")
-    opts = {k: v for k, v in common.items() if k != "make_labels"}
+    opts = {k: v for k, v in common.items() if k not in ("make_labels", "labels_from", "thresholds")}
     ens = predict_ensemble(bundle, arr, args.members, seed=args.seed, labels_from=args.labels_from,
                            thresholds=thresholds, make_labels=not args.no_labels, tta=args.tta,
                            pixel_size_um=input_um, block_size=args.block_size, **opts)

@@ -35,6 +35,8 @@ from .sampling import Progress, SamplerHooks
 from .tasks.stain import (
     StainResult,
     decode_outputs,
+    label_route,
+    label_thresholds,
     labels_from_channels,
     prepare_stain_run,
     run_stain_model,
@@ -169,6 +171,8 @@ def predict_uncertainty(
     should_cancel: Callable[[], bool] | None = None,
     make_labels: bool = True,
     input_name: str | None = None,
+    labels_from: str | None = None,
+    thresholds: dict | None = None,
 ) -> UncertaintyResult:
     """Sample ``bundle`` once per seed (as one batch) and return the prediction with its uncertainty maps.
 
@@ -216,7 +220,12 @@ def predict_uncertainty(
                      "population std; no per-batch rescaling",
         **run.provenance(batch_size, np.shape(image), input_name),
     }
-    labels = labels_from_channels(config, final) if make_labels else {}
+    labels = {}
+    if make_labels:  # the same labels as predict_stain's: route and thresholds as given, else the bundle's
+        route = label_route(config, labels_from)
+        used = label_thresholds(config, **(thresholds or {}))
+        provenance.update(used, labels_from=route)
+        labels = labels_from_channels(config, final, route, **used)
     stain = StainResult(final, config.output_names, [s.kind for s in config.output_channels], labels, dict(provenance))
     return UncertaintyResult(stain, maps, provenance)
 

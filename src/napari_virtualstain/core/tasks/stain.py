@@ -257,6 +257,7 @@ def predict_stain(
     pixel_size_um: float | None = None,
     rescale: bool = False,
     tta: int | None = None,
+    thresholds: dict | None = None,
 ) -> StainResult:
     """Predict every output channel of ``bundle`` for one 2D image (any size; tiled when larger than a tile).
 
@@ -272,6 +273,10 @@ def predict_stain(
 
     ``tta``: average the network's outputs over 1, 2, 4 or 8 flips/quarter turns of every tile (n network passes
     per pass; default: the bundle's validated ``sampling.tta``, else 1).
+
+    Labels (``make_labels``) are made here for every door — CLI, widgets, scripts — by ``labels_from_channels`` with
+    ``labels_from`` and ``thresholds`` (``boundary_threshold``, ``foreground_threshold``, ``center_threshold``; the
+    bundle's validated values where not given), all recorded in the provenance.
     """
     config = bundle.config
     if config.task != "stain":
@@ -328,7 +333,12 @@ def predict_stain(
     if blocks is not None:
         provenance["blocks"] = {"block_size": blocks.tile_size, "block_overlap": blocks.overlap,
                                 "num_blocks": len(blocks)}
-    labels = labels_from_channels(config, result_img, route) if make_labels else {}
+    if make_labels:
+        used = label_thresholds(config, **(thresholds or {}))
+        provenance.update(used)
+        labels = labels_from_channels(config, result_img, route, **used)
+    else:
+        labels = {}
     return StainResult(result_img, config.output_names, [s.kind for s in config.output_channels], labels, provenance,
                        spread)
 
