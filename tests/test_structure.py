@@ -77,3 +77,21 @@ def test_the_scan_finds_a_circle_when_there_is_one():
 def test_no_source_file_over_500_lines():
     long = {str(p.relative_to(SRC)): n for p in SRC.rglob("*.py") if (n := len(p.read_text().splitlines())) > MAX_LINES}
     assert not long, f"files over {MAX_LINES} lines: {long}"
+
+
+def test_output_file_names_are_spelled_in_one_place():
+    """'_virtualstain.tif', '_labels.tif', ... appear as string literals only in core/io.py (``output_name``)."""
+    spellings = ("_virtualstain.tif", "_labels.tif", "_objects.csv", "_uncertainty.tif", "_flags.csv")
+    found = []
+    for path in SRC.rglob("*.py"):
+        if path == SRC / "core" / "io.py" or path.name == "review.py":  # review files are named by the user
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Constant) and isinstance(node.value, str) and not node.value.count(" ") > 3:
+                if any(s in node.value for s in spellings):
+                    found.append(f"{path.relative_to(SRC)}:{node.lineno}: {node.value!r}")
+            elif isinstance(node, ast.JoinedStr):
+                text = "".join(v.value for v in node.values if isinstance(v, ast.Constant))
+                if text.count(" ") <= 3 and any(s in text for s in spellings):
+                    found.append(f"{path.relative_to(SRC)}:{node.lineno}: f-string {text!r}")
+    assert not found, "output names spelled outside core/io.py: " + "; ".join(found)

@@ -156,7 +156,9 @@ def already_written(out: Path, path, key: str, args) -> bool:
     if isinstance(path, NgffField):
         return field_done(ngff_output(path, args), key)
 
-    stain = out / f"{output_stem(path)}_virtualstain.tif"
+    from .core.io import output_name
+
+    stain = out / output_name("stain", output_stem(path))
     if not stain.is_file():
         return False
     try:
@@ -256,18 +258,18 @@ def _predict_with_trust(bundle, arr, args, common: dict, thresholds: dict, input
 
 def predict_file(path: Path, bundle, args, key: str) -> list[Path]:
     """One input file (every selected plane) -> its output files; the unit of work in-process and on Dask workers."""
-    from .core.io import read_axes, read_image, read_pixel_size, write_channels, write_labels
+    from .core.io import output_name, read_axes, read_image, read_pixel_size, write_channels, write_labels
 
     out = Path(args.output)
     input_um = args.pixel_size or read_pixel_size(path)
     results, maps = predict_planes(read_image(path), read_axes(path), path.name, str(path), bundle, args, input_um)
     stem = output_stem(path)
     first = results[0][1]
-    label_files = [f"{stem}_{name.replace(' ', '_')}_labels.tif" for name in first.labels]
+    label_files = [output_name("labels", stem, name) for name in first.labels]
     tables = first.provenance.pop("objects", None)
     for _, r in results[1:]:
         r.provenance.pop("objects", None)
-    table_files = [f"{stem}_{name.replace(' ', '_')}_objects.csv" for name in tables or {}]
+    table_files = [output_name("objects", stem, name) for name in tables or {}]
     if tables and len(results) > 1:
         raise VirtualStainError("--objects takes one plane per file (give --plane, not --all-planes)")
     prov = first.provenance | {"planes": [list(i) for i, _ in results], "settings_key": key,
@@ -286,7 +288,7 @@ def predict_file(path: Path, bundle, args, key: str) -> list[Path]:
             written.append(write_table(out / file, rows, prov | {"labels": name, "members": args.members}))
     if args.uncertainty:
         written += _write_uncertainty(out, stem, bundle.config, first.channel_names, maps, prov, args)
-    written.insert(0, write_channels(out / f"{stem}_virtualstain.tif", stacked([r.image for _, r in results]),
+    written.insert(0, write_channels(out / output_name("stain", stem), stacked([r.image for _, r in results]),
                                      first.channel_names, prov, input_um or bundle.config.pixel_size_um))
     return written
 
@@ -346,20 +348,20 @@ def predict_item(item, bundle, args, key: str) -> list[Path]:
 
 def _write_uncertainty(out: Path, stem: str, config, channel_names, maps: list[dict], prov: dict, args) -> list[Path]:
     """Maps as one ImageJ file (channels '<name> <map>'); flags of each stain channel as labels + one CSV."""
-    from .core.io import write_channels, write_labels
+    from .core.io import output_name, write_channels, write_labels
     from .core.uncertainty import flag_regions, write_flag_table
 
     map_names = list(maps[0])
     arrays = [np.concatenate([m[k] for k in map_names]) for m in maps]  # per plane: (maps * C, Y, X)
     names = [f"{c} {k}" for k in map_names for c in channel_names]
     stack = np.stack(arrays) if len(arrays) > 1 else arrays[0]
-    written = [write_channels(out / f"{stem}_uncertainty.tif", stack, names, prov, config.pixel_size_um)]
+    written = [write_channels(out / output_name("uncertainty", stem), stack, names, prov, config.pixel_size_um)]
     flag_map = args.flag_map or ("std_seeds" if "std_seeds" in maps[0] else "std_steps")
     if flag_map not in maps[0]:
         raise VirtualStainError(f"--flag-map {flag_map} was not computed with --uncertainty {args.uncertainty}")
     kinds = [s.kind for s in config.output_channels]
     flagged = [c for c, k in zip(channel_names, kinds) if k == "stain"] or list(channel_names)
-    rows_path = out / f"{stem}_flags.csv"
+    rows_path = out / output_name("flags_table", stem)
     rows = []
     for ch in flagged:
         c = channel_names.index(ch)
@@ -373,7 +375,7 @@ def _write_uncertainty(out: Path, stem: str, config, channel_names, maps: list[d
             rows += [{"channel": ch, "plane": plane, "map": flag_map, "threshold": fr.threshold, **r} for r in fr.table]
         settings = fr.settings | {"map": flag_map, "channel": ch}
         lab = np.stack(labs) if len(labs) > 1 else labs[0]
-        written.append(write_labels(out / f"{stem}_flags_{ch.replace(' ', '_')}.tif", lab, prov | {"flags": settings}))
+        written.append(write_labels(out / output_name("flags", stem, ch), lab, prov | {"flags": settings}))
     write_flag_table(rows_path, rows, extra_columns=["channel", "plane", "map", "threshold"])
     written.append(rows_path)
     return written

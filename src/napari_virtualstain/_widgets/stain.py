@@ -246,7 +246,7 @@ class StainWidget(TaskWidget):
 
     def save_results(self, folder: str | Path) -> list[Path]:
         """Write the last run like ``virtualstain predict`` does: one multi-channel TIFF + one TIFF per labels set."""
-        from ..core.io import write_channels, write_labels
+        from ..core.io import output_name, write_channels, write_labels
 
         r = self.last
         if r is None:
@@ -256,11 +256,11 @@ class StainWidget(TaskWidget):
         n_lead = r.image.ndim - 3
         planes = int(np.prod(r.image.shape[:n_lead])) if n_lead else 1
         image = r.image.reshape(planes, *r.image.shape[n_lead:]) if planes > 1 else r.image.reshape(r.image.shape[-3:])
-        written = [write_channels(folder / f"{stem}_virtualstain.tif", image, r.channel_names, r.provenance,
+        written = [write_channels(folder / output_name("stain", stem), image, r.channel_names, r.provenance,
                                   self._last_pixel_size)]
         for name, lab in r.labels.items():
             lab = lab.reshape(planes, *lab.shape[-2:]) if planes > 1 else lab.reshape(lab.shape[-2:])
-            written.append(write_labels(folder / f"{stem}_{name.replace(' ', '_')}_labels.tif", lab,
+            written.append(write_labels(folder / output_name("labels", stem, name), lab,
                                         {**r.provenance, "labels": name}))
         return written
 

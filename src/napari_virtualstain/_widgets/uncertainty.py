@@ -32,6 +32,7 @@ from qtpy.QtWidgets import (
 )
 
 from ..core.errors import VirtualStainError
+from ..core.io import output_name
 from ..core.review import merge
 from ._base import TaskWidget, describe_progress
 from ._controls import RunSettings
@@ -350,13 +351,11 @@ class UncertaintyWidget(TaskWidget):
     def open_review(self, path: str | Path) -> None:
         """Restore an exported review onto the maps of the current run (same image: same shape)."""
         from ..core.io import read_provenance
-        from ..core.review import read_review
+        from ..core.review import read_review, review_paths
 
         if self._cache is None:
             raise VirtualStainError("Compute the maps of the image first, then open its review")
-        path = Path(path)
-        tif = path.with_name((path.stem[: -len("_labels")] if path.stem.endswith("_labels") else path.stem)
-                             + "_labels.tif")
+        _, tif = review_paths(path)
         info = read_provenance(tif).get("review", {}) if tif.is_file() else {}
         for combo, key in ((self.flag_channel, "channel"), (self.flag_map, "map")):
             if info.get(key) and combo.findText(info[key]) >= 0:
@@ -381,7 +380,7 @@ class UncertaintyWidget(TaskWidget):
         notify_info(f"Wrote {csv_path.name} and {tif_path.name} to {csv_path.parent}")
 
     def _open_clicked(self) -> None:
-        path, _ = QFileDialog.getOpenFileName(self, "Open review", "", "Review (*.csv *_labels.tif)")
+        path, _ = QFileDialog.getOpenFileName(self, "Open review", "", f"Review (*.csv {output_name('review_labels', '*')})")
         if not path:
             return
         try:

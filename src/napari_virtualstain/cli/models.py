@@ -45,7 +45,7 @@ def cmd_napari(args) -> int:
 def cmd_demo(args) -> int:
     """Predict the bundled demo on the scratch-assay time point it never saw, and say how close it is."""
     from ..core.bundle import load_bundle
-    from ..core.io import read_image, write_channels, write_labels
+    from ..core.io import output_name, read_image, write_channels, write_labels
     from ..core.metrics import image_metrics, normalize_pair
     from ..core.tasks.stain import predict_stain
     from .._sample_data import scratch_assay_path
@@ -63,10 +63,10 @@ def cmd_demo(args) -> int:
     res = predict_stain(bundle, data[1, t], seed=args.seed, device=args.device, **_compute(args),
                         input_name=f"scratch assay t={t}", progress=_progress_printer(f"scratch assay t={t}"))
     out = Path(args.output)
-    written = [write_channels(out / "scratch_assay_virtualstain.tif", res.image, res.channel_names, res.provenance,
+    written = [write_channels(out / output_name("stain", "scratch_assay"), res.image, res.channel_names, res.provenance,
                               bundle.config.pixel_size_um)]
     for name, lab in res.labels.items():
-        written.append(write_labels(out / f"scratch_assay_{name}_labels.tif", lab, res.provenance | {"labels": name}))
+        written.append(write_labels(out / output_name("labels", "scratch_assay", name), lab, res.provenance | {"labels": name}))
     print("\n".join(f"wrote {p}" for p in written))
     if "Hoechst" in res.channel_names:
         pred, truth, _ = normalize_pair(res.channel("Hoechst"), data[0, t])

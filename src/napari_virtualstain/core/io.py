@@ -20,6 +20,24 @@ import tifffile
 from .errors import VirtualStainError
 
 IMAGE_SUFFIXES = (".tif", ".tiff", ".png", ".jpg", ".jpeg", ".bmp")
+OUTPUTS = {  # the one place output file names are spelled: predict, demo, the widgets' Save and evaluate use it
+    "stain": "{stem}_virtualstain.tif",
+    "labels": "{stem}_{name}_labels.tif",
+    "objects": "{stem}_{name}_objects.csv",
+    "uncertainty": "{stem}_uncertainty.tif",
+    "flags": "{stem}_flags_{name}.tif",
+    "flags_table": "{stem}_flags.csv",
+    "review_table": "{stem}.csv",
+    "review_labels": "{stem}_labels.tif",
+}
+
+
+def output_name(kind: str, stem: str, name: str | None = None) -> str:
+    """The file name of one output (``OUTPUTS``): e.g. ``output_name("labels", "t9", "nuclei")`` ->
+    ``t9_nuclei_labels.tif``; spaces in a channel or labels-set name become underscores."""
+    if kind not in OUTPUTS:
+        raise ValueError(f"unknown output kind {kind!r}")
+    return OUTPUTS[kind].format(stem=stem, name=(name or "").replace(" ", "_"))
 
 
 def check_output_folder(path: str | Path) -> Path:

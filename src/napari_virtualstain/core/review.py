@@ -129,12 +129,21 @@ def merge(new_automatic: np.ndarray, previous: Review | None, std_map: np.ndarra
     return measure(out, std_map, decisions, hand)
 
 
+def review_paths(path: str | Path) -> tuple[Path, Path]:
+    """The review's CSV and labels TIFF for ``path`` (either of them, or their common stem)."""
+    from .io import output_name
+
+    path = Path(path)
+    suffix = output_name("review_labels", "")
+    name = path.name[: -len(suffix)] if path.name.endswith(suffix) else path.stem
+    return path.with_name(output_name("review_table", name)), path.with_name(output_name("review_labels", name))
+
+
 def write_review(path: str | Path, review: Review, provenance: dict, extra: dict | None = None) -> tuple[Path, Path]:
     """``<stem>.csv`` (a row per region) and ``<stem>_labels.tif`` (regions + provenance + decisions)."""
     from .io import atomic_write, write_labels
 
-    path = Path(path)
-    csv_path, tif_path = path.with_suffix(".csv"), path.with_name(path.stem + "_labels.tif")
+    csv_path, tif_path = review_paths(path)
     csv_path.parent.mkdir(parents=True, exist_ok=True)
     extra = extra or {}
     with atomic_write(csv_path) as part, open(part, "w", newline="") as fh:
@@ -155,8 +164,7 @@ def read_review(path: str | Path, std_map: np.ndarray) -> tuple[Review, dict]:
     from .io import read_provenance
 
     path = Path(path)
-    stem = path.stem[: -len("_labels")] if path.stem.endswith("_labels") else path.stem
-    tif_path = path.with_name(stem + "_labels.tif")
+    _, tif_path = review_paths(path)
     if not tif_path.is_file():
         raise VirtualStainError(f"{tif_path.name} not found beside {path.name}: a review is the CSV and its labels TIFF")
     labels = tifffile.imread(tif_path)

@@ -7,9 +7,10 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ... import __version__
+from ..io import output_name
 
 
-PRED_SUFFIX = "_virtualstain.tif"
+PRED_SUFFIX = output_name("stain", "")  # "_virtualstain.tif", as predict names its outputs
 
 
 DEFAULT_IOU_THRESHOLDS = tuple(round(0.5 + 0.05 * i, 2) for i in range(9))  # 0.5, 0.55, ..., 0.9

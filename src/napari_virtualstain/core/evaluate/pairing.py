@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import VirtualStainError
-from ..io import list_images, read_channel_names, read_image
+from ..io import list_images, output_name, read_channel_names, read_image
 
 
 def _stem(path: Path) -> str:
@@ -26,7 +26,7 @@ def files_by_stem(folder: Path, what: str) -> dict[str, Path]:
 
 
 def label_file_name(stem: str, name: str) -> str:
-    return f"{stem}_{name.replace(' ', '_')}_labels.tif"
+    return output_name("labels", stem, name)
 
 
 def _finite(a: np.ndarray, what: str) -> np.ndarray:

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import VirtualStainError
-from ..io import read_provenance
+from ..io import output_name, read_provenance
 from ..metrics import (
     NORM_PERCENTILES,
     image_metrics,
@@ -189,7 +189,7 @@ def evaluate(
     missing = [m for m, n in compared.items() if n == 0]
     if missing:
         wants = [f"<stem>{PRED_SUFFIX}"] if truth_files else []
-        wants += [f"<stem>_{n.replace(' ', '_')}_labels.tif" for n in label_truth]
+        wants += [output_name("labels", "<stem>", n) for n in label_truth]
         raise VirtualStainError(
             f"no matching files: method(s) {', '.join(map(repr, missing))} ("
             f"{', '.join(str(methods[m]) for m in missing)}) have no {' or '.join(wants)} for any of the "
