@@ -258,11 +258,12 @@ def _predict_with_trust(bundle, arr, args, common: dict, thresholds: dict, input
 
 def predict_file(path: Path, bundle, args, key: str) -> list[Path]:
     """One input file (every selected plane) -> its output files; the unit of work in-process and on Dask workers."""
-    from .core.io import output_name, read_axes, read_image, read_pixel_size, write_channels, write_labels
+    from .core.io import output_name, read_image_file, write_channels, write_labels
 
     out = Path(args.output)
-    input_um = args.pixel_size or read_pixel_size(path)
-    results, maps = predict_planes(read_image(path), read_axes(path), path.name, str(path), bundle, args, input_um)
+    f = read_image_file(path)  # the image, its axes and its pixel size from one open of the file
+    input_um = args.pixel_size or f.pixel_size_um
+    results, maps = predict_planes(f.data, f.axes, path.name, str(path), bundle, args, input_um)
     stem = output_stem(path)
     first = results[0][1]
     label_files = [output_name("labels", stem, name) for name in first.labels]

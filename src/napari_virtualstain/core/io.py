@@ -12,6 +12,7 @@ import contextlib
 import errno
 import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -132,26 +133,61 @@ MICRONS_PER = {"um": 1.0, "µm": 1.0, "\\u00B5m": 1.0, "micron": 1.0, "microns":
 
 def read_pixel_size(path: str | Path) -> float | None:
     """The file's pixel size in um (OME PhysicalSizeX, else ImageJ/TIFF resolution with a length unit), or None."""
-    import re
-
     path = Path(path)
     if path.suffix.lower() not in (".tif", ".tiff"):
         return None
     try:
         with tifffile.TiffFile(path) as tif:
-            if tif.ome_metadata:
-                size = re.search(r'PhysicalSizeX="([0-9.eE+-]+)"', tif.ome_metadata)
-                unit = re.search(r'PhysicalSizeXUnit="([^"]+)"', tif.ome_metadata)
-                if size:
-                    return float(size.group(1)) * MICRONS_PER.get(unit.group(1) if unit else "um", 1.0)
-            unit = (tif.imagej_metadata or {}).get("unit")
-            tag = tif.pages.first.tags.get("XResolution")
-            if unit in MICRONS_PER and tag is not None:
-                num, den = tag.value
-                return den / num * MICRONS_PER[unit] if num else None
+            return _pixel_size(tif)
+    except Exception:  # noqa: BLE001 - unreadable metadata means an unknown pixel size, not a failure
+        return None
+
+
+def _pixel_size(tif) -> float | None:
+    import re
+
+    try:
+        if tif.ome_metadata:
+            size = re.search(r'PhysicalSizeX="([0-9.eE+-]+)"', tif.ome_metadata)
+            unit = re.search(r'PhysicalSizeXUnit="([^"]+)"', tif.ome_metadata)
+            if size:
+                return float(size.group(1)) * MICRONS_PER.get(unit.group(1) if unit else "um", 1.0)
+        unit = (tif.imagej_metadata or {}).get("unit")
+        tag = tif.pages.first.tags.get("XResolution")
+        if unit in MICRONS_PER and tag is not None:
+            num, den = tag.value
+            return den / num * MICRONS_PER[unit] if num else None
     except Exception:  # noqa: BLE001 - unreadable metadata means an unknown pixel size, not a failure
         return None
     return None
+
+
+@dataclass
+class ImageFile:
+    """An image as stored, with what its metadata says: axis letters (or None) and pixel size in um (or None)."""
+
+    data: np.ndarray
+    axes: str | None
+    pixel_size_um: float | None
+
+
+def read_image_file(path: str | Path) -> ImageFile:
+    """``read_image`` + ``read_axes`` + ``read_pixel_size`` from one open of the file."""
+    path = Path(path)
+    if path.suffix.lower() not in (".tif", ".tiff") or not path.is_file():
+        return ImageFile(read_image(path), None, None)
+    try:
+        with tifffile.TiffFile(path) as tif:
+            data = tif.asarray()
+            try:
+                axes = tif.series[0].axes or None
+            except Exception:  # noqa: BLE001 - no series metadata: no axis names
+                axes = None
+            return ImageFile(data, axes, _pixel_size(tif))
+    except VirtualStainError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - any reader failure is a bad file for the user
+        raise VirtualStainError(f"could not read {path}: {exc}") from None
 
 
 def list_images(folder: str | Path) -> list[Path]:
