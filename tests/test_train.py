@@ -249,3 +249,36 @@ def test_progress_bar_on_a_terminal_plain_lines_in_a_log():
         p.update(step, 0.5, step / 10)
     p.close()
     assert "\r" in term.getvalue() and "step 1/10" not in term.getvalue()  # tqdm's bar, not the plain lines
+
+
+@pytest.mark.parametrize("case, words", [
+    ("shape", "registered pixel for pixel"), ("nan target", "NaN/Inf"), ("float labels", "integer ids"),
+    ("tiny", "validation strip"), ("rgb input", "RGB"),
+])
+def test_training_inputs_as_they_come_get_one_clear_error_and_nothing_written(tmp_path, capsys, case, words):
+    """Issue 21: data that a lab really has (mismatched sizes, NaN, float labels, tiny images, colour cameras)."""
+    rng = np.random.default_rng(0)
+    inp, tgt, lab = rng.random((64, 80)).astype(np.float32), rng.random((64, 80)).astype(np.float32), None
+    if case == "shape":
+        tgt = tgt[:60]
+    elif case == "nan target":
+        tgt[5, 5] = np.nan
+    elif case == "float labels":
+        lab = rng.random((64, 80)).astype(np.float32)
+    elif case == "tiny":
+        inp, tgt = inp[:20, :24], tgt[:20, :24]
+    elif case == "rgb input":
+        inp = (rng.random((64, 80, 3)) * 255).astype(np.uint8)
+    root = tmp_path / "data"
+    for sub in ("input", "target"):
+        (root / sub).mkdir(parents=True)
+    tifffile.imwrite(root / "input" / "a.tif", inp)
+    tifffile.imwrite(root / "target" / "a.tif", tgt)
+    if lab is not None:
+        (root / "labels" / "nuclei").mkdir(parents=True)
+        tifffile.imwrite(root / "labels" / "nuclei" / "a.tif", lab)
+    out = tmp_path / "out"
+    assert main(["train", str(root), "-o", str(out), "--objective", "regression", *TINY_CLI]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error:") and words in err and "Traceback" not in err
+    assert not (out / "config.json").exists()

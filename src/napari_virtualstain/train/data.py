@@ -170,7 +170,9 @@ def _checked(img: TrainingImage, where: str) -> TrainingImage:
     shape = img.inputs.shape[1:]
     for arr in [*img.stains, *img.labels.values()]:
         if arr.shape != shape:
-            raise VirtualStainError(f"{where}: targets of shape {arr.shape} do not match the input's {shape}")
+            raise VirtualStainError(f"{where}: targets of shape {arr.shape} do not match the input's {shape}; a "
+                                    "target must be registered pixel for pixel with its input (same size: crop or "
+                                    "resample one of them)")
     if img.split not in ("train", "val"):
         raise VirtualStainError(f"{where}: split must be 'train' or 'val', got {img.split!r}")
     return img
@@ -186,8 +188,9 @@ def load_folder(folder: str | Path, input_names: list[str] | None = None, stain_
     label_names = sorted(p.name for p in lab_dir.iterdir() if p.is_dir()) if lab_dir.is_dir() else []
     images = []
     for p in list_images(in_dir):
-        inputs = _as_chw(read_image(p), channel_axis)
-        stains = _as_chw(read_image(tgt_dir / p.name), channel_axis) if (tgt_dir / p.name).exists() else None
+        inputs = _as_chw(read_image(p), channel_axis, p)
+        tgt = tgt_dir / p.name
+        stains = _as_chw(read_image(tgt), channel_axis, tgt) if tgt.exists() else None
         if stains is None and not label_names:
             raise VirtualStainError(f"{p.name}: no matching file in {tgt_dir} and no labels/")
         labels = {}
@@ -195,9 +198,9 @@ def load_folder(folder: str | Path, input_names: list[str] | None = None, stain_
             match = lab_dir / n / p.name
             if not match.exists():
                 raise VirtualStainError(f"{p.name}: no matching labels file {match}")
-            labels[n] = read_image(match)
+            labels[n] = _integer_labels(read_image(match), match)
         stains = stains if stains is not None else np.zeros((0, *inputs.shape[1:]), np.float32)
-        images.append(_checked(TrainingImage(p.stem, as_float(inputs), as_float(stains), labels), str(p)))
+        images.append(_checked(TrainingImage(p.stem, _finite(inputs, p), _finite(stains, tgt), labels), str(p)))
     if not images:
         raise VirtualStainError(f"{in_dir} holds no images")
     n_in, n_st = images[0].inputs.shape[0], images[0].stains.shape[0]
@@ -212,12 +215,43 @@ def load_folder(folder: str | Path, input_names: list[str] | None = None, stain_
     return TrainingSpec(folder.name, input_names, stain_names, label_names, images, source=str(folder))
 
 
-def _as_chw(arr: np.ndarray, channel_axis: int) -> np.ndarray:
+def _as_chw(arr: np.ndarray, channel_axis: int, path=None) -> np.ndarray:
+    where = f"{path}: " if path is not None else ""
     if arr.ndim == 2:
         return arr[None]
     if arr.ndim == 3:
+        if channel_axis == 0 and arr.shape[-1] in (3, 4) and arr.shape[0] > 4:
+            raise VirtualStainError(
+                f"{where}looks like an RGB(A) image {arr.shape} (colour last); save it as one grey plane (e.g. its "
+                "luminance), or give --channel-axis 2 to train on its colour planes as separate inputs")
         return np.moveaxis(arr, channel_axis, 0)
-    raise VirtualStainError(f"training images must be 2D or 3D (C, Y, X); got shape {arr.shape}")
+    raise VirtualStainError(f"{where}training images must be 2D or 3D (C, Y, X); got shape {arr.shape}")
+
+
+def _finite(arr: np.ndarray, path) -> np.ndarray:
+    """float32; NaN/Inf pixels are one clear error that says how to fill them."""
+    out = np.asarray(arr, dtype=np.float32)
+    bad = ~np.isfinite(out)
+    if bad.any():
+        raise VirtualStainError(
+            f"{path} holds {int(bad.sum())} NaN/Inf pixel(s); training needs finite values: fill them (e.g. "
+            "napari_virtualstain.core.normalize.fill_non_finite(image), nearest finite pixel) or crop them away")
+    return out
+
+
+def _integer_labels(arr: np.ndarray, path) -> np.ndarray:
+    arr = np.asarray(arr)
+    if np.issubdtype(arr.dtype, np.integer):
+        return arr
+    if np.issubdtype(arr.dtype, np.floating) and np.isfinite(arr).all() and np.all(np.mod(arr, 1) == 0):
+        return arr.astype(np.int64)
+    raise VirtualStainError(
+        f"{path}: instance labels must hold integer ids (0 = background, one id per nucleus/cell); got {arr.dtype} "
+        "values with fractions — a probability map or a stain is not labels (save labels as uint16, or put a "
+        "stain under target/)")
+
+
+MIN_VAL_WIDTH = 8  # the smallest plane a network takes (core/inputs.py)
 
 
 def split_regions(spec: TrainingSpec) -> tuple[list[tuple[TrainingImage, slice]], list[tuple[TrainingImage, slice]]]:
@@ -230,6 +264,12 @@ def split_regions(spec: TrainingSpec) -> tuple[list[tuple[TrainingImage, slice]]
     for im in spec.images:
         w = im.inputs.shape[-1]
         cut = int(round(w * (1 - spec.val_fraction)))
+        if w - cut < MIN_VAL_WIDTH or im.inputs.shape[-2] < MIN_VAL_WIDTH:
+            raise VirtualStainError(
+                f"{im.name}: the validation strip (the right-hand {100 * spec.val_fraction:g} %) would be "
+                f"{im.inputs.shape[-2]} x {w - cut} px, too small to validate on (at least {MIN_VAL_WIDTH} x "
+                f"{MIN_VAL_WIDTH}); use a larger --val-fraction, mark whole images split: val in a config, or "
+                "--val-fraction 0 to validate on nothing")
         train.append((im, slice(0, cut)))
         val.append((im, slice(cut, w)))
     return train, val
