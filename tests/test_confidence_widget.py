@@ -63,3 +63,25 @@ def test_every_dock_widget_fits_a_laptop_screen(make_napari_viewer):
         heights[cls.__name__] = w.minimumSizeHint().height()
     assert all(h <= 300 for h in heights.values()), heights
     assert heights["StainWidget"] + heights["UncertaintyWidget"] <= 768 - 150  # menus, title bar, layer list
+
+
+def test_compare_with_the_real_stain_in_one_click(make_napari_viewer, qtbot, scratch, tiny_bundle_dir, notes):  # noqa: F811
+    from napari_virtualstain._widgets import StainWidget
+
+    viewer = make_napari_viewer()
+    bf = viewer.add_image(np.ascontiguousarray(scratch[9, :48, :64]), name="Brightfield")
+    widget = StainWidget(viewer)
+    widget.controls.set_checkpoint(tiny_bundle_dir)
+    widget.controls.set_input_layer(bf)
+    assert not widget.compare_button.isEnabled()
+    assert widget.run()
+    wait_done(qtbot, widget)
+    assert widget.compare_button.isEnabled()
+    assert not widget.compare()  # no real stain open yet: a notification that says what to open
+    assert any("No real Hoechst layer" in m for m in notes.errors())
+    real = viewer.add_image(np.ones((48, 64), np.float32), name="Hoechst (real)", colormap="gray")
+    assert widget.compare()
+    virtual = viewer.layers["Hoechst (virtual)"]
+    assert real.colormap.name == "magenta" and virtual.colormap.name == "cyan"
+    assert real.blending == virtual.blending == "additive" and not bf.visible
+    assert viewer.layers["nuclei (virtual)"].contour == 1

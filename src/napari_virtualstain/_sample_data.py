@@ -35,6 +35,8 @@ _MISSING_MESSAGE = (
 )
 
 
+REAL_COLORMAP = "magenta"  # measured stains; predicted ones take their stain colour (cyan for nuclei)
+
 def scratch_assay_path() -> Path:
     """Path of ``scratch-assay-labeled-10T-2Ch.tiff`` inside ``ndev-sampledata``.
 
@@ -83,7 +85,7 @@ def scratch_assay() -> list[tuple[Any, dict[str, Any], str]]:
     Returns napari ``LayerDataTuple``s ``(data, kwargs, layer_type)``:
 
     1. ``"Brightfield (scratch assay)"``: oblique transmitted light, (T, Y, X) uint16, gray;
-    2. ``"Hoechst (real)"``: the measured nuclear stain, (T, Y, X) uint16, cyan, additive;
+    2. ``"Hoechst (real)"``: the measured nuclear stain, (T, Y, X) uint16, magenta, additive (virtual: cyan);
     3. ``"Nuclei labels (real)"``: nuclei instance labels, (T, Y, X) integer labels.
 
     All layers share ``scale = (1, 0.619, 0.619)`` (time, um, um).
@@ -111,7 +113,7 @@ def scratch_assay() -> list[tuple[Any, dict[str, Any], str]]:
             hoechst,
             {
                 "name": "Hoechst (real)",
-                "colormap": "cyan",
+                "colormap": REAL_COLORMAP,  # virtual stains are cyan: white where they agree (docs/user_guide.md)
                 "contrast_limits": _display_range(hoechst),
                 "blending": "additive",
                 "scale": scale,

@@ -237,6 +237,31 @@ def stain_colormap(name: str, index: int) -> str:
     return _PALETTE[index % len(_PALETTE)]
 
 
+def compare_with_real(viewer, virtual, real) -> None:
+    """The one-click comparison: the real stain magenta and the virtual one cyan, both additive over a hidden
+    input, so agreement is white, a virtual-only nucleus cyan and a missed one magenta; labels as outlines."""
+    from napari.layers import Image, Labels
+
+    for layer in viewer.layers:
+        if isinstance(layer, Image) and layer not in (virtual, real):
+            layer.visible = False
+        if isinstance(layer, Labels):
+            layer.contour = 1
+    real.colormap, real.blending, real.visible = "magenta", "additive", True
+    virtual.colormap, virtual.blending, virtual.visible = "cyan", "additive", True
+
+
+def find_real_layer(viewer, stain: str, exclude=()):
+    """An Image layer holding the measured ``stain``: its name contains the stain's name and not '(virtual)'."""
+    from napari.layers import Image
+
+    for layer in viewer.layers:
+        name = layer.name.lower()
+        if isinstance(layer, Image) and layer not in exclude and stain.lower() in name and "(virtual)" not in name:
+            return layer
+    return None
+
+
 def json_safe(d: dict) -> dict:
     """Provenance as plain JSON types, so it can be saved with the layer and compared in tests."""
     return json.loads(json.dumps(d, default=lambda o: o.tolist() if hasattr(o, "tolist") else str(o)))

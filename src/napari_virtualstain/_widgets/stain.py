@@ -145,6 +145,12 @@ class StainWidget(TaskWidget):
         self.save_button.setEnabled(False)
         self.save_button.clicked.connect(self._save_clicked)
         layout.addWidget(self.save_button)
+        self.compare_button = QPushButton("Compare with the real stain")
+        self.compare_button.setToolTip("Real stain magenta, virtual cyan, both additive: white where they agree, "
+                                       "cyan = only predicted, magenta = missed; labels as outlines")
+        self.compare_button.setEnabled(False)
+        self.compare_button.clicked.connect(lambda: self.compare())
+        layout.addWidget(self.compare_button)
         from qtpy.QtCore import Qt
         from qtpy.QtWidgets import QHBoxLayout, QLabel, QSlider
 
@@ -205,9 +211,30 @@ class StainWidget(TaskWidget):
                 self._recolour()
             self.last, self._last_pixel_size = stacked, bundle.config.pixel_size_um
             self.save_button.setEnabled(True)
+            self._virtual = [la for la in added if la.metadata.get("kind") == "stain"]
+            self.compare_button.setEnabled(bool(self._virtual))
             self.warn_if_input_gone(sel)
 
         return Job(f"Virtual stain of '{sel.layer_name}'", work, done, {"selection": sel})
+
+    def compare(self) -> bool:
+        """Overlay the first virtual stain of the last run on its real counterpart (``_layers.compare_with_real``)."""
+        from ._layers import compare_with_real, find_real_layer
+
+        virtual = [la for la in getattr(self, "_virtual", []) if la in self.viewer.layers]
+        if not virtual:
+            notify_error("Predict first: there is no virtual stain to compare")
+            return False
+        stain = virtual[0].metadata.get("channel", "")
+        real = find_real_layer(self.viewer, stain, exclude=virtual)
+        if real is None:
+            notify_error(f"No real {stain} layer: open the measured stain as an Image layer with '{stain}' in its "
+                         f"name (e.g. '{stain} (real)'; File > Open Sample > Virtual Staining has one)")
+            return False
+        compare_with_real(self.viewer, virtual[0], real)
+        notify_info(f"'{real.name}' magenta, '{virtual[0].name}' cyan: white = agree, cyan = only predicted, "
+                    "magenta = missed")
+        return True
 
     def _recolour(self, *_) -> None:
         """Apply 'hide below' to the labels layers of the last confidence run (the labels themselves stay)."""
