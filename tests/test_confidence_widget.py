@@ -85,3 +85,23 @@ def test_compare_with_the_real_stain_in_one_click(make_napari_viewer, qtbot, scr
     assert real.colormap.name == "magenta" and virtual.colormap.name == "cyan"
     assert real.blending == virtual.blending == "additive" and not bf.visible
     assert viewer.layers["nuclei (virtual)"].contour == 1
+
+
+def test_a_second_uncertainty_run_replaces_its_layers_instead_of_stacking_duplicates(make_napari_viewer, qtbot,
+                                                                                    scratch, tiny_bundle_dir, notes):  # noqa: F811
+    from napari_virtualstain._widgets import UncertaintyWidget
+
+    viewer = make_napari_viewer()
+    bf = viewer.add_image(np.ascontiguousarray(scratch[9, :48, :64]), name="Brightfield")
+    widget = UncertaintyWidget(viewer)
+    widget.controls.set_checkpoint(tiny_bundle_dir)
+    widget.controls.set_input_layer(bf)
+    names = []
+    for seed in (1, 2):
+        widget.controls.seed.setValue(seed)
+        assert widget.run()
+        wait_done(qtbot, widget)
+        assert widget.runner.last_outcome == "done", notes.all()
+        names.append([la.name for la in viewer.layers])
+    assert names[0] == names[1] and not any("[1]" in n for n in names[1])  # replaced, not stacked
+    assert viewer.layers["Hoechst (virtual)"].metadata["seed"] == 2  # ... with the second run's provenance

@@ -12,6 +12,16 @@ pytestmark = pytest.mark.gui
 SCALE = (1.0, 0.619, 0.619)
 
 
+@pytest.fixture(autouse=True)
+def _forget_trained_checkpoints():
+    """Bundles trained here are offered to every widget of the session; other tests expect only the demos."""
+    from napari_virtualstain._widgets import _controls
+
+    before = list(_controls._USER_CHECKPOINTS)
+    yield
+    _controls._USER_CHECKPOINTS[:] = before
+
+
 @pytest.fixture(scope="module")
 def assay(shared_data):
     import tifffile

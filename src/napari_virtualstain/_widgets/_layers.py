@@ -358,13 +358,33 @@ def add_layers(viewer, tuples: list[LayerTuple]) -> list:
     return list(iter_add_layers(viewer, tuples))
 
 
-def iter_add_layers(viewer, tuples: list[LayerTuple]):
-    """Add layers one at a time, yielding each: as a Job's ``on_result`` generator, napari repaints in between."""
+def _same_output(layer, kwargs: dict, kind: str) -> bool:
+    """``layer`` is an earlier output of this plugin for the same input and plane, of the same kind of layer."""
+    old, new = layer.metadata or {}, kwargs.get("metadata") or {}
+    return (layer._type_string == kind and "bundle_id" in old and old.get("input") == new.get("input")
+            and old.get("plane") == new.get("plane") and old.get("channel") == new.get("channel")
+            and old.get("kind") == new.get("kind"))
+
+
+def iter_add_layers(viewer, tuples: list[LayerTuple], replace: bool = False):
+    """Add layers one at a time, yielding each: as a Job's ``on_result`` generator, napari repaints in between.
+
+    ``replace``: a layer of the same name that is this plugin's earlier output for the same input, plane and
+    channel gets the new data and provenance in place (no ``[1]`` duplicates stacked on it)."""
     from napari.layers import Layer
 
     for data, kwargs, kind in tuples:
         kwargs = dict(kwargs)
         contour = kwargs.pop("contour", None)  # a Labels property that its constructor does not take
+        name = kwargs.get("name")
+        if replace and name in viewer.layers and _same_output(viewer.layers[name], kwargs, kind):
+            layer = viewer.layers[name]
+            layer.data = data
+            layer.metadata = kwargs.get("metadata", {})
+            if "contrast_limits" in kwargs:
+                layer.contrast_limits = kwargs["contrast_limits"]
+            yield layer
+            continue
         layer = Layer.create(data, kwargs, kind)
         if contour is not None:
             layer.contour = contour

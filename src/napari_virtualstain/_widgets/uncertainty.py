@@ -208,7 +208,8 @@ class UncertaintyWidget(TaskWidget):
 
         def done(payload):
             tuples, cache = payload
-            yield from iter_add_layers(self.viewer, tuples)
+            # the prediction and maps of a rerun on the same input replace the last ones (no stacked duplicates)
+            yield from iter_add_layers(self.viewer, tuples, replace=True)
             self.set_cache(cache)
             self.warn_if_input_gone(sel)
 

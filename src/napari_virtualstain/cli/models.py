@@ -125,8 +125,7 @@ def cmd_calibrate(args) -> int:
     src = Path(args.data)
     spec = (load_folder(src, split_names(args.input_names), split_names(args.stain_names)) if src.is_dir()
             else load_config(src))
-    train_r, val_r = split_regions(spec)
-    regions = val_r if args.regions == "val" else [(im, slice(None)) for im in spec.images]
+    regions = split_regions(spec)[1] if args.regions == "val" else [(im, slice(None)) for im in spec.images]
     if not regions:
         raise VirtualStainError(f"{src} holds no validation regions; use --regions all")
     missing = [s for s in spec.stain_names if s not in bundle.config.output_names]
