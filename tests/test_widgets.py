@@ -741,7 +741,8 @@ def test_invariant_dna_is_kept_by_translate_and_asked_for_by_synthesize(make_nap
     assert syn.run()
     wait_done(qtbot, syn)
     assert syn.runner.last_outcome == "done", notes.all()
-    out = viewer.layers["DNA synthetic (A01)"].data
+    assert syn.size.value() == 64 and not syn.size.isEnabled()  # the greyed box shows the samples' size
+    out = viewer.layers["DNA condition (kept)"].data  # carried along, not generated: not called "synthetic"
     assert out.shape == (2, 48, 64)
     np.testing.assert_array_equal(out[1], nfkb_crop[1].astype(np.float32))
 

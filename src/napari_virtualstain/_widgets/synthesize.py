@@ -17,8 +17,10 @@ from ._layers import iter_add_layers, json_safe, robust_limits, stain_colormap
 from ._runner import Job
 
 
-def synthesis_layer_tuples(result, class_name: str, pixel_size_um: float | None) -> list[tuple]:
-    """(N, C, H, W) -> one additive layer per channel, (N, H, W), named '<channel> synthetic (<class>)';
+def synthesis_layer_tuples(result, class_name: str, pixel_size_um: float | None,
+                           invariant: tuple[str, ...] = ()) -> list[tuple]:
+    """(N, C, H, W) -> one additive layer per channel, (N, H, W), named '<channel> synthetic (<class>)' — or
+    '<channel> condition' for an invariant channel, which is the user's own image carried along, not generated;
     an RGB checkpoint (channels R, G, B) gives one RGB layer (N, H, W, 3)."""
     prov = json_safe(result.provenance)
     px = float(pixel_size_um) if pixel_size_um else 1.0
@@ -31,8 +33,9 @@ def synthesis_layer_tuples(result, class_name: str, pixel_size_um: float | None)
     out = []
     for c, name in enumerate(result.channel_names):
         data = result.images[:, c]
+        label = f"{name} condition (kept)" if name in invariant else f"{name} synthetic ({class_name})"
         out.append((data, {
-            "name": f"{name} synthetic ({class_name})", "colormap": stain_colormap(name, c), "blending": "additive",
+            "name": label, "colormap": stain_colormap(name, c), "blending": "additive",
             "contrast_limits": robust_limits(data), "scale": (1.0, px, px),
             "axis_labels": ("sample", "y", "x"), "metadata": {**prov, "channel": name},
         }, "image"))
@@ -69,6 +72,7 @@ class SynthesizeWidget(TaskWidget):
         form.addRow("Guidance", self.guidance)
         self.condition = QComboBox()
         self.condition.setToolTip("The invariant channel(s) to generate for (e.g. a DNA image): the samples keep them")
+        self.condition.currentTextChanged.connect(self._size_from_condition)
         self.condition_label = QLabel("Condition layer")
         form.addRow(self.condition_label, self.condition)
         follow_layers(self, self.viewer, "_on_layers_event")
@@ -96,6 +100,13 @@ class SynthesizeWidget(TaskWidget):
         if needed:
             self.condition_label.setText(f"Condition ({', '.join(needed)})")
         self.size.setEnabled(not needed)
+        self._size_from_condition()
+
+    def _size_from_condition(self, *_) -> None:
+        """With a condition layer the greyed Size box shows the size the samples will have: the layer's."""
+        name = self.condition.currentText()
+        if self.condition.isVisibleTo(self) and name in self.viewer.layers:
+            self.size.setValue(int(max(self.viewer.layers[name].data.shape[-2:])))
 
     def on_bundle_changed(self, bundle) -> None:
         self.class_name.clear()
@@ -141,7 +152,10 @@ class SynthesizeWidget(TaskWidget):
                 channel_axis=0 if condition is not None and condition.ndim == 3 else None, batch_size=s.batch_size, device=s.device, should_cancel=should_cancel,
                 progress=lambda p: progress(p.fraction, describe_progress(p)),
             )
-            return synthesis_layer_tuples(result, class_name, pixel)
+            return synthesis_layer_tuples(result, class_name, pixel, tuple(bundle.config.invariant_names))
 
-        return Job(f"Synthesis of {n} '{class_name}' image{'s' if n > 1 else ''}", work,
-                   lambda tuples: iter_add_layers(self.viewer, tuples))
+        def done(tuples):
+            yield from iter_add_layers(self.viewer, tuples)
+            self.viewer.reset_view()  # the samples, not the grid or image the view was zoomed on
+
+        return Job(f"Synthesis of {n} '{class_name}' image{'s' if n > 1 else ''}", work, done)
