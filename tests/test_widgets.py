@@ -632,7 +632,7 @@ def test_translate_layers_control_difference_and_side_by_side(make_napari_viewer
     for c, ch in enumerate(["NF-kB", "DNA"]):
         tr = viewer.layers[f"{ch} A01→A12 (translated)"]
         ctl = viewer.layers[f"{ch} A01→A01 (control)"]
-        diff = viewer.layers[f"{ch} difference (A12 − A01)"]
+        diff = viewer.layers[f"{ch} difference (A12 − A01; green = more in A12)"]
         assert tr.data.shape == ctl.data.shape == diff.data.shape == (48, 64)
         np.testing.assert_allclose(tr.data, expected.translated[c], rtol=1e-4, atol=1e-2)
         np.testing.assert_allclose(ctl.data, expected.control[c], rtol=1e-4, atol=1e-2)
@@ -650,10 +650,10 @@ def test_translate_layers_control_difference_and_side_by_side(make_napari_viewer
     assert grid.enabled and tuple(grid.shape) == (1, 4)
     visible = [la.name for la in viewer.layers if la.visible]
     assert visible == ["A01 well", "NF-kB A01→A12 (translated)", "NF-kB A01→A01 (control)",
-                       "NF-kB difference (A12 − A01)"]
+                       "NF-kB difference (A12 − A01; green = more in A12)"]
     widget.side_by_side.setChecked(False)  # back to the layer visibility from before
     assert not grid.enabled and viewer.layers["DNA A01→A12 (translated)"].visible
-    assert not viewer.layers["NF-kB difference (A12 − A01)"].visible
+    assert not viewer.layers["NF-kB difference (A12 − A01; green = more in A12)"].visible
 
 
 def test_translate_follows_the_layers_class_and_refuses_the_wrong_direction(make_napari_viewer, nfkb_crop,
@@ -771,7 +771,7 @@ def test_rgb_checkpoint_takes_rgb_layers(make_napari_viewer, qtbot, shared_data,
     translated = viewer.layers["RGB TUM→NORM (translated)"]
     assert translated.rgb and translated.data.shape == (40, 48, 3)
     assert viewer.layers["RGB TUM→TUM (control)"].data.shape == (40, 48, 3)
-    assert [viewer.layers[f"{c} difference (NORM − TUM)"].data.shape for c in "RGB"] == [(40, 48)] * 3
+    assert [viewer.layers[f"{c} difference (NORM − TUM; green = more in NORM)"].data.shape for c in "RGB"] == [(40, 48)] * 3
     assert np.array_equal(he.data, tile)
 
     synth = SynthesizeWidget(viewer)

@@ -74,7 +74,8 @@ def translation_layer_tuples(result, sel: InputSelection, source: str, target: s
                 }, "image"))
         diff = result.difference[c]
         out.append((diff.reshape(*lead, *diff.shape), {
-            "name": f"{name} difference ({target} − {source})", "colormap": DIVERGING,
+            # the legend is in the name: PiYG is green above 0 (more in the translation), pink below
+            "name": f"{name} difference ({target} − {source}; green = more in {target})", "colormap": DIVERGING,
             "contrast_limits": symmetric_limits(diff), "blending": "translucent", "visible": False,
             "metadata": {**prov, "channel": name, "role": "difference"}, **geo,
         }, "image"))
