@@ -16,6 +16,7 @@ import numpy as np
 __all__ = [
     "SCRATCH_ASSAY_CHANNELS",
     "SCRATCH_ASSAY_PIXEL_SIZE_UM",
+    "nfkb_wells",
     "scratch_assay",
     "scratch_assay_path",
 ]
@@ -132,3 +133,41 @@ def scratch_assay() -> list[tuple[Any, dict[str, Any], str]]:
             "labels",
         ),
     ]
+
+
+#: BBBC014 NF-kB wells: held-out crops (training read rows 0-767 of each well; configs/demo-nfkb.yaml)
+NFKB_CROP = (slice(768, 1024), slice(1104, 1360))
+NFKB_WELLS = {"A12": "unstimulated: NF-kB in the cytoplasm", "A01": "TNF-alpha: NF-kB in the nucleus"}
+
+
+def nfkb_data_dir() -> Path:
+    """Where the BBBC014 wells are: ``$VIRTUALSTAIN_SHARED_DATA/nfkb_translocation``, else the project's
+    ``shared/data`` beside a source checkout. BBBC014 is not on PyPI, so a pip install has no copy of its own."""
+    import os
+
+    roots = [Path(os.environ["VIRTUALSTAIN_SHARED_DATA"])] if os.environ.get("VIRTUALSTAIN_SHARED_DATA") else []
+    roots.append(Path(__file__).resolve().parents[3] / "shared" / "data")
+    for root in roots:
+        if (root / "nfkb_translocation" / "A01_nfkb.tif").is_file():
+            return root / "nfkb_translocation"
+    raise FileNotFoundError(
+        "The NF-kB sample reads BBBC014 (wells A01/A12, NF-kB and DNA TIFFs; Broad Bioimage Benchmark Collection, "
+        "also in CellProfiler's examples): put the four files A01_nfkb.tif, A01_dna.tif, A12_nfkb.tif, A12_dna.tif in "
+        "a folder 'nfkb_translocation' and set VIRTUALSTAIN_SHARED_DATA to the folder above it")
+
+
+def nfkb_wells() -> list[tuple[Any, dict[str, Any], str]]:
+    """Held-out 256 x 256 crops of both NF-kB wells, channels stacked as ``demo-nfkb`` reads them (NF-kB, DNA):
+    translate 'A12' to A01 (or back) with the Translate condition widget; the class is in each layer's name."""
+    import tifffile
+
+    folder = nfkb_data_dir()
+    out = []
+    for well, what in NFKB_WELLS.items():
+        stack = np.stack([tifffile.imread(folder / f"{well}_{ch}.tif")[NFKB_CROP] for ch in ("nfkb", "dna")])
+        out.append((stack, {
+            "name": f"{well} NF-kB + DNA (held out)", "contrast_limits": _display_range(stack),
+            "metadata": {"source": "BBBC014 (Broad Bioimage Benchmark Collection)", "class": well,
+                         "channels": ["NF-kB", "DNA"], "what": what, "crop": "rows 768-1023, columns 1104-1359"},
+        }, "image"))
+    return out

@@ -137,7 +137,8 @@ class TaskWidget(QWidget):
         if layer is None:
             raise VirtualStainError(
                 f"No input layer: open an image with {len(names)} channel(s) ({', '.join(names)}) and pick it under "
-                "'Input layer' (File > Open Sample > Virtual Staining has a brightfield time-lapse)"
+                "'Input layer' (File > Open Sample > Virtual Staining has a brightfield time-lapse for the stain "
+                "checkpoints and NF-kB wells for demo-nfkb)"
             )
         sel = select_input(layer, len(names), names, self.viewer.dims.point, settings.all_planes)
         warning = labels_warning(sel.arrays[0], f"'{sel.layer_name}'")
