@@ -139,8 +139,10 @@ def add_parsers(sub) -> None:
     tr.add_argument("--device", default="auto", help="auto (cuda > mps > cpu), cuda, mps or cpu")
     tr.add_argument("--channels", default="16,32,64,128", help="UNet widths per level")
     tr.add_argument("--layers-per-block", type=int, default=1, help="UNet ResNet blocks per level")
-    tr.add_argument("--tile-size", type=int, default=256, help="tile side the bundle predicts with (stored in it)")
-    tr.add_argument("--tile-overlap", type=int, default=32, help="overlap of neighbouring tiles (stored in the bundle)")
+    tr.add_argument("--tile-size", type=int, default=128,
+                    help="tile side the bundle predicts with (stored in it; 128/16 measured fastest on a CPU, "
+                         "docs/benchmarks.md; larger tiles pay on a GPU)")
+    tr.add_argument("--tile-overlap", type=int, default=16, help="overlap of neighbouring tiles (stored in the bundle)")
     tr.add_argument("--half-weights", action="store_true", help="store fp16 weights (half the size)")
     tr.add_argument("--precision", choices=["auto", "bf16", "float32"], default="auto",
                     help="auto: bf16 autocast where the CPU/GPU runs it fast (AVX-512 bf16, AMX, bf16 GPUs), "

@@ -29,8 +29,8 @@ class TrainOptions:
     device: str | None = None
     block_out_channels: tuple[int, ...] = (16, 32, 64, 128)
     layers_per_block: int = 1
-    tile_size: int = 256
-    tile_overlap: int = 32
+    tile_size: int = 128  # the bundle's prediction tiles: 128/16 measured fastest on a CPU (docs/benchmarks.md)
+    tile_overlap: int = 16
     kappa: float = 2.0
     num_timesteps: int = 15
     max_val_size: int = 256
