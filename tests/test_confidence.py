@@ -108,3 +108,40 @@ def test_cli_objects_table_calibrate_and_interval_channels(tiny_bundle_dir, tmp_
     if rows:
         assert 0 <= float(rows[0]["confidence"]) <= 1 and int(rows[0]["label"]) >= 1
     assert main(["calibrate", str(tmp_path / "b"), str(data), "--stain-names", "DAPI"]) == 2
+
+
+def test_evaluate_scores_interval_coverage_and_confidence_from_predict_outputs(tiny_bundle_dir, tmp_path):
+    """What predict --interval/--objects writes, evaluate scores: coverage, AUROC, reliability — consistent with the
+    arrays themselves."""
+    import shutil
+
+    from napari_virtualstain.core.evaluate import evaluate, write_report
+
+    shutil.copytree(tiny_bundle_dir, tmp_path / "b")
+    rng = np.random.default_rng(2)
+    for sub in ("data/input", "data/target", "truth", "nuc"):
+        (tmp_path / sub).mkdir(parents=True)
+    for i in range(2):
+        img = (rng.random((40, 48)) * 1000).astype(np.uint16)
+        stain = (100 + rng.random((40, 48)) * 900).astype(np.uint16)
+        tifffile.imwrite(tmp_path / "data/input" / f"f{i}.tif", img)
+        tifffile.imwrite(tmp_path / "data/target" / f"f{i}.tif", stain)
+        tifffile.imwrite(tmp_path / "truth" / f"f{i}.tif", stain)
+        lab = np.zeros((40, 48), np.uint16)
+        lab[5:15, 5:15], lab[20:30, 25:35] = 1, 2
+        tifffile.imwrite(tmp_path / "nuc" / f"f{i}.tif", lab)
+    assert main(["calibrate", str(tmp_path / "b"), str(tmp_path / "data"), "--stain-names", "Hoechst",
+                 "--members", "2", "--levels", "0.9"]) == 0
+    assert main(["predict", "-c", str(tmp_path / "b"), str(tmp_path / "data/input"), "-o", str(tmp_path / "p"),
+                 "--interval", "0.9", "--objects", "--members", "2", "-q"]) == 0
+    report = evaluate({"tiny": tmp_path / "p"}, tmp_path / "truth", truth_channels=["Hoechst"],
+                      label_dirs={"nuclei": tmp_path / "nuc"})
+    cov = [r for r in report.summary if r["metric_type"] == "interval"]
+    assert len(cov) == 1 and cov[0]["interval_level"] == 0.9 and cov[0]["coverage"] >= 0.9  # its own pixels
+    conf = [r for r in report.summary if r["metric_type"] == "confidence"]
+    if conf:  # an untrained network may draw no nuclei at all
+        assert 0 <= conf[0]["matched_fraction"] <= 1
+    written = write_report(report, tmp_path / "r")
+    assert any(p.name == "report.md" for p in written)
+    assert "Calibrated intervals" in (tmp_path / "r" / "report.md").read_text()
+    assert not any("low 90%" in n for n in report.notes)

@@ -79,10 +79,16 @@ def cmd_evaluate(args) -> int:
         if r["metric_type"] == "image":
             print(f"{r['method']} {r['target']} ({r['n_images']} image(s)): Pearson r {r['pearson']:.3f} "
                   f"(raw {r['pearson_raw']:.3f}), SSIM {r['ssim']:.3f}, PSNR {r['psnr']:.1f} dB, MSE {r['mse']:.4g}")
-        elif r["iou_threshold"] == 0.5:
+        elif r["metric_type"] == "instances" and r["iou_threshold"] == 0.5:
             print(f"{r['method']} {r['target']} ({r['n_images']} image(s), {r['n_true']} true / {r['n_pred']} "
                   f"predicted objects) @ IoU 0.5: F1 {r['f1']:.3f}, precision {r['precision']:.3f}, recall {r['recall']:.3f}, "
                   f"PQ {r['panoptic_quality']:.3f}")
+        elif r["metric_type"] == "interval":
+            print(f"{r['method']} {r['target']}: {100 * r['interval_level']:g} % intervals cover "
+                  f"{100 * r['coverage']:.1f} % of the real values (mean width {r['interval_width']:.4g})")
+        elif r["metric_type"] == "confidence" and r.get("confidence_auroc") is not None:
+            print(f"{r['method']} {r['target']}: per-object confidence AUROC {r['confidence_auroc']:.3f} "
+                  f"({r['n_pred']} objects, {100 * r['matched_fraction']:.0f} % matched at IoU 0.5)")
     print("\n".join(f"wrote {p}" for p in written))
     return 0
 

@@ -231,7 +231,15 @@ def load_calibration(bundle: Bundle) -> dict | None:
     path = Path(bundle.path) / CALIBRATION_FILE if bundle.path else None
     if path is None or not path.is_file():
         return None
-    rec = json.loads(path.read_text())
+    try:
+        rec = json.loads(path.read_text())
+        ok = isinstance(rec, dict) and rec.get("groups") == list(GROUPS) and all(
+            set(e["q"]) == set(GROUPS) for e in rec["stains"].values())
+    except (ValueError, KeyError, TypeError, AttributeError):
+        ok = False
+    if not ok:
+        raise VirtualStainError(f"{path} is not a calibration this version reads; run 'virtualstain calibrate "
+                                f"{bundle.path} DATA' again")
     if rec.get("bundle_id") != bundle.id:
         raise VirtualStainError(f"{path} was calibrated for another version of these weights; run 'virtualstain "
                                 f"calibrate {bundle.path} DATA' again")

@@ -26,8 +26,15 @@ INSTANCE_COLUMNS = ("n_true", "n_pred", "tp", "fp", "fn", "precision", "recall",
                     "panoptic_quality")
 
 
+#: trust (core/confidence.py outputs, when predict wrote them): interval coverage of the real stain, the per-object
+#: confidence's AUROC for "matches a true object at IoU >= 0.5", and reliability (fraction matched per confidence bin)
+TRUST_COLUMNS = ("interval_level", "coverage", "interval_width", "confidence_auroc", "confidence_bin",
+                 "matched_fraction")
+
+
 COLUMNS = ("method", "image", "target", "metric_type", "iou_threshold", "n_images", *IMAGE_METRICS,
-           *INSTANCE_COLUMNS, "norm_low", "norm_high")
+           *INSTANCE_COLUMNS, "norm_low", "norm_high", *TRUST_COLUMNS)
+CONFIDENCE_BINS = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0001)
 
 
 ERROR_RANGE = 0.25  # error panels: pred - truth on the [0, 1] scale, white at 0, saturated at +-0.25
@@ -102,7 +109,9 @@ class EvaluationReport:
                 "summary": self.summary, "rows": self.rows, "files": self.files, "notes": self.notes}
 
     def summary_value(self, method: str, target: str, metric: str, iou_threshold: float | None = None):
+        kind = "image" if iou_threshold is None else "instances"  # trust rows have their own metric types
         for r in self.summary:
-            if r["method"] == method and r["target"] == target and r.get("iou_threshold") == iou_threshold:
+            if (r["method"] == method and r["target"] == target and r.get("iou_threshold") == iou_threshold
+                    and r["metric_type"] == kind):
                 return r.get(metric)
         raise KeyError((method, target, metric, iou_threshold))

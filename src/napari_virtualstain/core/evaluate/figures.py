@@ -223,7 +223,9 @@ def metric_bars(report: EvaluationReport) -> np.ndarray | None:
                 ("mse", "MSE", None, ".3g")]
     spec_inst = [("f1", "F1"), ("panoptic_quality", "panoptic quality"), ("precision", "precision"),
                  ("recall", "recall"), ("mean_matched_iou", "mean matched IoU")]
-    targets = list(dict.fromkeys((r["target"], r["metric_type"]) for r in report.summary))
+    targets = list(dict.fromkeys((r["target"], r["metric_type"]) for r in report.summary
+                                 if r["metric_type"] in ("image", "instances")))
+
     def value(method, target, key, thr=None):
         try:
             return report.summary_value(method, target, key, thr)

@@ -114,7 +114,10 @@ def pair_channels(method, pred_names, truth_names, pred_path, truth_path, notes)
         )
     matched = {p[0].lower() for p in pairs}
     missing = [n for n in truth_names if n.lower() not in matched]
-    extra = [n for n in pred_names if n.lower() not in matched]
+    import re
+
+    intervals = {n for n in pred_names if re.search(r" (low|high) [0-9.]+%$", n)}  # scored as coverage
+    extra = [n for n in pred_names if n.lower() not in matched and n not in intervals]
     if missing:
         notes.append(f"truth channel(s) {', '.join(map(repr, missing))} not predicted by method {method!r}: not scored")
     if extra:

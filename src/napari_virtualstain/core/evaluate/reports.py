@@ -79,6 +79,31 @@ def _save_png(path: Path, rgb: np.ndarray) -> Path:
     return path
 
 
+def _trust_lines(summary: list[dict]) -> list[str]:
+    """Interval coverage and per-object confidence, when the predictions carry them (predict --interval/--objects)."""
+    lines = []
+    cov = [r for r in summary if r["metric_type"] == "interval"]
+    if cov:
+        lines += ["Calibrated intervals (fraction of pixels whose real value lies inside):", "",
+                  "| method | stain | level | coverage | mean width |", "|---|---|---|---|---|"]
+        lines += [f"| {r['method']} | {r['target']} | {r['interval_level']:g} | {r['coverage']:.3f} | "
+                  f"{r['interval_width']:.4g} |" for r in cov]
+        lines.append("")
+    conf = [r for r in summary if r["metric_type"] == "confidence"]
+    if conf:
+        lines += ["Per-object confidence (AUROC for matching a true object at IoU 0.5; reliability: summary.csv):", "",
+                  "| method | labels | objects | matched | AUROC |", "|---|---|---|---|---|"]
+        lines += [f"| {r['method']} | {r['target']} | {r['n_pred']} | {r['matched_fraction']:.3f} | "
+                  + (f"{r['confidence_auroc']:.3f} |" if r.get("confidence_auroc") is not None else "– |")
+                  for r in conf]
+        rel = [r for r in summary if r["metric_type"] == "reliability"]
+        lines += ["", "| method | labels | confidence | objects | fraction matched |", "|---|---|---|---|---|"]
+        lines += [f"| {r['method']} | {r['target']} | {r['confidence_bin']} | {r['n_pred']} | "
+                  f"{r['matched_fraction']:.3f} |" for r in rel]
+        lines.append("")
+    return lines
+
+
 def _markdown(report: EvaluationReport, figures: list[Path]) -> str:
     s = report.settings
     channels = f" (channels {', '.join(s['truth_channels'])})" if s["truth_channels"] else ""
@@ -103,6 +128,7 @@ def _markdown(report: EvaluationReport, figures: list[Path]) -> str:
                   f"{r['fp']} | {r['fn']} | {r['precision']:.3f} | {r['recall']:.3f} | {r['f1']:.3f} | "
                   f"{r['mean_matched_iou']:.3f} | {r['panoptic_quality']:.3f} |" for r in inst]
         lines.append("")
+    lines += _trust_lines(report.summary)
     if report.notes:
         lines += ["## Notes", "", *(f"- {n}" for n in report.notes), ""]
     if figures:

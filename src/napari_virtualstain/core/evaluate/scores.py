@@ -11,6 +11,7 @@ from ..errors import VirtualStainError
 from ..io import output_name, read_provenance
 from ..metrics import (
     NORM_PERCENTILES,
+    auroc,
     image_metrics,
     match_labels,
     matching_sweep,
@@ -20,6 +21,8 @@ from ..metrics import (
 )
 from .common import (
     COLUMNS,
+    CONFIDENCE_BINS,
+    TRUST_COLUMNS,
     ChannelPanel,
     DEFAULT_IOU_THRESHOLDS,
     ERROR_RANGE,
@@ -136,6 +139,7 @@ def evaluate(
                         continue
                     m = image_metrics(p_n, t_n) | {"pearson_raw": pearson(pred[pi], tarr[ti])}
                     rows.append(_row(method, stem, name, "image", None, m, norm_low=lo, norm_high=hi))
+                    rows += interval_rows(method, stem, name, pred, pred_names, tarr[ti])
                     compared[method] += 1
                     if preview is not None:
                         row = channel_rows.get(name)
@@ -171,6 +175,7 @@ def evaluate(
                 sweep = matching_sweep(t_lab, p_lab, thresholds)
                 for res in sweep:
                     rows.append(_row(method, stem, name, "instances", res["iou_threshold"], res))
+                rows += confidence_rows(method, stem, name, folder / output_name("objects", stem, name), t_lab, p_lab)
                 compared[method] += 1
                 if preview is not None:
                     head = match_labels(t_lab, p_lab, HEADLINE_IOU, return_matches=True)
@@ -226,19 +231,74 @@ def _row(method, image, target, metric_type, thr, values: dict, **extra) -> dict
     return row
 
 
+def interval_rows(method, stem, name, pred, pred_names, truth) -> list[dict]:
+    """Coverage of the real stain by each calibrated interval predict wrote ('<name> low 90%' / 'high 90%')."""
+    import re
+
+    out = []
+    for i, n in enumerate(pred_names or []):
+        m = re.fullmatch(re.escape(name) + r" low ([0-9.]+)%", n)
+        if not m or f"{name} high {m.group(1)}%" not in pred_names:
+            continue
+        lo, hi = pred[i], pred[pred_names.index(f"{name} high {m.group(1)}%")]
+        y = np.asarray(truth, np.float64)
+        out.append(_row(method, stem, name, "interval", None, {}, interval_level=float(m.group(1)) / 100,
+                        coverage=float(((y >= lo) & (y <= hi)).mean()), interval_width=float((hi - lo).mean())))
+    return out
+
+
+def confidence_rows(method, stem, name, table: Path, true_lab, pred_lab) -> list[dict]:
+    """Per-object confidence (predict --objects): AUROC for 'matches a true object at IoU >= 0.5', and the
+    fraction matched per confidence bin (reliability)."""
+    import csv
+
+    if not table.is_file():
+        return []
+    with open(table) as fh:
+        lines = [ln for ln in fh if not ln.startswith("#")]
+    conf = {int(r["label"]): float(r["confidence"]) for r in csv.DictReader(lines)}
+    matched = {p for _, p, _ in match_labels(true_lab, pred_lab, HEADLINE_IOU, return_matches=True)["matches"]}
+    ids = sorted(conf)
+    if not ids:
+        return []
+    c = np.array([conf[i] for i in ids])
+    hit = np.array([i in matched for i in ids])
+    out = [_row(method, stem, name, "confidence", HEADLINE_IOU, {"n_pred": len(ids)},
+                confidence_auroc=auroc(c, hit) if 0 < hit.sum() < len(hit) else None,
+                matched_fraction=float(hit.mean()))]
+    for lo, hi in zip(CONFIDENCE_BINS, CONFIDENCE_BINS[1:]):
+        inside = (c >= lo) & (c < hi)
+        if inside.any():
+            out.append(_row(method, stem, name, "reliability", HEADLINE_IOU, {"n_pred": int(inside.sum())},
+                            confidence_bin=f"{lo:.1f}-{min(hi, 1.0):.1f}", matched_fraction=float(hit[inside].mean())))
+    return out
+
+
 def _summarise(rows: list[dict], methods: list[str]) -> list[dict]:
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
-        groups.setdefault((r["method"], r["target"], r["metric_type"], r["iou_threshold"]), []).append(r)
+        key = (r["method"], r["target"], r["metric_type"], r["iou_threshold"], r.get("interval_level"),
+               r.get("confidence_bin"))
+        groups.setdefault(key, []).append(r)
     order = {m: i for i, m in enumerate(methods)}
     out = []
-    for (method, target, kind, thr), rs in sorted(groups.items(), key=lambda kv: (kv[0][2] != "image", kv[0][1],
-                                                                                   kv[0][3] or 0, order[kv[0][0]])):
+    for (method, target, kind, thr, level, cbin), rs in sorted(
+            groups.items(), key=lambda kv: (kv[0][2] != "image", kv[0][1], kv[0][3] or 0, str(kv[0][4]),
+                                            str(kv[0][5]), order[kv[0][0]])):
         if kind == "image":
             vals = {k: float(np.mean([r[k] for r in rs])) for k in IMAGE_METRICS}
-        else:
+        elif kind == "instances":
             vals = pool_matching(rs)
-        out.append(_row(method, "ALL", target, kind, thr, vals, n_images=len(rs)))
+        else:  # trust rows: object-weighted (or image-averaged) means of what each row holds
+            weights = np.array([r.get("n_pred") or 1 for r in rs], float)
+            vals = {"n_pred": int(weights.sum()) if kind != "interval" else None}
+            for k in ("coverage", "interval_width", "confidence_auroc", "matched_fraction"):
+                got = [(r[k], w) for r, w in zip(rs, weights) if r.get(k) is not None]
+                if got:
+                    vals[k] = float(np.average([g for g, _ in got], weights=[w for _, w in got]))
+        out.append(_row(method, "ALL", target, kind, thr, {k: v for k, v in vals.items() if k not in TRUST_COLUMNS},
+                        n_images=len(rs), interval_level=level, confidence_bin=cbin,
+                        **{k: v for k, v in vals.items() if k in TRUST_COLUMNS}))
     return out
 
 
