@@ -195,7 +195,7 @@ def report(scores: Path, figure: Path | None) -> str:
             off = pt["val"][f"centroid_offset_px_{route}_tuned"]
             rows.append(f"| {arm} | {pt['step']} | {pt['step'] / BASE_STEPS:g} | {pt['train_seconds'] / 60:.0f} | "
                         f"{pt['val']['hoechst_r']:.3f} | {vf1:.3f} ({route}) | {pt['fit']['hoechst_r']:.3f} | "
-                        f"{ff1:.3f} | {off:.2f} |")
+                        f"{ff1:.3f} | {'–' if off is None else f'{off:.2f}'} |")
             curves.setdefault(arm, []).append((pt["step"], pt["val"]["hoechst_r"], vf1, pt["fit"]["hoechst_r"], ff1))
     if figure is not None:
         _plot(curves, figure)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -225,3 +227,26 @@ def test_train_without_an_objective_runs_the_recommended_recipe_into_one_bundle(
     assert "starts again" in capsys.readouterr().err
     assert saved_step(out / MEAN_DIR) == 4 and saved_step(out) == 2
     assert load_bundle(out).config.training["mean_model"]["training"]["steps"] == 4
+
+
+def test_l1_msssim_stays_finite_under_bf16_autocast_and_a_nan_loss_stops_training(data_folder, tmp_path):  # noqa: F811
+    """Round 3's first L1+MS-SSIM run went NaN at step 1 under bf16 autocast (SSIM's variances in bf16)."""
+    from napari_virtualstain.train.data import load_config
+
+    spec = load_config(Path(__file__).resolve().parents[1] / "configs" / "demo-stain.yaml")
+    losses = []
+    train(spec, tmp_path / "ms", TrainOptions(objective="regression", loss="l1_msssim", crop_size=128, batch_size=2,
+                                              steps=3, val_every=100, block_out_channels=(8, 16), precision="bf16"),
+          on_step=lambda step, value: losses.append(value))
+    assert len(losses) == 3 and all(np.isfinite(losses))
+
+    import napari_virtualstain.train.stain_job as sj
+
+    spec = load_folder(data_folder, stain_names=["Hoechst"])
+    real = sj.reconstruction_loss
+    sj.reconstruction_loss = lambda *a, **k: real(*a, **k) * float("nan")
+    try:
+        with pytest.raises(VirtualStainError, match="diverged"):
+            train(spec, tmp_path / "nan", TrainOptions(**TINY, objective="regression"))
+    finally:
+        sj.reconstruction_loss = real

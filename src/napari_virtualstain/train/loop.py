@@ -226,6 +226,10 @@ def train(
         batch = tuple(t.to(device) for t in distributed.shard(job.next_batch(rng), ranks))
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
             loss = job.loss(model, scheduler, batch, gen).float()
+        if not torch.isfinite(loss):
+            raise VirtualStainError(
+                f"the training loss is {loss.item()} at step {step + 1}: the run diverged (nothing more is saved; the "
+                "last validated bundle stays). Lower --lr, try --precision float32, or another --loss")
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)

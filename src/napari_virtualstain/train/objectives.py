@@ -78,7 +78,10 @@ def reconstruction_loss(name: str, pred: torch.Tensor, target: torch.Tensor, kin
         return F.mse_loss(pred, target)
     if name == "l1_msssim":
         p01, t01 = ((pred + 1) / 2).clamp(0, 1), ((target + 1) / 2).clamp(0, 1)
-        return 0.5 * F.l1_loss(pred, target) / 2 + 0.5 * (1 - ms_ssim(p01, t01)).mean()
+        # SSIM's variances are differences of squares: in bf16 they cancel to noise (and NaN); always float32
+        with torch.autocast(device_type=pred.device.type, enabled=False):
+            structure = (1 - ms_ssim(p01, t01)).mean()
+        return 0.5 * F.l1_loss(pred, target) / 2 + 0.5 * structure
     if name != "spotlight":
         raise VirtualStainError(f"loss {name!r}: use one of {', '.join(LOSSES)}")
     fg_idx = [i for i, k in enumerate(kinds) if k == "foreground"]
