@@ -85,7 +85,8 @@ def export_bioimageio(bundle: Bundle, test_image: np.ndarray, output: str | Path
     crop = image[:size, :size].astype(np.float32)
     # the test output is this package's own float32 prediction of the crop (one tile, no blending)
     reference = predict_stain(bundle if c.objective == "regression" else _mean_only(bundle), crop, half=False,
-                              make_labels=False, tile_size=size, tile_overlap=0, threads=1)
+                              make_labels=False, tile_size=size, tile_overlap=0, threads=1,
+                              tta=1)  # the package holds one pass: test-time augmentation is this package's own
     norm = c.input_channels[0].normalization
     outs = c.output_channels
     groups = [[i for i, o in enumerate(outs) if o.kind == "stain"],
