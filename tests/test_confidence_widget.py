@@ -26,9 +26,13 @@ def test_confidence_per_nucleus_features_colour_hide_and_step(make_napari_viewer
     assert widget.controls.set_checkpoint("demo-stain-regression") is not None
     widget.controls.set_input_layer(layer)
     widget.confidence.setChecked(True)
+    assert widget.interval.isEnabled()  # the shipped demo is calibrated (calibration.json in its folder)
+    widget.interval.setChecked(True)
     assert widget.run()
     wait_done(qtbot, widget, timeout=60000)
     assert widget.runner.last_outcome == "done", notes.all()
+    low, high = viewer.layers["Hoechst low 90% (virtual)"], viewer.layers["Hoechst high 90% (virtual)"]
+    assert not low.visible and (np.asarray(high.data) >= np.asarray(low.data)).all()
     nuclei = viewer.layers["nuclei (virtual)"]
     table = nuclei.features
     bundle = load_bundle("demo-stain-regression")

@@ -48,13 +48,15 @@ def stack_stain_results(results: list, sel: InputSelection) -> StackedStain:
 
 def predict_selection(bundle, sel: InputSelection, s: RunSettings, progress, should_cancel,
                       samples: int | None = None, labels_from: str | None = None,
-                      rescale: bool = False, tta: int | None = None, members: int = 0) -> StackedStain:
+                      rescale: bool = False, tta: int | None = None, members: int = 0,
+                      interval: float | None = None, objects: bool = True) -> StackedStain:
     """The worker side of a virtual-stain run: the same ``predict_stain`` the CLI calls, once per plane; with
     ``members`` > 1 the CLI's ``--objects`` ensemble (one plane) and a confidence per object."""
     from ..core.tasks.stain import predict_stain
 
     if members > 1:
-        return _predict_with_confidence(bundle, sel, s, progress, should_cancel, labels_from, tta, members)
+        return _predict_with_confidence(bundle, sel, s, progress, should_cancel, labels_from, tta, members,
+                                        interval, objects)
 
     def predict(array, cb):
         return predict_stain(
@@ -67,8 +69,9 @@ def predict_selection(bundle, sel: InputSelection, s: RunSettings, progress, sho
     return stack_stain_results(per_plane(sel, predict, progress, should_cancel), sel)
 
 
-def _predict_with_confidence(bundle, sel, s, progress, should_cancel, labels_from, tta, members) -> StackedStain:
-    from ..core.confidence import nucleus_table, predict_ensemble
+def _predict_with_confidence(bundle, sel, s, progress, should_cancel, labels_from, tta, members,
+                             interval=None, objects=True) -> StackedStain:
+    from ..core.confidence import interval_channels, nucleus_table, predict_ensemble
 
     if len(sel.arrays) != 1:
         raise VirtualStainError("Confidence per nucleus is computed for one plane: untick 'every plane', or "
@@ -83,8 +86,14 @@ def _predict_with_confidence(bundle, sel, s, progress, should_cancel, labels_fro
                                pixel_size_um=sel.geometry.pixel_size_um())
         stains = [o.name for o in c.output_channels if o.kind == "stain"]
         tables = {n: nucleus_table(ens, n, c.labels_from_stain.get(n) or (stains[0] if stains else None))
-                  for n in ens.prediction.labels}
+                  for n in ens.prediction.labels} if objects else None
         ens.prediction.provenance["ensemble_members"] = members
+        if interval:  # the CLI's --interval: calibrated low/high channels in the stain's units
+            planes, names = interval_channels(bundle, ens, interval)
+            res = ens.prediction
+            res.image = np.concatenate([res.image, planes.astype(res.image.dtype)])
+            res.channel_names, res.channel_kinds = res.channel_names + names, res.channel_kinds + ["interval"] * len(names)
+            res.provenance["interval"] = interval
         return ens.prediction, tables
 
     (res, tables), = per_plane(sel, one, progress, should_cancel)
@@ -121,6 +130,10 @@ class StainWidget(TaskWidget):
         self.confidence.setToolTip("Colour each nucleus by how well 4 flipped/turned predictions agree on it (red 0, "
                                    "green 1; the table is the labels layer's features); costs 3 more predictions")
         form.addRow(self.confidence)
+        self.interval = QCheckBox("90 % interval of the stain (calibrated checkpoints)")
+        self.interval.setToolTip("Adds '<stain> low 90%' / 'high 90%' layers (hidden): the range that held the real "
+                                 "stain for 90 % of the calibration pixels (virtualstain calibrate)")
+        form.addRow(self.interval)
         self.probabilities = QCheckBox("also add boundary / foreground probabilities")
         self.probabilities.setToolTip("The raw per-pixel probabilities the instance labels are made from")
         form.addRow(self.probabilities)
@@ -137,6 +150,12 @@ class StainWidget(TaskWidget):
         self.labels_from.setCurrentText(c.sampling.get("labels_from", "boundaries"))
         self.labels_from.setEnabled(len(c.label_routes()) > 1)
         self.tta.setCurrentText(str(c.sampling.get("tta", 1)))
+        from ..core.confidence import CALIBRATION_FILE
+
+        calibrated = bool(bundle.path) and (bundle.path / CALIBRATION_FILE).is_file()
+        self.interval.setEnabled(calibrated)
+        if not calibrated:
+            self.interval.setChecked(False)
 
     def build_extra(self, layout: QVBoxLayout) -> None:
         self.save_button = QPushButton("Save last result… (TIFFs, as the CLI writes them)")
@@ -186,11 +205,12 @@ class StainWidget(TaskWidget):
         samples = int(self.samples.value()) if bundle.config.objective != "regression" else None
         labels_from = self.labels_from.currentText() or None
         tta = int(self.tta.currentText())
-        members = 4 if self.confidence.isChecked() else 0
+        interval = 0.9 if self.interval.isChecked() else None
+        members = 4 if self.confidence.isChecked() or interval else 0
 
         def work(progress, should_cancel) -> tuple[StackedStain, list[LayerTuple]]:
             stacked = predict_selection(bundle, sel, settings, progress, should_cancel, samples, labels_from,
-                                        rescale, tta, members)
+                                        rescale, tta, members, interval, self.confidence.isChecked())
             return stacked, stain_layer_tuples(
                 stacked.image, stacked.channel_names, stacked.channel_kinds, stacked.labels, stacked.provenance,
                 sel.geometry, probabilities=probabilities, objects=stacked.objects,
