@@ -253,7 +253,7 @@ def test_progress_bar_on_a_terminal_plain_lines_in_a_log():
 
 @pytest.mark.parametrize("case, words", [
     ("shape", "registered pixel for pixel"), ("nan target", "NaN/Inf"), ("float labels", "integer ids"),
-    ("tiny", "validation strip"), ("rgb input", "RGB"),
+    ("tiny", "validation strip"), ("rgb input", "RGB"), ("mixed pixel sizes", "different pixel sizes"),
 ])
 def test_training_inputs_as_they_come_get_one_clear_error_and_nothing_written(tmp_path, capsys, case, words):
     """Issue 21: data that a lab really has (mismatched sizes, NaN, float labels, tiny images, colour cameras)."""
@@ -272,8 +272,11 @@ def test_training_inputs_as_they_come_get_one_clear_error_and_nothing_written(tm
     root = tmp_path / "data"
     for sub in ("input", "target"):
         (root / sub).mkdir(parents=True)
-    tifffile.imwrite(root / "input" / "a.tif", inp)
-    tifffile.imwrite(root / "target" / "a.tif", tgt)
+    pixel = {"a": 0.65, "b": 0.325} if case == "mixed pixel sizes" else {"a": None}  # a 20x beside a 40x field
+    for stem, um in pixel.items():
+        extra = dict(resolution=(1 / um, 1 / um), imagej=True, metadata={"unit": "um"}) if um else {}
+        tifffile.imwrite(root / "input" / f"{stem}.tif", inp, **extra)
+        tifffile.imwrite(root / "target" / f"{stem}.tif", tgt)
     if lab is not None:
         (root / "labels" / "nuclei").mkdir(parents=True)
         tifffile.imwrite(root / "labels" / "nuclei" / "a.tif", lab)

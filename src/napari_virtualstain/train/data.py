@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from ..core.errors import VirtualStainError
-from ..core.io import list_images, read_image
+from ..core.io import list_images, read_image, read_pixel_size
 from ..core.normalize import as_float
 
 
@@ -186,8 +186,9 @@ def load_folder(folder: str | Path, input_names: list[str] | None = None, stain_
     if not in_dir.is_dir():
         raise VirtualStainError(f"{folder} has no 'input' folder (expected input/, target/ and optionally labels/NAME/)")
     label_names = sorted(p.name for p in lab_dir.iterdir() if p.is_dir()) if lab_dir.is_dir() else []
-    images = []
+    images, sizes = [], {}
     for p in list_images(in_dir):
+        sizes[p.name] = read_pixel_size(p)
         inputs = _as_chw(read_image(p), channel_axis, p)
         tgt = tgt_dir / p.name
         stains = _as_chw(read_image(tgt), channel_axis, tgt) if tgt.exists() else None
@@ -203,6 +204,12 @@ def load_folder(folder: str | Path, input_names: list[str] | None = None, stain_
         images.append(_checked(TrainingImage(p.stem, _finite(inputs, p), _finite(stains, tgt), labels), str(p)))
     if not images:
         raise VirtualStainError(f"{in_dir} holds no images")
+    known = {k: v for k, v in sizes.items() if v}
+    if known and max(known.values()) > 1.2 * min(known.values()):
+        listing = ", ".join(f"{k} {v:.3g} um" for k, v in sorted(known.items(), key=lambda kv: kv[1]))
+        raise VirtualStainError(
+            f"{in_dir}: the images have different pixel sizes ({listing}); a model learns one scale — resample them "
+            "to one pixel size first, or train a model per objective")
     n_in, n_st = images[0].inputs.shape[0], images[0].stains.shape[0]
     # neutral default: the folder does not say what the input is (a fluorescence input is no 'brightfield')
     input_names = input_names or (["input"] if n_in == 1 else [f"input {i}" for i in range(n_in)])
@@ -212,7 +219,9 @@ def load_folder(folder: str | Path, input_names: list[str] | None = None, stain_
             f"{folder}: images have {n_in} input and {n_st} target channel(s) but {len(input_names)} input and "
             f"{len(stain_names)} stain name(s) were given"
         )
-    return TrainingSpec(folder.name, input_names, stain_names, label_names, images, source=str(folder))
+    pixel = float(sum(known.values()) / len(known)) if known else None  # recorded in the bundle
+    return TrainingSpec(folder.name, input_names, stain_names, label_names, images, pixel_size_um=pixel,
+                        source=str(folder))
 
 
 def _as_chw(arr: np.ndarray, channel_axis: int, path=None) -> np.ndarray:
