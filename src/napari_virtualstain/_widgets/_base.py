@@ -41,6 +41,18 @@ def describe_progress(p, plane: int = 0, n_planes: int = 1) -> str:
     return f"plane {plane + 1}/{n_planes} · {text}" if n_planes > 1 else text
 
 
+def scroll_frame(owner: QWidget, inner: QWidget) -> None:
+    """Put a dock widget's content in a frameless scroll area: on a laptop's 768 px the dock scrolls instead of
+    pushing buttons and panels off-screen (every dock widget uses this)."""
+    scroll = QScrollArea()
+    scroll.setWidgetResizable(True)
+    scroll.setFrameShape(QFrame.Shape.NoFrame)
+    scroll.setWidget(inner)
+    outer = QVBoxLayout(owner)
+    outer.setContentsMargins(0, 0, 0, 0)
+    outer.addWidget(scroll)
+
+
 def per_plane(sel: InputSelection, predict: Callable, progress: ProgressFn, should_cancel) -> list:
     """Call ``predict(array, progress_cb)`` for every selected plane, mapping core progress onto one bar."""
     n = len(sel.arrays)
@@ -54,7 +66,59 @@ def per_plane(sel: InputSelection, predict: Callable, progress: ProgressFn, shou
     return results
 
 
-class TaskWidget(QWidget):
+class BackgroundRun:
+    """What every dock widget that runs work in the background shares: the runner wired to its Run / Cancel buttons
+    and progress bar (``run_button``, ``cancel_button``, ``progress_bar``, ``status``, ``run()``, ``_on_finished``)."""
+
+    def wire_runner(self) -> None:
+        self.runner = Runner(self)
+        self.runner.progress.connect(self._on_progress)
+        self.runner.finished.connect(self._on_finished)
+        self.run_button.clicked.connect(lambda: self.run())
+        self.cancel_button.clicked.connect(self.cancel)
+
+    def start_job(self, make_job: Callable[[], Job], before: Callable[[], str | None] | None = None) -> bool:
+        """One run at a time: ``before()`` may refuse with a message, ``make_job()`` may raise VirtualStainError; both
+        become notifications. Returns whether the run started."""
+        if self.runner.running:
+            notify_warning(f"{self.runner.title} is still running; wait for it or press Cancel")
+            return False
+        problem = before() if before is not None else None
+        if problem:
+            notify_error(problem)
+            return False
+        try:
+            job = make_job()
+        except VirtualStainError as exc:
+            notify_error(str(exc))
+            return False
+        refusal = self.runner.start(job)
+        if refusal is not None:
+            notify_warning(refusal)
+            return False
+        self._t0 = time.perf_counter()
+        self._set_running(True)
+        self.status.setText(f"{job.title}…")
+        return True
+
+    def cancel(self) -> None:
+        if self.runner.running:
+            self.runner.cancel()
+            self.cancel_button.setEnabled(False)
+            self.status.setText("Cancelling after the current step…")
+
+    def _set_running(self, running: bool) -> None:
+        self.run_button.setEnabled(not running)
+        self.cancel_button.setEnabled(running)
+        if running:
+            self.progress_bar.setValue(0)
+
+    def _on_progress(self, fraction: float, text: str) -> None:
+        self.progress_bar.setValue(round(min(max(fraction, 0.0), 1.0) * PROGRESS_MAX))
+        self.progress_bar.setFormat(f"%p%  {text}")
+
+
+class TaskWidget(BackgroundRun, QWidget):
     """Dock widget base: ``ModelControls`` + options + Run/Cancel + progress bar, driving one :class:`Runner`."""
 
     run_text = "Run"
@@ -99,19 +163,9 @@ class TaskWidget(QWidget):
         layout.addWidget(self.status)
         self.build_extra(layout)
         layout.addStretch(1)
-        scroll = QScrollArea()  # a laptop's 768 px: the dock scrolls instead of pushing the panel off-screen
-        scroll.setWidgetResizable(True)
-        scroll.setFrameShape(QFrame.Shape.NoFrame)
-        scroll.setWidget(inner)
-        outer = QVBoxLayout(self)
-        outer.setContentsMargins(0, 0, 0, 0)
-        outer.addWidget(scroll)
+        scroll_frame(self, inner)
 
-        self.runner = Runner(self)
-        self.runner.progress.connect(self._on_progress)
-        self.runner.finished.connect(self._on_finished)
-        self.run_button.clicked.connect(lambda: self.run())
-        self.cancel_button.clicked.connect(self.cancel)
+        self.wire_runner()
         self.build_options(self.options)
         self.controls.bundle_changed.connect(self.on_bundle_changed)
         self.on_bundle_changed(self.controls.bundle)
@@ -156,42 +210,10 @@ class TaskWidget(QWidget):
     def run(self, layer=None) -> bool:
         """Start a run on ``layer`` (default: the picked input layer). Problems become notifications; returns
         whether a run started."""
-        if self.runner.running:
-            notify_warning(f"{self.runner.title} is still running; wait for it or press Cancel")
-            return False
-        bundle = self.controls.bundle
-        if bundle is None:
-            notify_error("Choose a checkpoint first (a bundled demo or a checkpoint folder)")
-            return False
-        try:
-            job = self.make_job(bundle, self.controls.settings(), layer)
-        except VirtualStainError as exc:
-            notify_error(str(exc))
-            return False
-        refusal = self.runner.start(job)
-        if refusal is not None:
-            notify_warning(refusal)
-            return False
-        self._t0 = time.perf_counter()
-        self._set_running(True)
-        self.status.setText(f"{job.title}…")
-        return True
-
-    def cancel(self) -> None:
-        if self.runner.running:
-            self.runner.cancel()
-            self.cancel_button.setEnabled(False)
-            self.status.setText("Cancelling after the current step…")
-
-    def _set_running(self, running: bool) -> None:
-        self.run_button.setEnabled(not running)
-        self.cancel_button.setEnabled(running)
-        if running:
-            self.progress_bar.setValue(0)
-
-    def _on_progress(self, fraction: float, text: str) -> None:
-        self.progress_bar.setValue(round(min(max(fraction, 0.0), 1.0) * PROGRESS_MAX))
-        self.progress_bar.setFormat(f"%p%  {text}")
+        return self.start_job(
+            lambda: self.make_job(self.controls.bundle, self.controls.settings(), layer),
+            lambda: None if self.controls.bundle is not None else
+            "Choose a checkpoint first (a bundled demo or a checkpoint folder)")
 
     def _on_finished(self, outcome: str, payload) -> None:
         self._set_running(False)

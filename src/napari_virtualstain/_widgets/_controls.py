@@ -61,7 +61,7 @@ def get_bundle(name_or_path: str | Path) -> Bundle:
     return _cache[key]
 
 
-def _task_of(folder: Path) -> str | None:
+def task_of(folder: Path) -> str | None:
     try:
         return json.loads((folder / "config.json").read_text()).get("task")
     except (OSError, ValueError, AttributeError):
@@ -276,7 +276,7 @@ class ModelControls(QWidget):
     def _fill_checkpoints(self) -> None:
         self.checkpoint.clear()
         for name, folder in bundled_checkpoints().items():
-            if _task_of(folder) in self.tasks:
+            if task_of(folder) in self.tasks:
                 self.checkpoint.addItem(name, str(folder))
         self.checkpoint.addItem("Choose folder…", _BROWSE)
         for folder in _USER_CHECKPOINTS:
@@ -286,7 +286,7 @@ class ModelControls(QWidget):
     def offer_checkpoint(self, folder: str) -> None:
         """List a bundle folder (before 'Choose folder…') if it is of this widget's task; the selection stays."""
         try:
-            if _task_of(Path(folder)) not in self.tasks or self.checkpoint.findData(folder) >= 0:
+            if task_of(Path(folder)) not in self.tasks or self.checkpoint.findData(folder) >= 0:
                 return
             name = json.loads((Path(folder) / "config.json").read_text()).get("name", Path(folder).name)
         except (OSError, ValueError, RuntimeError):  # RuntimeError: the combo box's C++ object is gone

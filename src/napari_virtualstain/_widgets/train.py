@@ -26,7 +26,6 @@ from qtpy.QtWidgets import (
     QListWidgetItem,
     QProgressBar,
     QPushButton,
-    QScrollArea,
     QSpinBox,
     QVBoxLayout,
     QWidget,
@@ -34,10 +33,11 @@ from qtpy.QtWidgets import (
 
 from ..core.bundle import bundled_checkpoints
 from ..core.errors import Cancelled, VirtualStainError
-from ._controls import _task_of, follow_layers, remember_checkpoint
+from ._base import PROGRESS_MAX, BackgroundRun, scroll_frame
+from ._controls import task_of, follow_layers, remember_checkpoint
 from ._notify import notify_error, notify_info
 from ._plot import CurvePlot
-from ._runner import Job, Runner
+from ._runner import Job
 
 STRIP = "right-hand 15 % strip"
 SCRATCH = "scratch (new network)"
@@ -71,7 +71,7 @@ def box_in_layer(shapes_layer, image_layer) -> tuple[int, int, int, int]:
     return int(np.floor(y0)), int(np.ceil(y1)), int(np.floor(x0)), int(np.ceil(x1))
 
 
-class TrainWidget(QWidget):
+class TrainWidget(BackgroundRun, QWidget):
     """Pick the input and target layers, a validation region, a start and a budget; Train runs in the background."""
 
     def __init__(self, napari_viewer, parent: QWidget | None = None):
@@ -113,14 +113,14 @@ class TrainWidget(QWidget):
         form.addRow("Save to", out_row)
         self.resume = QCheckBox("resume the run saved in that folder")
         form.addRow(self.resume)
-        self.train_button, self.cancel_button = QPushButton("Train"), QPushButton("Cancel")
+        self.run_button, self.cancel_button = QPushButton("Train"), QPushButton("Cancel")
         self.cancel_button.setEnabled(False)
         self.cancel_button.setToolTip("Stop after the current step; the last validated checkpoint is kept")
         buttons = QHBoxLayout()
-        buttons.addWidget(self.train_button)
+        buttons.addWidget(self.run_button)
         buttons.addWidget(self.cancel_button)
         self.progress_bar = QProgressBar()
-        self.progress_bar.setRange(0, 1000)
+        self.progress_bar.setRange(0, PROGRESS_MAX)
         self.status = QLabel("")
         self.status.setWordWrap(True)
         self.status.setStyleSheet("font-size: 11px;")
@@ -131,18 +131,9 @@ class TrainWidget(QWidget):
         for w in (self.progress_bar, self.status, self.loss_plot, self.val_plot):
             layout.addWidget(w)
         layout.addStretch(1)
-        scroll = QScrollArea()  # fits a laptop screen: the dock scrolls instead of growing
-        scroll.setWidgetResizable(True)
-        scroll.setWidget(inner)
-        outer = QVBoxLayout(self)
-        outer.setContentsMargins(0, 0, 0, 0)
-        outer.addWidget(scroll)
+        scroll_frame(self, inner)
 
-        self.runner = Runner(self)
-        self.runner.progress.connect(self._on_progress)
-        self.runner.finished.connect(self._on_finished)
-        self.train_button.clicked.connect(lambda: self.run())
-        self.cancel_button.clicked.connect(self.cancel)
+        self.wire_runner()
         self.input.currentTextChanged.connect(lambda _: self._fill_targets())
         self.start_from.activated.connect(self._on_start_from)
         self._curves: dict[str, list] = {}
@@ -198,7 +189,7 @@ class TrainWidget(QWidget):
         self.start_from.clear()
         self.start_from.addItem(SCRATCH, None)
         for name, folder in bundled_checkpoints().items():
-            if _task_of(folder) == "stain":
+            if task_of(folder) == "stain":
                 self.start_from.addItem(name, str(folder))
         self.start_from.addItem(BROWSE, BROWSE)
 
@@ -250,21 +241,7 @@ class TrainWidget(QWidget):
                                scale=np.asarray(layer.scale)[-2:], translate=np.asarray(layer.translate)[-2:])
 
     def run(self) -> bool:
-        if self.runner.running:
-            notify_info(f"{self.runner.title} is still running; wait for it or press Cancel")
-            return False
-        try:
-            job = self._job()
-        except VirtualStainError as exc:
-            notify_error(str(exc))
-            return False
-        refusal = self.runner.start(job)
-        if refusal is not None:
-            notify_info(refusal)
-            return False
-        self._set_running(True)
-        self.status.setText(f"{job.title}…")
-        return True
+        return self.start_job(self._job)
 
     def _job(self) -> Job:
         from ..train.loop import TrainOptions, train
@@ -328,20 +305,6 @@ class TrainWidget(QWidget):
         self.last_output = out
         return Job(f"Training '{out.name}'", work, done, {"output": out})
 
-    def cancel(self) -> None:
-        if self.runner.running:
-            self.runner.cancel()
-            self.cancel_button.setEnabled(False)
-            self.status.setText("Cancelling after the current step…")
-
-    def _set_running(self, running: bool) -> None:
-        self.train_button.setEnabled(not running)
-        self.cancel_button.setEnabled(running)
-
-    def _on_progress(self, fraction: float, text: str) -> None:
-        self.progress_bar.setValue(round(min(max(fraction, 0.0), 1.0) * 1000))
-        self.progress_bar.setFormat(f"%p%  {text}")
-
     def _refresh_plots(self) -> None:
         with self._lock:
             curves = {k: list(v) for k, v in self._curves.items()}
@@ -355,7 +318,7 @@ class TrainWidget(QWidget):
         self.progress_bar.setFormat("%p%")
         out = self.last_output
         if outcome == "done":
-            self.progress_bar.setValue(1000)
+            self.progress_bar.setValue(PROGRESS_MAX)
             self.status.setText(f"Done: {out}")
         elif outcome == "cancelled":
             kept = out is not None and (out / "config.json").is_file()
