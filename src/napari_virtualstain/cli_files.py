@@ -233,7 +233,7 @@ def predict_planes(image, axes: str | None, name: str, input_file: str, bundle, 
 def _predict_with_trust(bundle, arr, args, common: dict, thresholds: dict, input_um):
     """The ensemble route of predict (--objects, --interval): the prediction, its labels, per-nucleus tables
     (``res.provenance['objects']``, written by ``predict_file``) and calibrated low/high channels."""
-    from .core.confidence import interval_channels, nucleus_table, predict_ensemble
+    from .core.confidence import add_interval_channels, object_tables, predict_ensemble
 
     if args.samples not in (None, 1) or args.rescale:
         raise VirtualStainError("--objects / --interval build their own ensemble: leave out --samples and --rescale")
@@ -243,16 +243,9 @@ def _predict_with_trust(bundle, arr, args, common: dict, thresholds: dict, input
                            pixel_size_um=input_um, block_size=args.block_size, **opts)
     res = ens.prediction
     if args.objects and res.labels:
-        c = bundle.config
-        stains = [o.name for o in c.output_channels if o.kind == "stain"]
-        res.provenance["objects"] = {name: nucleus_table(ens, name, c.labels_from_stain.get(name) or
-                                                         (stains[0] if stains else None)) for name in res.labels}
+        res.provenance["objects"] = object_tables(bundle, ens)
     if args.interval:
-        planes, names = interval_channels(bundle, ens, args.interval)
-        res.image = np.concatenate([res.image, planes.astype(res.image.dtype)])
-        res.channel_names = res.channel_names + names
-        res.channel_kinds = res.channel_kinds + ["interval"] * len(names)
-        res.provenance["interval"] = args.interval
+        add_interval_channels(bundle, ens, args.interval)
     return res
 
 

@@ -71,12 +71,11 @@ def predict_selection(bundle, sel: InputSelection, s: RunSettings, progress, sho
 
 def _predict_with_confidence(bundle, sel, s, progress, should_cancel, labels_from, tta, members,
                              interval=None, objects=True) -> StackedStain:
-    from ..core.confidence import interval_channels, nucleus_table, predict_ensemble
+    from ..core.confidence import add_interval_channels, object_tables, predict_ensemble
 
     if len(sel.arrays) != 1:
         raise VirtualStainError("Confidence per nucleus is computed for one plane: untick 'every plane', or "
                                 "untick 'confidence per nucleus'")
-    c = bundle.config
 
     def one(array, cb):
         ens = predict_ensemble(bundle, array, members, seed=s.seed, labels_from=labels_from, tta=tta,
@@ -84,16 +83,9 @@ def _predict_with_confidence(bundle, sel, s, progress, should_cancel, labels_fro
                                batch_size=s.batch_size, device=s.device, sampler=s.sampler, steps=s.steps,
                                progress=cb, should_cancel=should_cancel, input_name=sel.layer_name,
                                pixel_size_um=sel.geometry.pixel_size_um())
-        stains = [o.name for o in c.output_channels if o.kind == "stain"]
-        tables = {n: nucleus_table(ens, n, c.labels_from_stain.get(n) or (stains[0] if stains else None))
-                  for n in ens.prediction.labels} if objects else None
-        ens.prediction.provenance["ensemble_members"] = members
+        tables = object_tables(bundle, ens) if objects else None
         if interval:  # the CLI's --interval: calibrated low/high channels in the stain's units
-            planes, names = interval_channels(bundle, ens, interval)
-            res = ens.prediction
-            res.image = np.concatenate([res.image, planes.astype(res.image.dtype)])
-            res.channel_names, res.channel_kinds = res.channel_names + names, res.channel_kinds + ["interval"] * len(names)
-            res.provenance["interval"] = interval
+            add_interval_channels(bundle, ens, interval)
         return ens.prediction, tables
 
     (res, tables), = per_plane(sel, one, progress, should_cancel)

@@ -132,6 +132,27 @@ def nucleus_table(ens: Ensemble, labels_name: str, stain: str | None) -> list[di
     return rows
 
 
+def object_tables(bundle: Bundle, ens: Ensemble) -> dict[str, list[dict]]:
+    """``nucleus_table`` for every labels set of the prediction, each measured on the stain it is segmented from
+    (else the first stain)."""
+    c = bundle.config
+    stains = [o.name for o in c.output_channels if o.kind == "stain"]
+    return {name: nucleus_table(ens, name, c.labels_from_stain.get(name) or (stains[0] if stains else None))
+            for name in ens.prediction.labels}
+
+
+def add_interval_channels(bundle: Bundle, ens: Ensemble, level: float) -> StainResult:
+    """The prediction with its calibrated low/high planes appended (kind ``interval``), as predict and the widget
+    write them; returns the same (changed) StainResult."""
+    planes, names = interval_channels(bundle, ens, level)
+    res = ens.prediction
+    res.image = np.concatenate([res.image, planes.astype(res.image.dtype)])
+    res.channel_names = res.channel_names + names
+    res.channel_kinds = res.channel_kinds + ["interval"] * len(names)
+    res.provenance["interval"] = level
+    return res
+
+
 def write_table(path: str | Path, rows: list[dict], provenance: dict) -> Path:
     """The nucleus table as CSV (atomically), with the run's provenance in a ``# `` header line."""
     import csv

@@ -41,6 +41,13 @@ def output_name(kind: str, stem: str, name: str | None = None) -> str:
     return OUTPUTS[kind].format(stem=stem, name=(name or "").replace(" ", "_"))
 
 
+def _why_not_written(exc: OSError, extra: dict | None = None) -> str:
+    """A write failure in the words a user acts on (full disk, read-only, permission), else the OS's own."""
+    reasons = {errno.ENOSPC: "the disk is full", errno.EROFS: "the file system is read-only",
+               errno.EACCES: "permission denied", errno.EPERM: "permission denied", **(extra or {})}
+    return reasons.get(exc.errno, exc.strerror or str(exc))
+
+
 def check_output_folder(path: str | Path) -> Path:
     """Prove that the output folder (or OME-Zarr store) can be made and written — before any model runs, so a bad
     ``-o`` costs nothing: one clear error instead of a traceback after the work. Nothing is created here: the
@@ -60,9 +67,7 @@ def check_output_folder(path: str | Path) -> Path:
         probe.write_bytes(b"")
         probe.unlink()
     except OSError as exc:
-        why = {errno.ENOSPC: "the disk is full", errno.EROFS: "the file system is read-only",
-               errno.EACCES: "permission denied", errno.EPERM: "permission denied",
-               errno.ENOENT: "that place cannot hold files"}.get(exc.errno, exc.strerror or str(exc))
+        why = _why_not_written(exc, {errno.ENOENT: "that place cannot hold files"})
         raise VirtualStainError(f"cannot write into output folder {path}: {why} (in {base}); choose another "
                                 "folder (-o) with write access, e.g. -o ~/virtualstain-out") from None
     return path
@@ -81,8 +86,7 @@ def atomic_write(path: str | Path):
     except OSError as exc:
         with contextlib.suppress(OSError):
             part.unlink()
-        why = {errno.ENOSPC: "the disk is full", errno.EROFS: "the file system is read-only",
-               errno.EACCES: "permission denied", errno.EPERM: "permission denied"}.get(exc.errno, exc.strerror or exc)
+        why = _why_not_written(exc)
         raise VirtualStainError(f"cannot write {path}: {why}; choose another output folder (-o) with write access "
                                 "and free space") from None
     finally:
