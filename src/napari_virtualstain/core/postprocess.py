@@ -22,17 +22,17 @@ from .errors import VirtualStainError
 
 def boundary_target(labels: np.ndarray) -> np.ndarray:
     """1.0 on instance boundaries (two-pixel 'thick' boundaries, so touching cells stay apart), else 0.0."""
-    labels = _as_labels(labels)
+    labels = as_labels(labels)
     return find_boundaries(labels, connectivity=1, mode="thick").astype(np.float32)
 
 
 def foreground_target(labels: np.ndarray) -> np.ndarray:
-    return (_as_labels(labels) > 0).astype(np.float32)
+    return (as_labels(labels) > 0).astype(np.float32)
 
 
 def distance_target(labels: np.ndarray) -> np.ndarray:
     """Per-instance normalised distance to the instance's boundary: 1 at its centre, 1/max at its edge, 0 outside."""
-    labels = _as_labels(labels)
+    labels = as_labels(labels)
     out = np.zeros(labels.shape, np.float32)
     for i, sl in enumerate(ndi.find_objects(labels), start=1):
         if sl is None:
@@ -65,15 +65,21 @@ def distance_to_labels(
     return relabel_sequential(labels)[0].astype(np.uint32)
 
 
-def _as_labels(labels: np.ndarray) -> np.ndarray:
+def as_labels(labels: np.ndarray, where=None) -> np.ndarray:
+    """2D integer instance labels (float images holding whole numbers are converted); anything else is one error
+    that says what labels are (``where``: the file, for the message)."""
     labels = np.asarray(labels)
+    prefix = f"{where}: " if where is not None else ""
     if labels.ndim != 2:
-        raise VirtualStainError(f"instance labels must be 2D (Y, X); got shape {labels.shape}")
-    if not np.issubdtype(labels.dtype, np.integer):
-        if np.issubdtype(labels.dtype, np.floating) and np.all(np.mod(labels, 1) == 0):
-            return labels.astype(np.int64)
-        raise VirtualStainError(f"instance labels must hold integers; got dtype {labels.dtype}")
-    return labels
+        raise VirtualStainError(f"{prefix}instance labels must be 2D (Y, X); got shape {labels.shape}")
+    if np.issubdtype(labels.dtype, np.integer):
+        return labels
+    if np.issubdtype(labels.dtype, np.floating) and np.isfinite(labels).all() and np.all(np.mod(labels, 1) == 0):
+        return labels.astype(np.int64)
+    raise VirtualStainError(
+        f"{prefix}instance labels must hold integers: integer ids (0 = background, one id per nucleus/cell); got "
+        f"{labels.dtype} values with fractions — a probability map or a stain is not labels (save labels as uint16, "
+        "or put a stain under target/)")
 
 
 def boundaries_to_labels(

@@ -32,6 +32,7 @@ import numpy as np
 from ..core.errors import VirtualStainError
 from ..core.io import list_images, read_image, read_pixel_size
 from ..core.normalize import as_float
+from ..core.postprocess import as_labels
 
 
 @dataclass
@@ -199,7 +200,7 @@ def load_folder(folder: str | Path, input_names: list[str] | None = None, stain_
             match = lab_dir / n / p.name
             if not match.exists():
                 raise VirtualStainError(f"{p.name}: no matching labels file {match}")
-            labels[n] = _integer_labels(read_image(match), match)
+            labels[n] = as_labels(read_image(match), match)
         stains = stains if stains is not None else np.zeros((0, *inputs.shape[1:]), np.float32)
         images.append(_checked(TrainingImage(p.stem, _finite(inputs, p), _finite(stains, tgt), labels), str(p)))
     if not images:
@@ -246,18 +247,6 @@ def _finite(arr: np.ndarray, path) -> np.ndarray:
             f"{path} holds {int(bad.sum())} NaN/Inf pixel(s); training needs finite values: fill them (e.g. "
             "napari_virtualstain.core.normalize.fill_non_finite(image), nearest finite pixel) or crop them away")
     return out
-
-
-def _integer_labels(arr: np.ndarray, path) -> np.ndarray:
-    arr = np.asarray(arr)
-    if np.issubdtype(arr.dtype, np.integer):
-        return arr
-    if np.issubdtype(arr.dtype, np.floating) and np.isfinite(arr).all() and np.all(np.mod(arr, 1) == 0):
-        return arr.astype(np.int64)
-    raise VirtualStainError(
-        f"{path}: instance labels must hold integer ids (0 = background, one id per nucleus/cell); got {arr.dtype} "
-        "values with fractions — a probability map or a stain is not labels (save labels as uint16, or put a "
-        "stain under target/)")
 
 
 MIN_VAL_WIDTH = 8  # the smallest plane a network takes (core/inputs.py)
