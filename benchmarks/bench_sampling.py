@@ -27,6 +27,7 @@ from napari_virtualstain.core.sampling import make_generators, sample
 from napari_virtualstain.core.schedulers import ResidualShiftScheduler
 from napari_virtualstain.core.tasks.stain import predict_stain
 from napari_virtualstain.core.tiling import TilePlan
+from napari_virtualstain.core.settings import RunSettings
 
 
 def peak_rss_mb() -> float:
@@ -70,7 +71,7 @@ def bench_large(device: torch.device, size: int, tile: int, overlap: int, batch:
     image = (np.random.default_rng(0).random((size, size)) * 4000).astype(np.uint16)
     rss0 = peak_rss_mb()
     t0 = time.perf_counter()
-    res = predict_stain(bundle, image, device=str(device), batch_size=batch, make_labels=False)
+    res = predict_stain(bundle, image, make_labels=False, settings=RunSettings(device=str(device), batch_size=batch))
     seconds = time.perf_counter() - t0
     return {
         "image": f"{size}x{size}", "tile": tile, "overlap": overlap, "batch_size": batch,

@@ -26,6 +26,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from napari_virtualstain.core.settings import RunSettings
 
 NDEV = Path(__file__).resolve().parents[2] / "shared/data/ndev_scratch_assay/scratch-assay-labeled-10T-2Ch.tiff"
 HELD_OUT = (8, 9)
@@ -103,12 +104,13 @@ def run_one(cfg: dict) -> dict:
     t_loaded = time.perf_counter()
     image = read_image(cfg["image"])
     t_read = time.perf_counter()
-    res = stain_task.predict_stain(bundle, image, tile_size=cfg.get("tile_size"), tile_overlap=cfg.get("tile_overlap"),
-                                   batch_size=cfg.get("batch_size", 4), half=cfg.get("half"),
-                                   make_labels=cfg.get("labels", True),
-                                   input_name="bench",
-                                   threads=None if cfg.get("threads") == "torch" else cfg.get("threads"), steps=cfg.get("steps"),
-                                   samples=cfg.get("samples"), block_size=cfg.get("block_size"))
+    res = stain_task.predict_stain(bundle, image, make_labels=cfg.get("labels", True), input_name="bench",
+                                   steps=cfg.get("steps"), samples=cfg.get("samples"),
+                                   settings=RunSettings(
+                                       tile_size=cfg.get("tile_size"), tile_overlap=cfg.get("tile_overlap"),
+                                       batch_size=cfg.get("batch_size", 4), half=cfg.get("half"),
+                                       threads=None if cfg.get("threads") == "torch" else cfg.get("threads"),
+                                       block_size=cfg.get("block_size")))
     t_pred = time.perf_counter()
     out = Path(cfg["out_dir"])
     write_channels(out / "bench_virtualstain.tif", res.image, res.channel_names, res.provenance,
@@ -234,8 +236,8 @@ def precision_check(data: Path) -> dict:
             for label, half, cl in (("float32", False, False), ("float32 channels-last", False, True),
                                     ("bf16 channels-last", True, True)):
                 model.use_channels_last = (lambda device: cl)  # a fresh bundle: the layout is set when it is wrapped
-                res = predict_stain(load_bundle(name), stack[1, t], half=half, steps=steps, make_labels=False,
-                                    threads=1)
+                res = predict_stain(load_bundle(name), stack[1, t], steps=steps, make_labels=False,
+                                    settings=RunSettings(half=half, threads=1))
                 preds[label] = res
             model.use_channels_last = default_layout
             ref = preds["float32"].channel("Hoechst")

@@ -40,6 +40,7 @@ from napari_virtualstain.core.confidence import (
 )
 from napari_virtualstain.core.metrics import auroc, match_labels
 from napari_virtualstain.train.data import load_config, split_regions
+from napari_virtualstain.core.settings import RunSettings
 
 ROOT = Path(__file__).resolve().parents[1]
 NDEV = ROOT.parent / "shared/data/ndev_scratch_assay/scratch-assay-labeled-10T-2Ch.tiff"
@@ -82,7 +83,7 @@ def score(bundle, items, members: int, seed: int, multi: bool) -> dict:
     conf_rows, matched = [], []
     for image, truths, nuclei in items:
         ens = predict_ensemble(bundle, image, members, seed=seed, make_labels=nuclei is not None,
-                               channel_axis=0 if multi else None, threads=1)
+                               channel_axis=0 if multi else None, settings=RunSettings(threads=1))
         pred = ens.prediction
         std = ens.std
         for s in stains:
@@ -139,7 +140,7 @@ def main(argv=None) -> int:
         bundle = load_bundle(work)
         multi = len(bundle.config.input_channels) > 1
         record = calibrate(bundle, ((im, tr) for im, tr, _ in val), LEVELS, args.members, args.seed,
-                           channel_axis=0 if multi else None, threads=1)
+                           channel_axis=0 if multi else None, settings=RunSettings(threads=1))
         save_calibration(bundle, record)
         res = {"calibration": record, "held_out": score(bundle, test, args.members, args.seed, multi)}
         if shifted:

@@ -18,6 +18,7 @@ import platform
 import subprocess
 import sys
 from pathlib import Path
+from napari_virtualstain.core.settings import RunSettings
 
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -36,7 +37,7 @@ def held_out_r(bundle_path: Path) -> float:
 
     q = (slice(512, 1024), slice(512, 1024))
     phase, dapi = read_image(DATA / "phase_z06.png")[q], read_image(DATA / "dapi.png")[q]
-    res = predict_stain(load_bundle(bundle_path), phase, make_labels=False, threads=1)
+    res = predict_stain(load_bundle(bundle_path), phase, make_labels=False, settings=RunSettings(threads=1))
     p, t, _ = normalize_pair(res.channel("DAPI"), dapi)
     return float(image_metrics(p, t)["pearson"])
 

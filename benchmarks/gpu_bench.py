@@ -38,6 +38,7 @@ from bench_speed import NDEV, mosaic  # noqa: E402 - the same real mosaic as the
 from napari_virtualstain.core.bundle import load_bundle  # noqa: E402
 from napari_virtualstain.core.model import Denoiser, autocast_dtype  # noqa: E402
 from napari_virtualstain.core.tasks.stain import predict_stain  # noqa: E402
+from napari_virtualstain.core.settings import RunSettings
 
 # dense (no sparsity) bf16 tensor-core peaks from the vendors' data sheets, TFLOP/s
 BF16_PEAK_TFLOPS = {"H200": 989.0, "H100 SXM": 989.0, "H100 80GB HBM3": 989.0, "H100 PCIe": 756.0, "H100 NVL": 835.0,
@@ -79,7 +80,8 @@ class Budget:
 
 
 def end_to_end(bundle, image, device, clock: Clock, repeats: int) -> dict:
-    run = lambda labels: predict_stain(bundle, image, device=str(device), make_labels=labels, batch_size=16)  # noqa: E731
+    run = lambda labels: predict_stain(bundle, image, make_labels=labels,
+                                       settings=RunSettings(device=str(device), batch_size=16))  # noqa: E731
     first = clock(lambda: run(False))
     no_labels = min(clock(lambda: run(False)) for _ in range(repeats))
     with_labels = clock(lambda: run(True))
@@ -127,14 +129,15 @@ def tile_throughput(bundle, device, clock: Clock, batch_sizes, tile: int, repeat
 
 
 def seed_batching(bundle, image, device, clock: Clock, ks, budget: Budget) -> list[dict]:
-    one = clock(lambda: predict_stain(bundle, image, device=str(device), make_labels=False, samples=1, batch_size=16))
+    one = clock(lambda: predict_stain(bundle, image, make_labels=False, samples=1,
+                                      settings=RunSettings(device=str(device), batch_size=16)))
     rows = []
     for k in ks:
         if budget.left() < 10:
             rows.append({"k": k, "skipped": "time budget spent"})
             continue
-        batched = clock(lambda: predict_stain(bundle, image, device=str(device), make_labels=False, samples=k,
-                                              batch_size=16 * k))
+        batched = clock(lambda: predict_stain(bundle, image, make_labels=False, samples=k,
+                                              settings=RunSettings(device=str(device), batch_size=16 * k)))
         rows.append({"k": k, "one_batch_s": round(batched, 4), "one_by_one_s": round(k * one, 4),
                      "batched_over_one_seed": round(batched / one, 3)})
     return rows

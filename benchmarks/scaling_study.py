@@ -26,6 +26,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from napari_virtualstain.core.settings import RunSettings
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "configs/demo-stain.yaml"
@@ -44,6 +45,8 @@ ARMS = {
     "obj_spotlight_dist": ["--channels", "16,32,64,128", "--crop-size", "128", "--distance-head", "--loss", "spotlight"],
     "obj_l1msssim_dist": ["--channels", "16,32,64,128", "--crop-size", "128", "--distance-head", "--loss", "l1_msssim"],
     "aug_mse_dist": ["--channels", "16,32,64,128", "--crop-size", "128", "--distance-head", "--augment"],
+    # the width question asked again under augmentation (without it, more capacity only overfits faster)
+    "aug_w32_dist": ["--channels", "32,64,128,256", "--crop-size", "128", "--distance-head", "--augment"],
 }
 VAL_X = 490  # first validation column of the 576-wide frames (val_fraction 0.15)
 FIT_FRAMES = (3, 7)
@@ -126,7 +129,8 @@ def score_bundle(path, frames: dict, **predict_options) -> dict:
 
     bundle = load_bundle(path)
     routes = bundle.config.label_routes()
-    preds = {part: [(predict_stain(bundle, image, seed=0, threads=1, make_labels=False, **predict_options), stain,
+    preds = {part: [(predict_stain(bundle, image, seed=0, make_labels=False, **predict_options,
+                                   settings=RunSettings(threads=1)), stain,
                      nuclei) for image, stain, nuclei in items] for part, items in frames.items()}
 
     def f1(part, route, **thr):

@@ -17,6 +17,7 @@ from napari_virtualstain.train.data import load_folder
 from napari_virtualstain.train.loop import TrainOptions, train
 
 from test_train import TINY, _synthetic_field, data_folder  # noqa: F401  (fixture)
+from napari_virtualstain.core.settings import RunSettings
 
 
 @pytest.fixture()
@@ -61,8 +62,8 @@ def test_untrained_refinement_returns_mu_exactly(data_folder, tmp_path):  # noqa
     opts = TrainOptions(**{**TINY, "steps": 0}, residual_source="mean_prediction", mean_from=str(tmp_path / "mu"))
     bundle, _ = train(spec, tmp_path / "a0", opts)
     bf, _, _ = _synthetic_field(5)
-    mu = predict_stain(load_bundle(tmp_path / "mu"), bf, half=False, make_labels=False).image
-    refined = predict_stain(bundle, bf, half=False, make_labels=False, seed=3)
+    mu = predict_stain(load_bundle(tmp_path / "mu"), bf, make_labels=False, settings=RunSettings(half=False)).image
+    refined = predict_stain(bundle, bf, make_labels=False, seed=3, settings=RunSettings(half=False))
     np.testing.assert_allclose(refined.image, mu, atol=1e-3 * np.abs(mu).max())
     assert refined.provenance["network_passes"] == refined.provenance["steps"] + 1
 
@@ -70,12 +71,12 @@ def test_untrained_refinement_returns_mu_exactly(data_folder, tmp_path):  # noqa
 def test_anchored_prediction_fewer_steps_and_sample_averaging(anchored_pair):
     _, bundle, _ = anchored_pair
     bf, _, _ = _synthetic_field(7)
-    full = predict_stain(bundle, bf, half=False, make_labels=False)
+    full = predict_stain(bundle, bf, make_labels=False, settings=RunSettings(half=False))
     assert full.provenance["steps"] == 15 and full.sample_std is None
-    four = predict_stain(bundle, bf, half=False, make_labels=False, steps=4)
+    four = predict_stain(bundle, bf, make_labels=False, steps=4, settings=RunSettings(half=False))
     assert four.provenance["steps"] == 4 and four.provenance["network_passes"] == 5
-    avg = predict_stain(bundle, bf, half=False, make_labels=False, steps=4, samples=3, seed=1)
-    one = [predict_stain(bundle, bf, half=False, make_labels=False, steps=4, seed=s).image for s in (1, 2, 3)]
+    avg = predict_stain(bundle, bf, make_labels=False, steps=4, samples=3, seed=1, settings=RunSettings(half=False))
+    one = [predict_stain(bundle, bf, make_labels=False, steps=4, seed=s, settings=RunSettings(half=False)).image for s in (1, 2, 3)]
     np.testing.assert_allclose(avg.image, np.mean(one, axis=0), atol=1e-4 * np.abs(avg.image).max() + 1e-5)
     assert avg.sample_std.shape == avg.image.shape and avg.provenance["samples"] == 3
     with pytest.raises(VirtualStainError, match="between 1 and 15"):
@@ -123,10 +124,11 @@ def test_anchored_ddpm_generates_the_residual_on_top_of_mu(anchored_pair, data_f
     assert bundle.config.anchored and bundle.config.objective == "ddpm"
     assert bundle.config.unet["in_channels"] == 3 + 1 + 3
     bf, _, _ = _synthetic_field(9)
-    mu = predict_stain(load_bundle(tmp_path / "mu"), bf, half=False, make_labels=False).image
-    res = predict_stain(bundle, bf, half=False, make_labels=False, steps=3)
+    mu = predict_stain(load_bundle(tmp_path / "mu"), bf, make_labels=False, settings=RunSettings(half=False)).image
+    res = predict_stain(bundle, bf, make_labels=False, steps=3, settings=RunSettings(half=False))
     assert res.provenance["network_passes"] == 4 and np.isfinite(res.image).all()
-    unc = predict_uncertainty(bundle, bf, mode="steps", steps=5, window=(0.0, 1.0), half=False, make_labels=False)
+    unc = predict_uncertainty(bundle, bf, mode="steps", steps=5, window=(0.0, 1.0), make_labels=False,
+                              settings=RunSettings(half=False))
     # the averaged x̂0 lives in output units around mu, not around 0 (a residual that forgot mu would)
     hoechst = 0
     assert abs(unc.maps["avg"][hoechst].mean() - mu[hoechst].mean()) < abs(mu[hoechst].mean()) + 1e-6

@@ -17,6 +17,7 @@ from napari_virtualstain.core.errors import BundleError
 from napari_virtualstain.core.model import build_unet, default_unet_config
 from napari_virtualstain.core.normalize import FixedNorm, PercentileNorm
 from napari_virtualstain.core.tasks.stain import predict_stain
+from napari_virtualstain.core.settings import RunSettings
 
 
 
@@ -102,8 +103,8 @@ def test_fp16_save(saved, tmp_path):
     full = load_bundle(path)
     assert half.id != full.id
     # float32 compute, so only the weights' storage differs (bf16 compute is compared in tests/test_speed.py)
-    a = predict_stain(full, IMAGE, seed=2, make_labels=False, half=False).image
-    b = predict_stain(half, IMAGE, seed=2, make_labels=False, half=False).image
+    a = predict_stain(full, IMAGE, seed=2, make_labels=False, settings=RunSettings(half=False)).image
+    b = predict_stain(half, IMAGE, seed=2, make_labels=False, settings=RunSettings(half=False)).image
     # stain channel in raw units (range 100..4000), probabilities 0..1
     np.testing.assert_allclose(a[0], b[0], atol=3900 * 2e-3)
     np.testing.assert_allclose(a[1:], b[1:], atol=2e-3)

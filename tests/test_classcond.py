@@ -16,6 +16,7 @@ from napari_virtualstain.train.loop import TrainOptions, train
 
 from conftest import train_two_class
 from conftest import two_class_field as _field
+from napari_virtualstain.core.settings import RunSettings
 
 
 @pytest.fixture(scope="module")
@@ -88,7 +89,7 @@ def test_bad_requests_are_refused(trained, tiny_bundle_dir):
 
 
 def test_synthesis_is_seeded_per_sample(trained):
-    a = synthesize(trained, "C", 3, seed=5, steps=8, size=16, batch_size=2, guidance=2.0)
+    a = synthesize(trained, "C", 3, seed=5, steps=8, size=16, guidance=2.0, settings=RunSettings(batch_size=2))
     b = synthesize(trained, "C", 1, seed=6, steps=8, size=16, guidance=2.0)
     assert a.images.shape == (3, 2, 16, 16) and a.provenance["seeds"] == [5, 6, 7]
     np.testing.assert_allclose(a.images[1], b.images[0], rtol=1e-4, atol=1e-2)

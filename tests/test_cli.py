@@ -12,6 +12,7 @@ import torch
 from napari_virtualstain.cli import main
 from napari_virtualstain.core.bundle import bundled_checkpoints, load_bundle
 from napari_virtualstain.core.io import read_channel_names, read_provenance
+from napari_virtualstain.core.settings import RunSettings
 
 
 def _image(shape=(40, 56), seed=0):
@@ -137,7 +138,7 @@ def test_shipped_stain_demos_keep_their_held_out_nuclei_quality(shared_data, nam
     from napari_virtualstain.core.tasks.stain import predict_stain
 
     data = tifffile.imread(shared_data / "ndev_scratch_assay" / "scratch-assay-labeled-10T-2Ch.tiff")
-    res = predict_stain(load_bundle(name), data[1, 9], threads=1)
+    res = predict_stain(load_bundle(name), data[1, 9], settings=RunSettings(threads=1))
     assert match_labels(data[2, 9], res.labels["nuclei"], 0.5)["f1"] > 0.57
     assert pearson(res.channel("Hoechst"), data[0, 9].astype(np.float64)) > 0.62
 
@@ -252,7 +253,7 @@ def test_pixel_size_mismatch_warns_and_rescale_fixes_it(shared_data, tmp_path, c
 
 def test_progress_lines_rise_and_end_at_100_once(tiny_bundle_dir, tmp_path, capsys):
     from napari_virtualstain._widgets._base import describe_progress
-    from napari_virtualstain.cli import _progress_printer
+    from napari_virtualstain.cli import progress_printer
     from napari_virtualstain.core.sampling import Progress
 
     path = tmp_path / "field.tif"
@@ -262,7 +263,7 @@ def test_progress_lines_rise_and_end_at_100_once(tiny_bundle_dir, tmp_path, caps
     percents = [int(ln.split(":")[1].split("%")[0]) for ln in lines]
     assert percents == sorted(percents) and percents.count(100) == 1 and percents[-1] == 100
     # one line per step when steps are slow enough; the closing report never repeats 100 %
-    report = _progress_printer("x", min_interval=0.0)
+    report = progress_printer("x", min_interval=0.0)
     for step in range(3):
         for tile in (1, 2):
             report(Progress(step, 3, tile, 2))

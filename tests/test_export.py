@@ -10,6 +10,7 @@ import tifffile
 from napari_virtualstain.cli import main
 from napari_virtualstain.core.bundle import load_bundle
 from napari_virtualstain.core.metrics import pearson
+from napari_virtualstain.core.settings import RunSettings
 
 pytest.importorskip("bioimageio.core")
 
@@ -42,7 +43,8 @@ def test_export_validates_and_runs_like_the_package(held_out, tmp_path, capsys, 
         from napari_virtualstain.core.export import _mean_only
 
         bundle = _mean_only(bundle)
-    ours = predict_stain(bundle, crop, half=False, make_labels=False, tile_size=128, tile_overlap=0, tta=1)
+    ours = predict_stain(bundle, crop, make_labels=False, tta=1,
+                         settings=RunSettings(half=False, tile_size=128, tile_overlap=0))
     assert pearson(theirs, ours.channel("Hoechst")) > 0.999
     np.testing.assert_allclose(theirs, ours.channel("Hoechst"), rtol=1e-3, atol=2.0)
 

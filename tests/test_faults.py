@@ -14,6 +14,7 @@ import tifffile
 import torch
 
 from napari_virtualstain.cli import main
+from napari_virtualstain.core.settings import RunSettings
 
 TESTS = Path(__file__).resolve().parent
 FAULTS = {
@@ -66,7 +67,7 @@ def test_out_of_memory_retries_with_fewer_tiles_then_says_what_to_do(tiny_bundle
 
     image = (np.random.default_rng(0).random((60, 60)) * 1000).astype(np.uint16)
     bundle = load_bundle(tiny_bundle_dir)
-    reference = predict_stain(bundle, image, batch_size=8, make_labels=False)
+    reference = predict_stain(bundle, image, make_labels=False, settings=RunSettings(batch_size=8))
     real_forward = Denoiser.forward
 
     def limited(limit):
@@ -78,7 +79,7 @@ def test_out_of_memory_retries_with_fewer_tiles_then_says_what_to_do(tiny_bundle
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(Denoiser, "forward", limited(2))
-        res = predict_stain(bundle, image, batch_size=8, make_labels=False)
+        res = predict_stain(bundle, image, make_labels=False, settings=RunSettings(batch_size=8))
         assert res.provenance["oom_retries"] >= 1
         np.testing.assert_allclose(res.image, reference.image, rtol=1e-4, atol=1e-3)  # same tiles, same result
         # a device where not even one 32x32 tile fits, but a 16x16 one does: the message names 16, and 16 works
@@ -90,8 +91,9 @@ def test_out_of_memory_retries_with_fewer_tiles_then_says_what_to_do(tiny_bundle
         mp.setattr(Denoiser, "forward", tile_limited)
         with pytest.raises(VirtualStainError, match=r"even for one tile of 32x32 pixels; use a smaller tile size "
                                                     r"\(--tile-size 16\) or --device cpu"):
-            predict_stain(bundle, image, batch_size=8, make_labels=False)
-        followed = predict_stain(bundle, image, batch_size=8, make_labels=False, tile_size=16, tile_overlap=4)
+            predict_stain(bundle, image, make_labels=False, settings=RunSettings(batch_size=8))
+        followed = predict_stain(bundle, image, make_labels=False,
+                                 settings=RunSettings(batch_size=8, tile_size=16, tile_overlap=4))
         assert followed.image.shape[-2:] == image.shape
 
 

@@ -19,6 +19,7 @@ from napari_virtualstain.core.metrics import pearson
 from napari_virtualstain.core.model import Denoiser, fast_bf16
 from napari_virtualstain.core.tasks.stain import predict_stain
 from napari_virtualstain.core.threads import choose_threads, free_cores, usable_cores
+from napari_virtualstain.core.settings import RunSettings
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -34,7 +35,7 @@ def test_default_precision_matches_float32_on_a_real_crop(held_out_crop):
     """What a user gets by default (bf16 where the CPU is fast) is the float32 prediction to within what a user could see."""
     bf, truth = held_out_crop
     bundle = load_bundle("demo-stain")
-    ref = predict_stain(bundle, bf, half=False, make_labels=False)
+    ref = predict_stain(bundle, bf, make_labels=False, settings=RunSettings(half=False))
     fast = predict_stain(bundle, bf, make_labels=False)
     assert ref.provenance["precision"] == "float32"
     assert fast.provenance["precision"] == ("bfloat16" if fast_bf16(torch.device("cpu")) else "float32")
@@ -80,7 +81,8 @@ def test_a_busy_core_is_not_counted_as_free(monkeypatch):
 
 
 def test_a_cpu_run_records_its_threads(held_out_crop):
-    res = predict_stain(load_bundle("demo-stain-regression"), held_out_crop[0][:64, :64], make_labels=False, threads=1)
+    res = predict_stain(load_bundle("demo-stain-regression"), held_out_crop[0][:64, :64], make_labels=False,
+                        settings=RunSettings(threads=1))
     assert res.provenance["threads"] == 1 and res.provenance["threads_from"] == "requested"
     assert torch.get_num_threads() == 1
 
@@ -117,9 +119,9 @@ def test_big_fields_are_planned_in_blocks_without_running_a_network():
 def test_a_blocked_field_matches_the_whole_field_and_reports_its_blocks(held_out_crop):
     bf = np.concatenate([held_out_crop[0], held_out_crop[0][::-1]], axis=0)  # 320 x 256
     bundle = load_bundle("demo-stain")
-    whole = predict_stain(bundle, bf, make_labels=False, block_size=0)
+    whole = predict_stain(bundle, bf, make_labels=False, settings=RunSettings(block_size=0))
     events = []
-    blocked = predict_stain(bundle, bf, make_labels=False, block_size=152, progress=events.append)
+    blocked = predict_stain(bundle, bf, make_labels=False, settings=RunSettings(block_size=152, progress=events.append))
     assert "blocks" not in whole.provenance
     assert blocked.provenance["blocks"]["num_blocks"] > 1 and blocked.provenance["blocks"]["block_size"] <= 152
     assert blocked.image.shape == whole.image.shape

@@ -13,6 +13,7 @@ from napari_virtualstain.core.model import build_unet, default_unet_config
 from napari_virtualstain.core.normalize import FixedNorm, PercentileNorm
 from napari_virtualstain.core.tasks.stain import predict_stain
 from napari_virtualstain.core.tiling import TilePlan, reflect_pad
+from napari_virtualstain.core.settings import RunSettings
 
 
 
@@ -243,13 +244,13 @@ def bundle(tmp_path_factory):
 def test_predict_stain_tiled_equals_untiled(bundle, monkeypatch):
     monkeypatch.setitem(bundle.__dict__, "unet", PerPixelUNet(1))
     img = smooth_image(45, 37, seed=4)[0, 0].numpy() * 1000 + 3000
-    whole = predict_stain(bundle, img, seed=3, tile_size=64, make_labels=False)
-    tiled = predict_stain(bundle, img, seed=3, tile_size=16, tile_overlap=4, make_labels=False)
+    whole = predict_stain(bundle, img, seed=3, make_labels=False, settings=RunSettings(tile_size=64))
+    tiled = predict_stain(bundle, img, seed=3, make_labels=False, settings=RunSettings(tile_size=16, tile_overlap=4))
     assert whole.provenance["num_tiles"] == 1 and tiled.provenance["num_tiles"] > 4
     assert whole.image.shape == tiled.image.shape == (1, 45, 37)
     # the seed's noise is drawn at the image size, so tiling does not change the result
     np.testing.assert_allclose(tiled.image, whole.image, atol=1e-3)  # in stain units (0..100 range)
-    other = predict_stain(bundle, img, seed=4, tile_size=64, make_labels=False)
+    other = predict_stain(bundle, img, seed=4, make_labels=False, settings=RunSettings(tile_size=64))
     assert np.abs(other.image - whole.image).max() > 0.1
 
 
@@ -267,7 +268,7 @@ def test_predict_stain_progress_and_cancel(bundle):
 
     img = smooth_image(40, 40, seed=5)[0, 0].numpy()
     events = []
-    res = predict_stain(bundle, img, seed=0, progress=events.append, make_labels=False)
+    res = predict_stain(bundle, img, seed=0, make_labels=False, settings=RunSettings(progress=events.append))
     n_tiles = res.provenance["num_tiles"]
     assert n_tiles == 9 and res.provenance["steps"] == 4
     # batch_size 4: ceil(9 / 4) = 3 network calls per step, then one final report
@@ -282,7 +283,7 @@ def test_predict_stain_progress_and_cancel(bundle):
 
     events.clear()
     with pytest.raises(Cancelled):
-        predict_stain(bundle, img, seed=0, progress=events.append, should_cancel=should_cancel)
+        predict_stain(bundle, img, seed=0, settings=RunSettings(progress=events.append, should_cancel=should_cancel))
     # checked before each step and after each network call but a step's last: the third check (after the second call
     # of step 0) stops the run there — one network call after the request, not at the end of the step
     assert [(e.step, e.tile) for e in events] == [(0, 4), (0, 8)]

@@ -20,6 +20,7 @@ from napari_virtualstain.core.uncertainty import (
 )
 
 from conftest import make_tiny_config
+from napari_virtualstain.core.settings import RunSettings
 
 
 @pytest.fixture(scope="module")
@@ -93,7 +94,8 @@ def test_maps_equal_the_stack_of_step_estimates(ddpm, image, monkeypatch):
 
 def test_seeds_batched_equal_seeds_one_by_one(ddpm, image):
     seeds = [0, 1, 2]
-    both = predict_uncertainty(ddpm, image, mode="both", seeds=seeds, steps=8, make_labels=False, batch_size=4)
+    both = predict_uncertainty(ddpm, image, mode="both", seeds=seeds, steps=8, make_labels=False,
+                               settings=RunSettings(batch_size=4))
     singles = [predict_uncertainty(ddpm, image, mode="steps", seeds=[s], steps=8, make_labels=False) for s in seeds]
     avgs = np.stack([r.maps["avg"] for r in singles])
     np.testing.assert_allclose(both.maps["avg"], avgs.mean(0), rtol=1e-4, atol=0.25)  # Hoechst range 1000: batch-order float noise

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from napari_virtualstain.core.settings import RunSettings
 
 pytestmark = pytest.mark.gui
 
@@ -108,7 +109,8 @@ def test_stain_predicts_current_plane_like_the_core(stain_setup, qtbot, crop, ti
 
     hoechst, nuclei = viewer.layers["Hoechst (virtual)"], viewer.layers["nuclei (virtual)"]
     assert isinstance(hoechst, Image) and isinstance(nuclei, Labels)
-    expected = predict_stain(tiny_bundle, crop[2], seed=3, tile_size=32, tile_overlap=8, batch_size=4)
+    expected = predict_stain(tiny_bundle, crop[2], seed=3,
+                             settings=RunSettings(tile_size=32, tile_overlap=8, batch_size=4))
     for out in (hoechst, nuclei):
         assert out.data.shape == (1, 48, 64)
         np.testing.assert_allclose(out.scale, SCALE)
@@ -152,7 +154,8 @@ def test_a_dask_backed_layer_computes_only_the_plane_predicted(make_napari_viewe
     wait_done(qtbot, widget)
     assert widget.runner.last_outcome == "done", notes.all()
     assert loaded == [1]
-    expected = predict_stain(tiny_bundle, crop[1], seed=0, tile_size=32, tile_overlap=8, batch_size=4)
+    expected = predict_stain(tiny_bundle, crop[1], seed=0,
+                             settings=RunSettings(tile_size=32, tile_overlap=8, batch_size=4))
     np.testing.assert_allclose(viewer.layers["Hoechst (virtual)"].data[0], expected.channel("Hoechst"),
                                rtol=1e-5, atol=1e-4)
 
@@ -171,7 +174,8 @@ def test_an_rgb_brightfield_layer_is_predicted_from_its_luminance(stain_setup, q
     assert widget.runner.last_outcome == "done", notes.all()
     hoechst = viewer.layers["Hoechst (virtual)"]
     assert hoechst.metadata["input_conversion"] == RGB_NOTE and hoechst.data.shape[-2:] == (48, 64)
-    expected = predict_stain(tiny_bundle, rgb_to_luminance(before), seed=0, tile_size=32, tile_overlap=8)
+    expected = predict_stain(tiny_bundle, rgb_to_luminance(before), seed=0,
+                             settings=RunSettings(tile_size=32, tile_overlap=8))
     np.testing.assert_allclose(hoechst.data.reshape(48, 64), expected.channel("Hoechst"), rtol=1e-5, atol=1e-4)
     assert np.array_equal(photo.data, before)
 
@@ -206,7 +210,7 @@ def test_stain_all_planes_probabilities_and_save(stain_setup, qtbot, crop, tiny_
         assert out.metadata["planes"] == "all" and out.metadata["lead_shape"] == [3]
     boundary = viewer.layers["nuclei boundary (virtual)"].data
     assert 0.0 <= boundary.min() and boundary.max() <= 1.0
-    expected = predict_stain(tiny_bundle, crop[1], seed=0, tile_size=32, tile_overlap=8)
+    expected = predict_stain(tiny_bundle, crop[1], seed=0, settings=RunSettings(tile_size=32, tile_overlap=8))
     np.testing.assert_allclose(viewer.layers["Hoechst (virtual)"].data[1], expected.channel("Hoechst"),
                                rtol=1e-5, atol=1e-4)
 
@@ -499,7 +503,7 @@ def test_uncertainty_maps_flags_threshold_and_export(make_napari_viewer, qtbot, 
     assert np.array_equal(layer.data, before)
 
     expected = unc.predict_uncertainty(tiny_bundle, crop[1], mode="both", seeds=(5, 6), window=(0.3, 0.8),
-                                       tile_size=32, tile_overlap=8)
+                                       settings=RunSettings(tile_size=32, tile_overlap=8))
     for key in ("avg", "std_steps", "std_seeds"):
         out = viewer.layers[f"Hoechst {key}"]
         assert out.data.shape == (1, 48, 64)
@@ -627,8 +631,8 @@ def test_translate_layers_control_difference_and_side_by_side(make_napari_viewer
     assert widget.runner.last_outcome == "done", notes.all()
     assert np.array_equal(layer.data, before)
     bundle = get_bundle(tiny_classcond_dir)
-    expected = translate(bundle, nfkb_crop, "A01", "A12", steps=4, guidance=2.0, channel_axis=0, tile_size=32,
-                         tile_overlap=8)
+    expected = translate(bundle, nfkb_crop, "A01", "A12", steps=4, guidance=2.0, channel_axis=0,
+                         settings=RunSettings(tile_size=32, tile_overlap=8))
     for c, ch in enumerate(["NF-kB", "DNA"]):
         tr = viewer.layers[f"{ch} A01→A12 (translated)"]
         ctl = viewer.layers[f"{ch} A01→A01 (control)"]
@@ -699,7 +703,8 @@ def test_synthesize_stack_per_channel(make_napari_viewer, qtbot, tiny_classcond_
     wait_done(qtbot, widget)
     assert widget.runner.last_outcome == "done", notes.all()
     assert layer_names(viewer) == ["NF-kB synthetic (A12)", "DNA synthetic (A12)"]
-    expected = synthesize(get_bundle(tiny_classcond_dir), "A12", 3, seed=7, steps=3, size=32, batch_size=4)
+    expected = synthesize(get_bundle(tiny_classcond_dir), "A12", 3, seed=7, steps=3, size=32,
+                          settings=RunSettings(batch_size=4))
     for c, name in enumerate(layer_names(viewer)):
         out = viewer.layers[name]
         assert out.data.shape == (3, 32, 32)

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from .core.errors import VirtualStainError
+from .core.settings import RunSettings
 
 log = logging.getLogger("napari_virtualstain")
 BIG_FIELD_PIXELS = 2048 * 2048  # above this, the labels step announces itself (it takes a while)
@@ -203,11 +204,8 @@ def predict_planes(image, axes: str | None, name: str, input_file: str, bundle, 
         if not results and (note := labels_warning(arr, what)):
             print(f"warning: {note}", file=sys.stderr)
         common = dict(
-            channel_axis=args.channel_axis, tile_size=args.tile_size, tile_overlap=args.tile_overlap,
-            batch_size=args.batch_size, device=args.device, sampler=args.sampler, steps=args.steps,
-            **_compute(args),
-            progress=_progress_printer(what) if not args.quiet else None, make_labels=not args.no_labels,
-            input_name=what, labels_from=args.labels_from, thresholds=thresholds,
+            channel_axis=args.channel_axis, sampler=args.sampler, steps=args.steps, settings=run_settings(args, what),
+            make_labels=not args.no_labels, input_name=what, labels_from=args.labels_from, thresholds=thresholds,
         )
         if not args.quiet and not args.no_labels and np.shape(arr)[-1] * np.shape(arr)[-2] > BIG_FIELD_PIXELS:
             print(f"  {what}: instance labels follow the network passes (a big field: allow a while)",
@@ -223,8 +221,7 @@ def predict_planes(image, axes: str | None, name: str, input_file: str, bundle, 
             res.provenance.update({"plane": list(idx), "input_file": input_file, **thresholds})
             continue
         else:
-            res = predict_stain(bundle, arr, seed=args.seed, samples=args.samples, block_size=args.block_size,
-                                pixel_size_um=input_um, rescale=args.rescale, tta=args.tta, **common)
+            res = predict_stain(bundle, arr, seed=args.seed, samples=args.samples, pixel_size_um=input_um, rescale=args.rescale, tta=args.tta, **common)
         res.provenance.update({"plane": list(idx), "input_file": input_file})
         results.append((idx, res))
     return results, maps
@@ -240,7 +237,7 @@ def _predict_with_trust(bundle, arr, args, common: dict, thresholds: dict, input
     opts = {k: v for k, v in common.items() if k not in ("make_labels", "labels_from", "thresholds")}
     ens = predict_ensemble(bundle, arr, args.members, seed=args.seed, labels_from=args.labels_from,
                            thresholds=thresholds, make_labels=not args.no_labels, tta=args.tta,
-                           pixel_size_um=input_um, block_size=args.block_size, **opts)
+                           pixel_size_um=input_um, **opts)
     res = ens.prediction
     if args.objects and res.labels:
         res.provenance["objects"] = object_tables(bundle, ens)
@@ -375,7 +372,7 @@ def _write_uncertainty(out: Path, stem: str, config, channel_names, maps: list[d
     return written
 
 
-def _progress_printer(what: str, min_interval: float = 1.0):
+def progress_printer(what: str, min_interval: float = 1.0):
     """One line per finished step (at most one a second), and 100 % exactly once."""
     import time
 
@@ -404,5 +401,12 @@ def _progress_printer(what: str, min_interval: float = 1.0):
 PRECISIONS = {"auto": None, "bf16": True, "float32": False}
 
 
-def _compute(args) -> dict:
-    return {"half": PRECISIONS[args.precision], "threads": args.threads}
+def run_settings(args, what: str | None = None) -> RunSettings:
+    """The core's run settings from a command's options (those a command lacks keep their defaults), with a
+    progress printer for ``what`` unless ``--quiet``."""
+    return RunSettings(
+        tile_size=getattr(args, "tile_size", None), tile_overlap=getattr(args, "tile_overlap", None),
+        batch_size=getattr(args, "batch_size", 4), device=getattr(args, "device", None),
+        half=PRECISIONS[getattr(args, "precision", "auto")], threads=getattr(args, "threads", None),
+        block_size=getattr(args, "block_size", None),
+        progress=progress_printer(what) if what is not None and not getattr(args, "quiet", False) else None)

@@ -24,7 +24,7 @@ from qtpy.QtWidgets import (
 
 from ..core.errors import VirtualStainError
 from ..core.inputs import labels_warning
-from ._controls import ModelControls, RunSettings, image_channels
+from ._controls import ModelControls, RunChoices, image_channels
 from ._layers import InputSelection, select_input
 from ._notify import notify_error, notify_info, notify_warning
 from ._runner import Job, ProgressFn, Runner
@@ -180,11 +180,11 @@ class TaskWidget(BackgroundRun, QWidget):
     def on_bundle_changed(self, bundle) -> None:
         """Refresh task-specific options (class lists...) for a new checkpoint."""
 
-    def make_job(self, bundle, settings: RunSettings, layer) -> Job:
+    def make_job(self, bundle, settings: RunChoices, layer) -> Job:
         raise NotImplementedError
 
     # -- helpers -----------------------------------------------------------------------------------------------
-    def select_input(self, bundle, settings: RunSettings, layer=None) -> InputSelection:
+    def select_input(self, bundle, settings: RunChoices, layer=None) -> InputSelection:
         """The input plane(s) as copies; raises VirtualStainError with what to do when the layer does not fit."""
         layer = layer if layer is not None else self.controls.input_layer()
         names = image_channels(bundle.config)

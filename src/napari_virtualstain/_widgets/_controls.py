@@ -29,6 +29,7 @@ from qtpy.QtWidgets import (
 
 from ..core.bundle import Bundle, bundled_checkpoints, load_bundle, resolve_bundle_path
 from ..core.errors import VirtualStainError
+from ..core.settings import RunSettings
 from ._layers import why_not_fit
 from ._notify import notify_error
 
@@ -127,17 +128,18 @@ def describe_bundle(bundle: Bundle) -> str:
 
 
 @dataclass
-class RunSettings:
-    """The shared options of one run, as the core functions take them."""
+class RunChoices:
+    """What the controls chose for one run: the core's run settings (progress and Cancel added by the worker,
+    :meth:`with_feedback`) and the choices of what to compute that every task shares."""
 
-    device: str | None
+    run: RunSettings
     seed: int
     sampler: str | None  # None: the checkpoint's only one
     steps: int | None  # None: the checkpoint's own (fixed) number
-    tile_size: int | None
-    tile_overlap: int | None
-    batch_size: int
     all_planes: bool
+
+    def with_feedback(self, progress, should_cancel) -> RunSettings:
+        return self.run.replace(progress=progress, should_cancel=should_cancel)
 
 
 def _spin(lo: int, hi: int, value: int, tip: str, step: int = 1) -> QSpinBox:
@@ -468,15 +470,18 @@ class ModelControls(QWidget):
         self.layer.setCurrentIndex(i)
 
     # -- settings ----------------------------------------------------------------------------------------------
-    def settings(self) -> RunSettings:
+    def settings(self) -> RunChoices:
         device = self.device.currentData()
-        return RunSettings(
+        run = RunSettings(
             device=None if device == "auto" else device,
-            seed=int(self.seed.value()),
-            sampler=self.sampler.currentText() if self._sampling.editable and self._show_sampler else None,
-            steps=int(self.steps.value()) if self._sampling.editable else None,
             tile_size=int(self.tile_size.value()) if self._show_tiles else None,
             tile_overlap=int(self.tile_overlap.value()) if self._show_tiles else None,
             batch_size=int(self.batch_size.value()),
+        )
+        return RunChoices(
+            run,
+            seed=int(self.seed.value()),
+            sampler=self.sampler.currentText() if self._sampling.editable and self._show_sampler else None,
+            steps=int(self.steps.value()) if self._sampling.editable else None,
             all_planes=self._allow_all_planes and self.all_planes.isChecked(),
         )

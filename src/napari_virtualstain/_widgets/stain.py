@@ -11,7 +11,7 @@ from qtpy.QtWidgets import QCheckBox, QComboBox, QFileDialog, QFormLayout, QPush
 from ..core.errors import VirtualStainError
 from ..core.inputs import pixel_size_warning
 from ._base import TaskWidget, per_plane
-from ._controls import RunSettings
+from ._controls import RunChoices
 from ._layers import InputSelection, LayerTuple, iter_add_layers, stack_planes, stain_layer_tuples
 from ._notify import notify_error, notify_info, notify_warning
 from ._runner import Job
@@ -46,7 +46,7 @@ def stack_stain_results(results: list, sel: InputSelection) -> StackedStain:
     )
 
 
-def predict_selection(bundle, sel: InputSelection, s: RunSettings, progress, should_cancel,
+def predict_selection(bundle, sel: InputSelection, s: RunChoices, progress, should_cancel,
                       samples: int | None = None, labels_from: str | None = None,
                       rescale: bool = False, tta: int | None = None, members: int = 0,
                       interval: float | None = None, objects: bool = True) -> StackedStain:
@@ -60,9 +60,8 @@ def predict_selection(bundle, sel: InputSelection, s: RunSettings, progress, sho
 
     def predict(array, cb):
         return predict_stain(
-            bundle, array, channel_axis=sel.channel_axis, seed=s.seed, tile_size=s.tile_size,
-            tile_overlap=s.tile_overlap, batch_size=s.batch_size, device=s.device, sampler=s.sampler, steps=s.steps,
-            progress=cb, should_cancel=should_cancel, input_name=sel.layer_name, samples=samples,
+            bundle, array, channel_axis=sel.channel_axis, seed=s.seed, sampler=s.sampler, steps=s.steps,
+            settings=s.with_feedback(cb, should_cancel), input_name=sel.layer_name, samples=samples,
             labels_from=labels_from, pixel_size_um=sel.geometry.pixel_size_um(), rescale=rescale, tta=tta,
         )
 
@@ -79,9 +78,8 @@ def _predict_with_confidence(bundle, sel, s, progress, should_cancel, labels_fro
 
     def one(array, cb):
         ens = predict_ensemble(bundle, array, members, seed=s.seed, labels_from=labels_from, tta=tta,
-                               channel_axis=sel.channel_axis, tile_size=s.tile_size, tile_overlap=s.tile_overlap,
-                               batch_size=s.batch_size, device=s.device, sampler=s.sampler, steps=s.steps,
-                               progress=cb, should_cancel=should_cancel, input_name=sel.layer_name,
+                               channel_axis=sel.channel_axis, sampler=s.sampler, steps=s.steps,
+                               settings=s.with_feedback(cb, should_cancel), input_name=sel.layer_name,
                                pixel_size_um=sel.geometry.pixel_size_um())
         tables = object_tables(bundle, ens) if objects else None
         if interval:  # the CLI's --interval: calibrated low/high channels in the stain's units
@@ -186,7 +184,7 @@ class StainWidget(TaskWidget):
         self.last: StackedStain | None = None
         self._last_pixel_size: float | None = None
 
-    def make_job(self, bundle, settings: RunSettings, layer) -> Job:
+    def make_job(self, bundle, settings: RunChoices, layer) -> Job:
         sel = self.select_input(bundle, settings, layer)
         rescale = self.rescale.isChecked()
         warning = None if rescale else pixel_size_warning(bundle.config.pixel_size_um, sel.geometry.pixel_size_um(),

@@ -12,7 +12,7 @@ from qtpy.QtWidgets import QComboBox, QDoubleSpinBox, QFormLayout, QLabel, QSpin
 
 from ..core.errors import VirtualStainError
 from ._base import TaskWidget, describe_progress
-from ._controls import RunSettings, follow_layers
+from ._controls import RunChoices, follow_layers
 from ._layers import iter_add_layers, json_safe, robust_limits, stain_colormap
 from ._runner import Job
 
@@ -124,7 +124,7 @@ class SynthesizeWidget(TaskWidget):
         self.size.setValue(int(c.unet.get("sample_size", c.tile_size)))
         self.refresh_conditions()
 
-    def make_job(self, bundle, s: RunSettings, layer=None) -> Job:
+    def make_job(self, bundle, s: RunChoices, layer=None) -> Job:
         class_name = self.class_name.currentText()
         if not class_name:
             raise VirtualStainError("Choose a class (the checkpoint lists its classes)")
@@ -149,8 +149,8 @@ class SynthesizeWidget(TaskWidget):
             result = synthesize(
                 bundle, class_name, n, seed=s.seed, steps=s.steps or 50, guidance=guidance,
                 size=None if condition is not None else size, condition=condition,
-                channel_axis=0 if condition is not None and condition.ndim == 3 else None, batch_size=s.batch_size, device=s.device, should_cancel=should_cancel,
-                progress=lambda p: progress(p.fraction, describe_progress(p)),
+                channel_axis=0 if condition is not None and condition.ndim == 3 else None,
+                settings=s.with_feedback(lambda p: progress(p.fraction, describe_progress(p)), should_cancel),
             )
             return synthesis_layer_tuples(result, class_name, pixel, tuple(bundle.config.invariant_names))
 

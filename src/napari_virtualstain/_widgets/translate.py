@@ -12,7 +12,7 @@ from qtpy.QtWidgets import QComboBox, QDoubleSpinBox, QFormLayout, QPushButton, 
 
 from ..core.errors import VirtualStainError
 from ._base import TaskWidget, describe_progress
-from ._controls import RunSettings
+from ._controls import RunChoices
 from ._layers import (
     DIVERGING,
     InputSelection,
@@ -145,7 +145,7 @@ class TranslateWidget(TaskWidget):
                 self.target.setCurrentText(next(c for c in classes if c != found))
         return found
 
-    def make_job(self, bundle, s: RunSettings, layer) -> Job:
+    def make_job(self, bundle, s: RunChoices, layer) -> Job:
         source, target = self.source.currentText(), self.target.currentText()
         if not source or not target:
             raise VirtualStainError("Choose a source and a target class (the checkpoint lists its classes)")
@@ -165,9 +165,8 @@ class TranslateWidget(TaskWidget):
 
             result = translate(
                 bundle, sel.arrays[0], source, target, steps=s.steps or 50, guidance=guidance, strength=strength,
-                channel_axis=sel.channel_axis, tile_size=s.tile_size, tile_overlap=s.tile_overlap,
-                batch_size=s.batch_size, device=s.device, input_name=sel.layer_name, should_cancel=should_cancel,
-                progress=lambda p: progress(p.fraction, describe_progress(p)),
+                channel_axis=sel.channel_axis, input_name=sel.layer_name,
+                settings=s.with_feedback(lambda p: progress(p.fraction, describe_progress(p)), should_cancel),
             )
             return translation_layer_tuples(result, sel, source, target)
 

@@ -35,7 +35,7 @@ from ..core.errors import VirtualStainError
 from ..core.io import output_name
 from ..core.review import merge
 from ._base import TaskWidget, describe_progress
-from ._controls import RunSettings
+from ._controls import RunChoices
 from ._layers import (
     HEATMAP,
     InputSelection,
@@ -170,7 +170,7 @@ class UncertaintyWidget(TaskWidget):
         self.open_button.clicked.connect(self._open_clicked)
 
     # -- run ---------------------------------------------------------------------------------------------------
-    def make_job(self, bundle, s: RunSettings, layer) -> Job:
+    def make_job(self, bundle, s: RunChoices, layer) -> Job:
         from ..core.uncertainty import check_request
 
         sel = self.select_input(bundle, s, layer)
@@ -186,9 +186,8 @@ class UncertaintyWidget(TaskWidget):
 
             result = predict_uncertainty(
                 bundle, sel.arrays[0], mode=mode, seeds=seeds, window=window, channel_axis=sel.channel_axis,
-                tile_size=s.tile_size, tile_overlap=s.tile_overlap, batch_size=s.batch_size, device=s.device,
-                sampler=s.sampler, steps=s.steps, input_name=sel.layer_name, should_cancel=should_cancel,
-                progress=lambda p: progress(p.fraction, describe_progress(p)),
+                sampler=s.sampler, steps=s.steps, input_name=sel.layer_name,
+                settings=s.with_feedback(lambda p: progress(p.fraction, describe_progress(p)), should_cancel),
             )
             provenance = {**result.provenance, **sel.plane_note, "input": sel.layer_name}
             tuples = []

@@ -12,7 +12,7 @@ import logging
 import sys
 
 from .. import __version__
-from ..cli_files import _progress_printer  # noqa: F401 - re-exported (tests, benchmarks)
+from ..cli_files import progress_printer  # noqa: F401 - re-exported (tests, benchmarks)
 from ..core.errors import VirtualStainError
 from . import conditions, evaluate, models, predict, train
 

@@ -9,11 +9,10 @@ from pathlib import Path
 import numpy as np
 
 from ..cli_files import (
-    _compute,
     _parse_plane,
-    _progress_printer,
     expand_files,
     iter_planes,
+    run_settings,
 )
 from ..core.errors import VirtualStainError
 from .common import compute_options
@@ -45,10 +44,8 @@ def cmd_translate(args) -> int:
         for idx, arr in iter_planes(image, plane, False, plane_ndim, read_axes(path)):
             what = path.name + (f" plane {idx}" if idx else "")
             res = translate(bundle, arr, args.source, args.target, steps=args.steps, guidance=args.guidance,
-                            strength=args.strength, channel_axis=args.channel_axis, tile_size=args.tile_size,
-                            tile_overlap=args.tile_overlap, batch_size=args.batch_size, device=args.device,
-                            **_compute(args),
-                            progress=_progress_printer(what) if not args.quiet else None, input_name=what)
+                            strength=args.strength, channel_axis=args.channel_axis, input_name=what,
+                            settings=run_settings(args, what))
             prov = res.provenance | {"input_file": str(path), "plane": list(idx)}
             stem = path.name.split(".")[0] + ("_" + "-".join(map(str, idx)) if idx else "")
             for kind, arr_out in (("translated", res.translated), ("control", res.control), ("difference", res.difference)):
@@ -82,9 +79,8 @@ def cmd_synthesize(args) -> int:
             raise VirtualStainError("--size and --condition exclude each other: the samples take the condition "
                                     "image's size")
     res = synthesize(bundle, args.class_name, args.n, seed=args.seed, steps=args.steps, guidance=args.guidance,
-                     size=args.size, condition=condition, channel_axis=args.channel_axis, batch_size=args.batch_size,
-                     device=args.device, **_compute(args),
-                     progress=_progress_printer(f"{args.n} x {args.class_name}") if not args.quiet else None)
+                     size=args.size, condition=condition, channel_axis=args.channel_axis,
+                     settings=run_settings(args, f"{args.n} x {args.class_name}"))
     name = "".join(ch if ch.isalnum() or ch in "-_" else "_" for ch in args.class_name)
     path = write_channels(Path(args.output) / f"{name}_samples.tif", res.images, res.channel_names, res.provenance,
                           bundle.config.pixel_size_um)

@@ -5,10 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..cli_files import (
-    _compute,
     _parse_plane,
-    _progress_printer,
     iter_planes,
+    run_settings,
 )
 from ..core.errors import VirtualStainError
 from .common import DefaultsFormatter, compute_options, split_names
@@ -60,8 +59,8 @@ def cmd_demo(args) -> int:
 
     check_output_folder(args.output)
     bundle = load_bundle(args.checkpoint)
-    res = predict_stain(bundle, data[1, t], seed=args.seed, device=args.device, **_compute(args),
-                        input_name=f"scratch assay t={t}", progress=_progress_printer(f"scratch assay t={t}"))
+    res = predict_stain(bundle, data[1, t], seed=args.seed, input_name=f"scratch assay t={t}",
+                        settings=run_settings(args, f"scratch assay t={t}"))
     out = Path(args.output)
     written = [write_channels(out / output_name("stain", "scratch_assay"), res.image, res.channel_names, res.provenance,
                               bundle.config.pixel_size_um)]
@@ -142,7 +141,7 @@ def cmd_calibrate(args) -> int:
     levels = tuple(float(v) for v in args.levels.split(","))
     multi_input = len(bundle.config.input_channels) > 1
     record = calibrate(bundle, pairs(), levels, args.members, args.seed, channel_axis=0 if multi_input else None,
-                       **_compute(args))
+                       settings=run_settings(args))
     record["data"] = str(src)
     record["regions"] = args.regions
     path = save_calibration(bundle, record)

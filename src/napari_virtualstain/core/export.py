@@ -23,6 +23,7 @@ from .bundle import Bundle
 from .errors import VirtualStainError
 from .model import downsample_factor
 from .normalize import FixedNorm, PercentileNorm
+from .settings import RunSettings
 
 DATA_CITATION = {
     "ndev-sampledata": ("ndev-sampledata: scratch-assay time-lapse with Hoechst and nuclei/cell labels (BSD-3)",
@@ -84,8 +85,8 @@ def export_bioimageio(bundle: Bundle, test_image: np.ndarray, output: str | Path
         raise VirtualStainError(f"the test image is too small: at least {2 * factor}x{2 * factor} pixels")
     crop = image[:size, :size].astype(np.float32)
     # the test output is this package's own float32 prediction of the crop (one tile, no blending)
-    reference = predict_stain(bundle if c.objective == "regression" else _mean_only(bundle), crop, half=False,
-                              make_labels=False, tile_size=size, tile_overlap=0, threads=1,
+    reference = predict_stain(bundle if c.objective == "regression" else _mean_only(bundle), crop, make_labels=False,
+                              settings=RunSettings(half=False, tile_size=size, tile_overlap=0, threads=1),
                               tta=1)  # the package holds one pass: test-time augmentation is this package's own
     norm = c.input_channels[0].normalization
     outs = c.output_channels

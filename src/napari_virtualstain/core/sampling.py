@@ -23,6 +23,7 @@ import torch
 
 from .errors import Cancelled
 from .model import Denoiser, TTADenoiser, downsample_factor, pick_device
+from .settings import DEFAULT, RunSettings
 from .threads import use_threads
 from .tiling import TilePlan
 
@@ -62,6 +63,10 @@ class SamplerHooks:
     should_cancel: Callable[[], bool] | None = None
     on_step: Callable[[int, int, torch.Tensor], None] | None = None
 
+    @classmethod
+    def of(cls, settings: RunSettings, on_step=None) -> SamplerHooks:
+        return cls(settings.progress, settings.should_cancel, on_step)
+
     def check_cancel(self) -> None:
         if self.should_cancel is not None and self.should_cancel():
             raise Cancelled("cancelled by the user")
@@ -90,14 +95,19 @@ class RunSetup:
     mean_denoiser: Denoiser | None = None  # mean-anchored bundles: the one-pass mu(x) network
     threads: dict | None = None  # CPU runs: intra-op threads and why (``threads.use_threads``)
     tta: int = 1  # test-time augmentation: network outputs averaged over this many flips/quarter turns
+    settings: RunSettings = DEFAULT
 
-    def provenance(self, batch_size: int, image_shape, input_name: str | None) -> dict:
+    @property
+    def batch_size(self) -> int:
+        return self.settings.batch_size
+
+    def provenance(self, image_shape, input_name: str | None) -> dict:
         """Run settings every output records (tiles, device, precision, input, time, package version)."""
         from .. import __version__
 
         return {
             **self.plan.describe(),
-            "batch_size": batch_size,
+            "batch_size": self.settings.batch_size,
             "device": str(self.device),
             "precision": self.denoiser.precision(),
             "tta": self.tta,
@@ -114,24 +124,22 @@ def tile_multiple(config) -> int:
     return max(downsample_factor(config.unet), downsample_factor(config.mean_unet) if config.anchored else 1)
 
 
-def setup_run(bundle, height: int, width: int, *, tile_size: int | None = None, tile_overlap: int | None = None,
-              device: str | None = None, half: bool | None = None, threads: int | None = None,
-              tta: int = 1) -> RunSetup:
-    """Device, tiles (the bundle's defaults unless given), the bundle's UNet on that device and, on a CPU, the
-    intra-op threads (``threads``, else the environment's, else the free cores: :mod:`.threads`); ``tta`` > 1 wraps
-    the networks in :class:`TTADenoiser`."""
+def setup_run(bundle, height: int, width: int, settings: RunSettings = DEFAULT, tta: int = 1) -> RunSetup:
+    """Device, tiles (the bundle's defaults unless ``settings`` say), the bundle's UNet on that device and, on a CPU,
+    the intra-op threads (``settings.threads``, else the environment's, else the free cores: :mod:`.threads`);
+    ``tta`` > 1 wraps the networks in :class:`TTADenoiser`."""
     config = bundle.config
-    dev = pick_device(device)
-    used = use_threads(threads) if dev.type == "cpu" else None
-    tile = int(tile_size or config.tile_size)
-    overlap = int(config.tile_overlap if tile_overlap is None else tile_overlap)
+    dev = pick_device(settings.device)
+    used = use_threads(settings.threads) if dev.type == "cpu" else None
+    tile = int(settings.tile_size or config.tile_size)
+    overlap = int(config.tile_overlap if settings.tile_overlap is None else settings.tile_overlap)
     plan = TilePlan(height, width, tile, overlap, tile_multiple(config))
     anchor = len(config.output_channels) if config.anchored and config.objective == "residual_shift" else 0
-    mean = Denoiser(bundle.mean_unet.to(dev), half=half) if config.anchored else None
-    net = Denoiser(bundle.unet.to(dev), half=half, anchor_channels=anchor)
+    mean = Denoiser(bundle.mean_unet.to(dev), half=settings.half) if config.anchored else None
+    net = Denoiser(bundle.unet.to(dev), half=settings.half, anchor_channels=anchor)
     if tta != 1:
         net, mean = TTADenoiser(net, tta), (TTADenoiser(mean, tta) if mean is not None else None)
-    return RunSetup(dev, plan, net, time.perf_counter(), mean, used, tta)
+    return RunSetup(dev, plan, net, time.perf_counter(), mean, used, tta, settings)
 
 
 def make_generators(seeds: Sequence[int]) -> list[torch.Generator]:

@@ -21,7 +21,7 @@ Flags are a separate, cheap function of a cached map, so a threshold can be move
 from __future__ import annotations
 
 import csv
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -31,7 +31,8 @@ import torch
 from .bundle import Bundle
 from .errors import VirtualStainError
 from .normalize import FixedNorm
-from .sampling import Progress, SamplerHooks
+from .sampling import SamplerHooks
+from .settings import DEFAULT, RunSettings
 from .tasks.stain import (
     StainResult,
     decode_outputs,
@@ -159,20 +160,13 @@ def predict_uncertainty(
     seeds: Sequence[int] = (0, 1, 2, 3),
     window: tuple[float, float] = DEFAULT_WINDOW,
     channel_axis: int | None = None,
-    tile_size: int | None = None,
-    tile_overlap: int | None = None,
-    batch_size: int = 4,
-    device: str | None = None,
-    half: bool | None = None,
-    threads: int | None = None,
     sampler: str | None = None,
     steps: int | None = None,
-    progress: Callable[[Progress], None] | None = None,
-    should_cancel: Callable[[], bool] | None = None,
     make_labels: bool = True,
     input_name: str | None = None,
     labels_from: str | None = None,
     thresholds: dict | None = None,
+    settings: RunSettings = DEFAULT,
 ) -> UncertaintyResult:
     """Sample ``bundle`` once per seed (as one batch) and return the prediction with its uncertainty maps.
 
@@ -182,8 +176,7 @@ def predict_uncertainty(
     config = bundle.config
     seeds, scheduler, in_window = check_request(bundle, mode, seeds, window, sampler, steps)
 
-    cond, run = prepare_stain_run(bundle, image, channel_axis, input_name, tile_size, tile_overlap, device, half,
-                                  threads)
+    cond, run = prepare_stain_run(bundle, image, channel_axis, input_name, settings)
 
     stats = RunningStats()
 
@@ -191,9 +184,8 @@ def predict_uncertainty(
         if in_window[i]:
             stats.add(x0_hat)
 
-    hooks = SamplerHooks(progress=progress, should_cancel=should_cancel, on_step=on_step)
-    out, passes = run_stain_model(run.denoiser, config, cond, run.plan, seeds, batch_size, hooks, scheduler,
-                                  run.mean_denoiser)
+    out, passes = run_stain_model(run.denoiser, config, cond, run.plan, seeds, run.batch_size,
+                                  SamplerHooks.of(settings, on_step), scheduler, run.mean_denoiser)
 
     per_seed_avg = stats.mean  # (k, C, H, W), normalised units
     scale = _output_scale(config)
@@ -218,7 +210,7 @@ def predict_uncertainty(
         "window_timesteps": [int(t) for t, m in zip(scheduler.timesteps, in_window) if m],
         "map_units": "output units (stain: the checkpoint's stain intensity scale; boundary/foreground: probability); "
                      "population std; no per-batch rescaling",
-        **run.provenance(batch_size, np.shape(image), input_name),
+        **run.provenance(np.shape(image), input_name),
     }
     labels = {}
     if make_labels:  # the same labels as predict_stain's: route and thresholds as given, else the bundle's

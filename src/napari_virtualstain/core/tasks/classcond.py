@@ -36,6 +36,7 @@ from ..inputs import prepare_input
 from ..model import Denoiser, downsample_factor
 from ..normalize import fixed_denormalize, fixed_normalize
 from ..sampling import Progress, SamplerHooks, make_generators, sample, setup_run
+from ..settings import DEFAULT, RunSettings
 from ..schedulers import randn_per_item
 
 
@@ -132,15 +133,8 @@ def translate(
     guidance: float | None = None,
     strength: float | None = None,
     channel_axis: int | None = None,
-    tile_size: int | None = None,
-    tile_overlap: int | None = None,
-    batch_size: int = 4,
-    device: str | None = None,
-    half: bool | None = None,
-    threads: int | None = None,
-    progress: Callable[[Progress], None] | None = None,
-    should_cancel: Callable[[], bool] | None = None,
     input_name: str | None = None,
+    settings: RunSettings = DEFAULT,
 ) -> TranslationResult:
     """Translate one 2D image from class ``source`` to ``target`` (any size: tiled beyond the tile size).
 
@@ -155,9 +149,9 @@ def translate(
         raise VirtualStainError(f"strength (how far to invert, as a fraction of the schedule) must be in (0, 1]; got {strength}")
     chw = prepare_input(image, config.image_names, channel_axis, what=input_name or "image")
     x0, given = _split_channels(config, chw)
-    run = setup_run(bundle, chw.shape[1], chw.shape[2], tile_size=tile_size, tile_overlap=tile_overlap,
-                    device=device, half=half, threads=threads)
-    dev, plan, denoiser = run.device, run.plan, run.denoiser
+    run = setup_run(bundle, chw.shape[1], chw.shape[2], settings)
+    dev, plan, denoiser, batch_size = run.device, run.plan, run.denoiser, run.batch_size
+    progress, should_cancel = settings.progress, settings.should_cancel
     inverse = bundle.make_scheduler("ddim_inverse", steps)
     ddim = bundle.make_scheduler("ddim", steps)
     k = max(1, round(strength * steps))
@@ -191,7 +185,7 @@ def translate(
         "inverted_to_timestep": int(up[-1]),
         "guidance_scale": guidance,
         "invariant_channels": config.input_names,
-        **run.provenance(batch_size, np.shape(image), input_name),
+        **run.provenance(np.shape(image), input_name),
     }
     if same:
         provenance["note"] = "source = target: the translation is the reconstruction control itself"
@@ -219,12 +213,7 @@ def synthesize(
     size: int | None = None,
     condition: np.ndarray | None = None,
     channel_axis: int | None = None,
-    batch_size: int = 4,
-    device: str | None = None,
-    half: bool | None = None,
-    threads: int | None = None,
-    progress: Callable[[Progress], None] | None = None,
-    should_cancel: Callable[[], bool] | None = None,
+    settings: RunSettings = DEFAULT,
 ) -> SynthesisResult:
     """``n`` samples of ``class_name`` (sample ``i`` uses seed ``seed + i``, whatever the batching).
 
@@ -246,7 +235,7 @@ def synthesize(
         height, width = given.shape[1:]
         if height < 8 or width < 8:
             raise VirtualStainError(f"the condition image is {height}x{width}; it must be at least 8x8 pixels")
-        run = setup_run(bundle, height, width, device=device, half=half, threads=threads)  # tiled as a translation
+        run = setup_run(bundle, height, width, settings)  # tiled as a translation
         cond = _condition(config, given, run.device)
     else:
         if condition is not None:
@@ -257,9 +246,10 @@ def synthesize(
             raise VirtualStainError(f"sample size {size} must be a multiple of {factor} (the network's downsampling), at least 8")
         height = width = size
         tile = min(config.tile_size, size)
-        run = setup_run(bundle, size, size, tile_size=tile, tile_overlap=0 if tile == size else config.tile_overlap,
-                        device=device, half=half, threads=threads)
-    dev, plan = run.device, run.plan
+        run = setup_run(bundle, size, size, settings.replace(
+            tile_size=tile, tile_overlap=0 if tile == size else config.tile_overlap))
+    dev, plan, batch_size = run.device, run.plan, run.batch_size
+    progress, should_cancel = settings.progress, settings.should_cancel
     denoiser = GuidedDenoiser(run.denoiser, config.null_class, guidance)
     ddim = bundle.make_scheduler("ddim", steps)
     group = max(1, batch_size)

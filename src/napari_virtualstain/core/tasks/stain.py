@@ -18,7 +18,7 @@ The network always sees the full input (every plane) as extra channels, concaten
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -30,6 +30,7 @@ from ..inputs import RGB_NOTE, is_colour_for_grey, prepare_input, rescale_planes
 from ..normalize import FixedNorm, fixed_denormalize, fixed_normalize, percentile_normalize
 from ..postprocess import boundaries_to_labels, distance_to_labels, stain_to_labels
 from ..schedulers import randn_per_item
+from ..settings import DEFAULT, RunSettings
 from ..sampling import (
     Progress,
     RunSetup,
@@ -218,12 +219,10 @@ def _shifted(hooks: SamplerHooks, total: int) -> SamplerHooks:
 
 
 def prepare_stain_run(bundle: Bundle, image: np.ndarray, channel_axis: int | None, input_name: str | None,
-                      tile_size: int | None, tile_overlap: int | None, device: str | None,
-                      half: bool | None, threads: int | None = None) -> tuple[torch.Tensor, RunSetup]:
+                      settings: RunSettings) -> tuple[torch.Tensor, RunSetup]:
     """Checked, normalised inputs (1, C_in, H, W) on the device, and the run setup; shared by predict and uncertainty."""
     chw = prepare_input(image, bundle.config.input_names, channel_axis, what=input_name or "image")
-    run = setup_run(bundle, chw.shape[1], chw.shape[2], tile_size=tile_size, tile_overlap=tile_overlap,
-                    device=device, half=half, threads=threads)
+    run = setup_run(bundle, chw.shape[1], chw.shape[2], settings)
     return torch.from_numpy(encode_inputs(bundle.config, chw))[None].to(run.device), run
 
 
@@ -239,30 +238,24 @@ def predict_stain(
     *,
     channel_axis: int | None = None,
     seed: int = 0,
-    tile_size: int | None = None,
-    tile_overlap: int | None = None,
-    batch_size: int = 4,
-    device: str | None = None,
-    half: bool | None = None,
-    threads: int | None = None,
-    progress: Callable[[Progress], None] | None = None,
-    should_cancel: Callable[[], bool] | None = None,
     make_labels: bool = True,
     input_name: str | None = None,
     sampler: str | None = None,
     steps: int | None = None,
     samples: int | None = None,
     labels_from: str | None = None,
-    block_size: int | None = None,
     pixel_size_um: float | None = None,
     rescale: bool = False,
     tta: int | None = None,
     thresholds: dict | None = None,
+    settings: RunSettings = DEFAULT,
 ) -> StainResult:
     """Predict every output channel of ``bundle`` for one 2D image (any size; tiled when larger than a tile).
 
-    Fields with a side longer than twice ``block_size`` (default: over ``BLOCKS_ABOVE``, in blocks of ``MAX_BLOCK``;
-    0: never) run block by block (:func:`block_plan`), so memory stays that of one block plus the output whatever the field's size.
+    ``settings``: tiles, batch, device, precision, threads, progress and Cancel (:class:`~..settings.RunSettings`).
+    Fields with a side longer than twice ``settings.block_size`` (default: over ``BLOCKS_ABOVE``, in blocks of
+    ``MAX_BLOCK``; 0: never) run block by block (:func:`block_plan`), so memory stays that of one block plus the
+    output whatever the field's size.
 
     ``pixel_size_um``: the input's, recorded in the provenance; with ``rescale`` the input is resampled to the model's
     pixel size, predicted, and the prediction resampled back onto the input's grid (labels are made after that).
@@ -288,11 +281,10 @@ def predict_stain(
     factor = rescale_factor(config, pixel_size_um) if rescale else None
     if factor is not None:
         chw = rescale_planes(chw, factor)
-    blocks = block_plan(config, chw.shape[1], chw.shape[2], block_size)
+    blocks = block_plan(config, chw.shape[1], chw.shape[2], settings.block_size)
     side = (blocks.tile_size,) * 2 if blocks is not None else chw.shape[1:]
     n_tta = int(tta or config.sampling.get("tta", 1))
-    run = setup_run(bundle, *side, tile_size=tile_size, tile_overlap=tile_overlap, device=device, half=half,
-                    threads=threads, tta=n_tta)
+    run = setup_run(bundle, *side, settings, tta=n_tta)
     cond = torch.from_numpy(encode_inputs(config, chw))[None].to(run.device)  # normalised once, over the whole field
     del chw
     if blocks is not None:  # padded here, once: the block runner would otherwise hold a padded copy beside it
@@ -300,11 +292,10 @@ def predict_stain(
     scheduler = bundle.make_scheduler(sampler, steps)
     seeds = [seed + i for i in range(k)] if scheduler is not None else seed
     if blocks is None:
-        hooks = SamplerHooks(progress=progress, should_cancel=should_cancel)
-        out, passes = run_stain_model(run.denoiser, config, cond, run.plan, seeds, batch_size, hooks, scheduler,
-                                      run.mean_denoiser)
+        out, passes = run_stain_model(run.denoiser, config, cond, run.plan, seeds, run.batch_size,
+                                      SamplerHooks.of(settings), scheduler, run.mean_denoiser)
     else:
-        out, passes = _run_in_blocks(run, config, cond, blocks, seeds, batch_size, scheduler, progress, should_cancel)
+        out, passes = _run_in_blocks(run, config, cond, blocks, seeds, scheduler)
     arrays = out.cpu().numpy()
     del out
     if len(arrays) == 1:  # no stacked copy of a big field
@@ -324,7 +315,7 @@ def predict_stain(
         "steps": len(scheduler.timesteps) if scheduler is not None else 1,
         "network_passes": passes * n_tta,
         "labels_from": route,
-        **run.provenance(batch_size, np.shape(image), input_name),
+        **run.provenance(np.shape(image), input_name),
         "input_pixel_size_um": pixel_size_um,
         "model_pixel_size_um": config.pixel_size_um,
         "rescaled_by": factor,
@@ -374,10 +365,11 @@ def block_plan(config: BundleConfig, height: int, width: int, block_size: int | 
     return TilePlan(height, width, side, BLOCK_OVERLAP, multiple)
 
 
-def _run_in_blocks(run: RunSetup, config: BundleConfig, cond: torch.Tensor, blocks: TilePlan, seeds, batch_size: int,
-                   scheduler, progress, should_cancel) -> tuple[torch.Tensor, int]:
+def _run_in_blocks(run: RunSetup, config: BundleConfig, cond: torch.Tensor, blocks: TilePlan, seeds,
+                   scheduler) -> tuple[torch.Tensor, int]:
     """``run_stain_model`` block by block; the k samples of a block ride as channels through the tiler's merge."""
     passes = network_passes(config, scheduler)
+    progress, should_cancel = run.settings.progress, run.settings.should_cancel
     n_out, n_blocks, done = len(config.output_channels), len(blocks), [0]
 
     def one_block(sub: torch.Tensor) -> torch.Tensor:
@@ -386,7 +378,7 @@ def _run_in_blocks(run: RunSetup, config: BundleConfig, cond: torch.Tensor, bloc
         if progress is not None:
             report = lambda p: progress(Progress(p.step, p.num_steps, p.tile, p.num_tiles, j, n_blocks))  # noqa: E731
         block_seeds = [s + BLOCK_SEED_STRIDE * j for s in seeds] if isinstance(seeds, list) else seeds
-        out, _ = run_stain_model(run.denoiser, config, sub, run.plan, block_seeds, batch_size,
+        out, _ = run_stain_model(run.denoiser, config, sub, run.plan, block_seeds, run.batch_size,
                                  SamplerHooks(progress=report, should_cancel=should_cancel), scheduler,
                                  run.mean_denoiser)
         done[0] += 1
