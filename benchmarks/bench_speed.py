@@ -105,7 +105,7 @@ def run_one(cfg: dict) -> dict:
     image = read_image(cfg["image"])
     t_read = time.perf_counter()
     res = stain_task.predict_stain(bundle, image, make_labels=cfg.get("labels", True), input_name="bench",
-                                   steps=cfg.get("steps"), samples=cfg.get("samples"),
+                                   steps=cfg.get("steps"), samples=cfg.get("samples"), tta=cfg.get("tta"),
                                    settings=RunSettings(
                                        tile_size=cfg.get("tile_size"), tile_overlap=cfg.get("tile_overlap"),
                                        batch_size=cfg.get("batch_size", 4), half=cfg.get("half"),
@@ -255,7 +255,7 @@ def precision_check(data: Path) -> dict:
 
 def memory_runs(out_dir: Path, runs: list[tuple[int, int | None]], timeout: float) -> list[dict]:
     """Peak resident memory, one process per (size, block size): the prediction alone (the canvas), and for the
-    default blocks also with the labels."""
+    default blocks also with the labels (without test-time augmentation: it repeats each tile's passes in place)."""
     import tifffile
 
     rows = []
@@ -265,7 +265,8 @@ def memory_runs(out_dir: Path, runs: list[tuple[int, int | None]], timeout: floa
             tifffile.imwrite(image, mosaic(size))
         for labels in (False, True) if block is None else (False,):
             cfg = {"bundle": "demo-stain", "image": str(image), "out_dir": str(out_dir), "timeout": timeout,
-                   "threads": 1, "labels": labels, "block_size": block,
+                   "threads": 1, "labels": labels, "block_size": block, "tta": 1,  # TTA repeats a tile's passes:
+                   # the same working memory, 8x the time
                    "label": f"memory {size}" + (f" block {block}" if block is not None else "")
                    + (" with labels" if labels else "")}
             row = worker(cfg)

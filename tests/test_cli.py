@@ -271,6 +271,14 @@ def test_progress_lines_rise_and_end_at_100_once(tiny_bundle_dir, tmp_path, caps
     lines = capsys.readouterr().err.splitlines()
     assert [ln.split("(")[1] for ln in lines] == ["step 1/3)", "step 2/3)", "step 3/3)", "3/3 steps)"]
     assert describe_progress(Progress(3, 3, 0, 10)) == "step 3/3 · done"
+    # a big field's labels follow as their own phase, ending at 100 % once more
+    for j in range(3):
+        report(Progress(1, 1, 1, 1, j, 3, phase="labels"))
+    report(Progress(1, 1, 1, 1, 2, 3, phase="labels"))
+    lines = capsys.readouterr().err.splitlines()
+    assert [ln.split(": ", 1)[1] for ln in lines] == [" 33% (labels · block 1/3)", " 66% (labels · block 2/3)",
+                                                      "100% (labels, 3 blocks)"]
+    assert describe_progress(Progress(1, 1, 1, 1, 2, 3, phase="labels")) == "labels · block 3/3"
 
 
 def test_a_labels_plane_given_to_predict_gets_a_warning(shared_data, tmp_path, capsys):

@@ -116,6 +116,31 @@ def test_big_fields_are_planned_in_blocks_without_running_a_network():
         block_plan(config, 4096, 4096, block_size=100)
 
 
+def test_the_labels_of_a_big_field_come_block_by_block_with_progress_and_cancel(tiny_bundle_dir):
+    """After the network, a blocked field's labels report 'labels · block j/n' and answer Cancel between blocks."""
+    from napari_virtualstain.core.errors import Cancelled
+    from napari_virtualstain.core.sampling import Progress
+
+    bundle = load_bundle(tiny_bundle_dir)
+    bf = np.random.default_rng(0).normal(500, 50, (520, 400)).astype(np.float32)
+    events: list[Progress] = []
+    res = predict_stain(bundle, bf, steps=1, settings=RunSettings(block_size=136, progress=events.append))
+    labels = [e for e in events if e.phase == "labels"]
+    assert events[-1] is labels[-1] and events.index(labels[0]) > 0  # after the network
+    n = labels[0].num_blocks
+    assert n > 1 and [e.block for e in labels] == list(range(n)) and labels[-1].done
+    assert labels[-1].describe() == f"labels · block {n}/{n}" and res.labels["nuclei"].shape == bf.shape
+    seen = []
+
+    def cancel_in_labels() -> bool:
+        return bool(seen) and seen[-1].phase == "labels"
+
+    with pytest.raises(Cancelled):
+        predict_stain(bundle, bf, steps=1, settings=RunSettings(block_size=136, progress=seen.append,
+                                                                should_cancel=cancel_in_labels))
+    assert [e.block for e in seen if e.phase == "labels"] == [0]  # stopped after the first labels block
+
+
 def test_a_blocked_field_matches_the_whole_field_and_reports_its_blocks(held_out_crop):
     bf = np.concatenate([held_out_crop[0], held_out_crop[0][::-1]], axis=0)  # 320 x 256
     bundle = load_bundle("demo-stain")

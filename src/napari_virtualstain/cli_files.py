@@ -18,7 +18,6 @@ from .core.errors import VirtualStainError
 from .core.settings import RunSettings
 
 log = logging.getLogger("napari_virtualstain")
-BIG_FIELD_PIXELS = 2048 * 2048  # above this, the labels step announces itself (it takes a while)
 
 
 def _parse_plane(text: str | None) -> tuple[int, ...] | None:
@@ -207,9 +206,6 @@ def predict_planes(image, axes: str | None, name: str, input_file: str, bundle, 
             channel_axis=args.channel_axis, sampler=args.sampler, steps=args.steps, settings=run_settings(args, what),
             make_labels=not args.no_labels, input_name=what, labels_from=args.labels_from, thresholds=thresholds,
         )
-        if not args.quiet and not args.no_labels and np.shape(arr)[-1] * np.shape(arr)[-2] > BIG_FIELD_PIXELS:
-            print(f"  {what}: instance labels follow the network passes (a big field: allow a while)",
-                  file=sys.stderr, flush=True)
         if args.uncertainty:
             unc = predict_uncertainty(bundle, arr, mode=args.uncertainty, seeds=seeds,
                                       window=_parse_window(args.window), **common)
@@ -373,20 +369,25 @@ def _write_uncertainty(out: Path, stem: str, config, channel_names, maps: list[d
 
 
 def progress_printer(what: str, min_interval: float = 1.0):
-    """One line per finished step (at most one a second), and 100 % exactly once."""
+    """One line per finished step (at most one a second), and 100 % exactly once per phase (the network, then the
+    labels of a big field, block by block)."""
     import time
 
-    state = {"step": None, "printed": 0.0, "done": False, "t0": time.monotonic()}
+    state = {"step": None, "printed": 0.0, "done": set(), "phase": None, "t0": time.monotonic()}
 
     def report(p):
-        if state["done"]:
+        if p.phase in state["done"]:
             return
         now = time.monotonic()
+        if p.phase != state["phase"]:  # the remaining time is estimated per phase
+            state.update(phase=p.phase, t0=now, step=None)
         key = (p.block, p.step)
         if p.done:
-            state["done"] = True
-            blocks = f"{p.num_blocks} blocks, " if p.num_blocks > 1 else ""
-            print(f"  {what}: 100% ({blocks}{p.num_steps}/{p.num_steps} steps)", file=sys.stderr, flush=True)
+            state["done"].add(p.phase)
+            blocks = f"{p.num_blocks} blocks" if p.num_blocks > 1 else ""
+            text = (f"labels, {blocks}" if p.phase == "labels"
+                    else f"{blocks}, " * bool(blocks) + f"{p.num_steps}/{p.num_steps} steps")
+            print(f"  {what}: 100% ({text})", file=sys.stderr, flush=True)
         elif key != state["step"] and (state["step"] is None or now - state["printed"] >= min_interval):
             elapsed, frac = now - state["t0"], p.fraction
             eta = f", ~{elapsed * (1 - frac) / frac:.0f} s left" if frac > 0.02 and elapsed > 10 else ""

@@ -34,7 +34,7 @@ PROGRESS_MAX = 1000
 
 def describe_progress(p, plane: int = 0, n_planes: int = 1) -> str:
     """'plane 2/5 · block 3/16 · step 3/15 · tile 4/6' for a core ``Progress``."""
-    if p.done and p.step >= p.num_steps:  # the sampler's closing report: every step and tile is done
+    if p.done and p.step >= p.num_steps and p.phase != "labels":  # the sampler's closing report
         text = f"step {p.num_steps}/{p.num_steps} · done"
     else:
         text = p.describe()

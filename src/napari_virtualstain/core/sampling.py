@@ -31,7 +31,8 @@ from .tiling import TilePlan
 @dataclass(frozen=True)
 class Progress:
     """One progress report: ``step`` of ``num_steps`` diffusion steps, ``tile`` of ``num_tiles`` within the step,
-    and for a big field run block by block, ``block`` of ``num_blocks``."""
+    and for a big field run block by block, ``block`` of ``num_blocks``. ``phase`` "labels": the instance labels of
+    a big field, made block by block after the network (``block`` of ``num_blocks`` done; a bar starts again)."""
 
     step: int
     num_steps: int
@@ -39,6 +40,7 @@ class Progress:
     num_tiles: int
     block: int = 0
     num_blocks: int = 1
+    phase: str = "network"
 
     @property
     def fraction(self) -> float:
@@ -51,7 +53,9 @@ class Progress:
         return last_step and self.block >= self.num_blocks - 1
 
     def describe(self) -> str:
-        """'block 12/64 · step 1/2 · tile 3/9' (the block part only for a field run in blocks)."""
+        """'block 12/64 · step 1/2 · tile 3/9' (the block part only for a field run in blocks); 'labels · block 3/36'."""
+        if self.phase == "labels":
+            return f"labels · block {self.block + 1}/{self.num_blocks}"
         step = min(self.step + 1, self.num_steps)
         text = f"step {step}/{self.num_steps} · tile {min(self.tile, self.num_tiles)}/{self.num_tiles}"
         return f"block {self.block + 1}/{self.num_blocks} · {text}" if self.num_blocks > 1 else text

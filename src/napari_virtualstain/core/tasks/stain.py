@@ -28,7 +28,14 @@ from ..bundle import Bundle, BundleConfig
 from ..errors import VirtualStainError
 from ..inputs import RGB_NOTE, is_colour_for_grey, prepare_input, rescale_planes, resize_planes
 from ..normalize import FixedNorm, fixed_denormalize, fixed_normalize, percentile_normalize
-from ..postprocess import boundaries_to_labels, distance_to_labels, stain_to_labels
+from ..postprocess import (
+    LABEL_HALO,
+    boundaries_to_labels,
+    distance_to_labels,
+    labels_in_blocks,
+    stain_threshold,
+    stain_to_labels,
+)
 from ..schedulers import randn_per_item
 from ..settings import DEFAULT, RunSettings
 from ..sampling import (
@@ -128,7 +135,7 @@ def label_thresholds(config: BundleConfig, **given) -> dict[str, float]:
 
 
 def labels_from_channels(config: BundleConfig, image: np.ndarray, labels_from: str | None = None,
-                         **thresholds) -> dict[str, np.ndarray]:
+                         block: int | None = None, on_block=None, **thresholds) -> dict[str, np.ndarray]:
     """Instance labels for every boundary channel; re-run it with other thresholds without the network.
 
     ``boundary_threshold`` / ``foreground_threshold`` / ``center_threshold`` (distance route: where a centre map
@@ -138,17 +145,36 @@ def labels_from_channels(config: BundleConfig, image: np.ndarray, labels_from: s
     predicted stain (``stain_to_labels``); "distance": sets with a distance channel are seeded at its centres
     (``distance_to_labels``); "boundaries": from the boundary/foreground channels. Channels that take their
     seeds from another labels set (cells from nuclei) are done after it, always over their boundary channel.
+
+    ``block``: a field with a side over ``block`` + 2 halos is labelled block by block and stitched
+    (``postprocess.labels_in_blocks``; the stain route thresholds every block at the whole field's Otsu level), so
+    the labels of a big field need the memory of one block, not a field-wide watershed; ``on_block(done, total)``
+    follows them.
     """
-    names = config.output_names
     route = label_route(config, labels_from)
     t = label_thresholds(config, **thresholds)
+    h, w = image.shape[-2:]
+    if not block or max(h, w) <= block + 2 * LABEL_HALO:
+        return _labels_of(config, image, route, t, {})
+    levels = {}  # the field's Otsu level per stain-route set (inf: a flat field has no nuclei in any block)
+    for name, stain in (config.labels_from_stain.items() if route == "stain" else ()):
+        level = stain_threshold(image[config.output_names.index(stain)])
+        levels[name] = np.inf if level is None else level
+    return labels_in_blocks(lambda ys, xs: _labels_of(config, image[:, ys, xs], route, t, levels), (h, w), block,
+                            on_block=on_block)
+
+
+def _labels_of(config: BundleConfig, image: np.ndarray, route: str, t: dict[str, float],
+               stain_levels: dict[str, float | None]) -> dict[str, np.ndarray]:
+    names = config.output_names
     todo = [(c, s) for c, s in enumerate(config.output_channels) if s.kind == "boundary"]
     todo.sort(key=lambda cs: cs[1].seeds is not None)
     labels: dict[str, np.ndarray] = {}
     for c, spec in todo:
         name = spec.labels or spec.name
         if route == "stain" and name in config.labels_from_stain:
-            labels[name] = stain_to_labels(image[names.index(config.labels_from_stain[name])])
+            labels[name] = stain_to_labels(image[names.index(config.labels_from_stain[name])],
+                                           threshold=stain_levels.get(name))
             continue
         fg = image[names.index(spec.foreground)] if spec.foreground in names else None
         if route == "distance" and name in config.distance_channels:
@@ -327,11 +353,25 @@ def predict_stain(
     if make_labels:
         used = label_thresholds(config, **(thresholds or {}))
         provenance.update(used)
-        labels = labels_from_channels(config, result_img, route, **used)
+        labels = labels_from_channels(config, result_img, route, block=blocks.tile_size if blocks else None,
+                                      on_block=_labels_feedback(settings), **used)
     else:
         labels = {}
     return StainResult(result_img, config.output_names, [s.kind for s in config.output_channels], labels, provenance,
                        spread)
+
+
+def _labels_feedback(settings: RunSettings):
+    """Progress ('labels · block 3/36') and Cancel between the labels blocks of a big field."""
+    hooks = SamplerHooks.of(settings)
+
+    def on_block(done: int, total: int) -> None:
+        if settings.progress is not None:
+            settings.progress(Progress(1, 1, 1, 1, done - 1, total, phase="labels"))
+        if done < total:
+            hooks.check_cancel()
+
+    return on_block
 
 
 BLOCKS_ABOVE = 2048  # by default, fields with a side over this run block by block ...
