@@ -81,7 +81,8 @@ def test_no_source_file_over_500_lines():
 
 def test_output_file_names_are_spelled_in_one_place():
     """'_virtualstain.tif', '_labels.tif', ... appear as string literals only in core/io.py (``output_name``)."""
-    spellings = ("_virtualstain.tif", "_labels.tif", "_objects.csv", "_uncertainty.tif", "_flags.csv")
+    spellings = ("_virtualstain.tif", "_labels.tif", "_objects.csv", "_uncertainty.tif", "_flags.csv",
+                 "_translated.tif", "_control.tif", "_difference.tif", "_samples.tif")
     found = []
     for path in SRC.rglob("*.py"):
         if path == SRC / "core" / "io.py" or path.name == "review.py":  # review files are named by the user

@@ -21,8 +21,7 @@ from .common import compute_options
 def cmd_translate(args) -> int:
     """Invert each image under --from, regenerate under --to; write translation, control and difference."""
     from ..core.bundle import load_bundle
-    from ..core.io import read_axes, read_image, write_channels
-    from ..core.io import check_output_folder
+    from ..core.io import check_output_folder, output_name, read_axes, read_image, write_channels
     from ..core.tasks.classcond import translate
 
     check_output_folder(args.output)
@@ -49,14 +48,14 @@ def cmd_translate(args) -> int:
             prov = res.provenance | {"input_file": str(path), "plane": list(idx)}
             stem = path.name.split(".")[0] + ("_" + "-".join(map(str, idx)) if idx else "")
             for kind, arr_out in (("translated", res.translated), ("control", res.control), ("difference", res.difference)):
-                written.append(write_channels(out / f"{stem}_{kind}.tif", arr_out, res.channel_names,
+                written.append(write_channels(out / output_name(kind, stem), arr_out, res.channel_names,
                                               prov | {"output": kind}, config.pixel_size_um))
             diffs.append((stem, res))
     shapes = {r.difference.shape for _, r in diffs}
     if len(diffs) > 1 and len(shapes) == 1:
         mean = np.mean([r.difference for _, r in diffs], axis=0)
         prov = diffs[0][1].provenance | {"output": "mean difference", "images": [s for s, _ in diffs]}
-        written.append(write_channels(out / "mean_difference.tif", mean, diffs[0][1].channel_names, prov,
+        written.append(write_channels(out / output_name("mean_difference", ""), mean, diffs[0][1].channel_names, prov,
                                       config.pixel_size_um))
     print("\n".join(f"wrote {p}" for p in written))
     return 0
@@ -64,8 +63,7 @@ def cmd_translate(args) -> int:
 
 def cmd_synthesize(args) -> int:
     from ..core.bundle import load_bundle
-    from ..core.io import write_channels
-    from ..core.io import check_output_folder
+    from ..core.io import check_output_folder, output_name, write_channels
     from ..core.tasks.classcond import synthesize
 
     check_output_folder(args.output)
@@ -82,7 +80,7 @@ def cmd_synthesize(args) -> int:
                      size=args.size, condition=condition, channel_axis=args.channel_axis,
                      settings=run_settings(args, f"{args.n} x {args.class_name}"))
     name = "".join(ch if ch.isalnum() or ch in "-_" else "_" for ch in args.class_name)
-    path = write_channels(Path(args.output) / f"{name}_samples.tif", res.images, res.channel_names, res.provenance,
+    path = write_channels(Path(args.output) / output_name("samples", name), res.images, res.channel_names, res.provenance,
                           bundle.config.pixel_size_um)
     print(f"wrote {path}")
     return 0

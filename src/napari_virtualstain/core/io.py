@@ -30,6 +30,11 @@ OUTPUTS = {  # the one place output file names are spelled: predict, demo, the w
     "flags_table": "{stem}_flags.csv",
     "review_table": "{stem}.csv",
     "review_labels": "{stem}_labels.tif",
+    "translated": "{stem}_translated.tif",  # translate: the image under the target class ...
+    "control": "{stem}_control.tif",  # ... regenerated under its own class (the reconstruction control) ...
+    "difference": "{stem}_difference.tif",  # ... and translated - control
+    "mean_difference": "mean_difference.tif",  # over every translated image of one run
+    "samples": "{stem}_samples.tif",  # synthesize: the stem is the class name
 }
 
 
