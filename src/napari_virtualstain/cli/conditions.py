@@ -21,7 +21,7 @@ from .common import compute_options
 def cmd_translate(args) -> int:
     """Invert each image under --from, regenerate under --to; write translation, control and difference."""
     from ..core.bundle import load_bundle
-    from ..core.io import check_output_folder, output_name, read_axes, read_image, write_channels
+    from ..core.io import check_output_folder, output_name, read_image_file, write_channels
     from ..core.tasks.classcond import translate
 
     check_output_folder(args.output)
@@ -39,8 +39,8 @@ def cmd_translate(args) -> int:
     diffs, written = [], []
     plane_ndim = 2 if len(config.image_names) == 1 and args.channel_axis is None else 3
     for path in expand_files(args.images):
-        image = read_image(path)
-        for idx, arr in iter_planes(image, plane, False, plane_ndim, read_axes(path)):
+        f = read_image_file(path)  # the image and its axis letters from one open
+        for idx, arr in iter_planes(f.data, plane, False, plane_ndim, f.axes):
             what = path.name + (f" plane {idx}" if idx else "")
             res = translate(bundle, arr, args.source, args.target, steps=args.steps, guidance=args.guidance,
                             strength=args.strength, channel_axis=args.channel_axis, input_name=what,

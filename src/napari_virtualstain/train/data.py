@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from ..core.errors import VirtualStainError
-from ..core.io import list_images, read_image, read_pixel_size
+from ..core.io import list_images, read_image, read_image_file
 from ..core.normalize import as_float
 from ..core.postprocess import as_labels
 
@@ -189,8 +189,9 @@ def load_folder(folder: str | Path, input_names: list[str] | None = None, stain_
     label_names = sorted(p.name for p in lab_dir.iterdir() if p.is_dir()) if lab_dir.is_dir() else []
     images, sizes = [], {}
     for p in list_images(in_dir):
-        sizes[p.name] = read_pixel_size(p)
-        inputs = _as_chw(read_image(p), channel_axis, p)
+        f = read_image_file(p)  # the image and its pixel size from one open
+        sizes[p.name] = f.pixel_size_um
+        inputs = _as_chw(f.data, channel_axis, p)
         tgt = tgt_dir / p.name
         stains = _as_chw(read_image(tgt), channel_axis, tgt) if tgt.exists() else None
         if stains is None and not label_names:
