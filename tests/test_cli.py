@@ -279,6 +279,10 @@ def test_progress_lines_rise_and_end_at_100_once(tiny_bundle_dir, tmp_path, caps
     assert [ln.split(": ", 1)[1] for ln in lines] == [" 33% (labels · block 1/3)", " 66% (labels · block 2/3)",
                                                       "100% (labels, 3 blocks)"]
     assert describe_progress(Progress(1, 1, 1, 1, 2, 3, phase="labels")) == "labels · block 3/3"
+    from napari_virtualstain.core.settings import time_left
+
+    assert time_left(20, 0.5) == "~20 s left" and time_left(600, 0.5) == "~10 min left"
+    assert time_left(5, 0.5) == "" and time_left(100, 0.01) == "" and time_left(100, 1.0) == ""  # too early / done
 
 
 def test_a_labels_plane_given_to_predict_gets_a_warning(shared_data, tmp_path, capsys):

@@ -891,3 +891,21 @@ def test_a_layer_at_another_pixel_size_warns_and_rescale_fixes_it(make_napari_vi
     assert fixed.data.reshape(up.shape).shape == up.shape and fixed.metadata["rescaled_by"] == pytest.approx(0.5)
     np.testing.assert_allclose(fixed.scale[-2:], (0.3095, 0.3095))
     assert pearson(fixed.data.reshape(up.shape), plain) < 0.99  # a different (resampled) prediction, not a copy
+
+
+def test_the_progress_bar_says_how_long_is_left_and_restarts_for_the_labels(stain_setup, monkeypatch):
+    """After 10 s the bar adds the time left at the pace so far; a new phase (a big field's labels) starts afresh."""
+    from napari_virtualstain._widgets import _base
+
+    _, _, widget = stain_setup
+    now = [30.0]
+    monkeypatch.setattr(_base.time, "perf_counter", lambda: now[0])
+    widget._phase_t0, widget._last_fraction = 0.0, 0.0  # as a run's start sets them
+    widget._on_progress(0.5, "step 1/2")
+    assert widget.progress_bar.format() == "%p%  step 1/2 · ~30 s left"
+    now[0] = 31.0
+    widget._on_progress(0.1, "labels · block 1/10")  # fraction fell: the labels phase, timed from now
+    assert widget.progress_bar.format() == "%p%  labels · block 1/10"
+    now[0] = 45.0
+    widget._on_progress(0.5, "labels · block 5/10")
+    assert widget.progress_bar.format() == "%p%  labels · block 5/10 · ~14 s left"

@@ -373,6 +373,8 @@ def progress_printer(what: str, min_interval: float = 1.0):
     labels of a big field, block by block)."""
     import time
 
+    from .core.settings import time_left
+
     state = {"step": None, "printed": 0.0, "done": set(), "phase": None, "t0": time.monotonic()}
 
     def report(p):
@@ -389,10 +391,10 @@ def progress_printer(what: str, min_interval: float = 1.0):
                     else f"{blocks}, " * bool(blocks) + f"{p.num_steps}/{p.num_steps} steps")
             print(f"  {what}: 100% ({text})", file=sys.stderr, flush=True)
         elif key != state["step"] and (state["step"] is None or now - state["printed"] >= min_interval):
-            elapsed, frac = now - state["t0"], p.fraction
-            eta = f", ~{elapsed * (1 - frac) / frac:.0f} s left" if frac > 0.02 and elapsed > 10 else ""
+            eta = time_left(now - state["t0"], p.fraction)
             text = p.describe().rsplit(" · tile", 1)[0]
-            print(f"  {what}: {int(100 * frac):3d}% ({text}{eta})", file=sys.stderr, flush=True)
+            print(f"  {what}: {int(100 * p.fraction):3d}% ({text}{', ' + eta if eta else ''})", file=sys.stderr,
+                  flush=True)
             state["printed"] = now
         state["step"] = key
 

@@ -24,6 +24,7 @@ from qtpy.QtWidgets import (
 
 from ..core.errors import VirtualStainError
 from ..core.inputs import labels_warning
+from ..core.settings import time_left
 from ._controls import ModelControls, RunChoices, image_channels
 from ._layers import InputSelection, select_input
 from ._notify import notify_error, notify_info, notify_warning
@@ -96,7 +97,8 @@ class BackgroundRun:
         if refusal is not None:
             notify_warning(refusal)
             return False
-        self._t0 = time.perf_counter()
+        self._t0 = self._phase_t0 = time.perf_counter()
+        self._last_fraction = 0.0
         self._set_running(True)
         self.status.setText(f"{job.title}…")
         return True
@@ -114,8 +116,13 @@ class BackgroundRun:
             self.progress_bar.setValue(0)
 
     def _on_progress(self, fraction: float, text: str) -> None:
+        now = time.perf_counter()
+        if fraction < getattr(self, "_last_fraction", 0.0):  # a new phase (a big field's labels) restarts the bar
+            self._phase_t0 = now
+        self._last_fraction = fraction
+        eta = time_left(now - getattr(self, "_phase_t0", now), fraction)
         self.progress_bar.setValue(round(min(max(fraction, 0.0), 1.0) * PROGRESS_MAX))
-        self.progress_bar.setFormat(f"%p%  {text}")
+        self.progress_bar.setFormat(f"%p%  {text}" + (f" · {eta}" if eta else ""))
 
 
 class TaskWidget(BackgroundRun, QWidget):

@@ -34,3 +34,12 @@ class RunSettings:
 
 
 DEFAULT = RunSettings()
+
+
+def time_left(elapsed: float, fraction: float) -> str:
+    """'~40 s left' / '~3 min left' from the pace so far, once a run is 2 % in and 10 s old (earlier guesses mislead);
+    the CLI's progress lines and the widgets' progress bars both show it."""
+    if fraction <= 0.02 or elapsed <= 10 or fraction >= 1:
+        return ""
+    left = elapsed * (1 - fraction) / fraction
+    return f"~{left:.0f} s left" if left < 90 else f"~{left / 60:.0f} min left"
