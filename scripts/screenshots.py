@@ -97,6 +97,25 @@ def stain_and_uncertainty(app, out: Path) -> None:
     viewer.close()
 
 
+def train_widget(app, out: Path, steps: int = 300) -> None:
+    """The Train widget fine-tuning demo-stain on the sample's own layers (one pass, a few minutes on a CPU)."""
+    import tempfile
+
+    viewer = new_viewer()
+    viewer.open_sample(PLUGIN, "scratch_assay")
+    _, widget = viewer.window.add_plugin_dock_widget(PLUGIN, "Train")
+    widget.input.setCurrentText("Brightfield (scratch assay)")
+    widget.set_targets(["Hoechst (real)", "Nuclei labels (real)"])
+    widget.start_from.setCurrentIndex(max(0, widget.start_from.findText("demo-stain-regression")))
+    widget.method.setCurrentText("one pass (fastest)")
+    widget.steps.setValue(steps)
+    widget.output.setText(str(Path(tempfile.mkdtemp()) / "lab-model"))
+    run_and_wait(app, widget)
+    spin(app, seconds=1.0)  # the plots refresh on a timer
+    grab(app, viewer, out / "train_widget.png")
+    viewer.close()
+
+
 def translate_and_synthesize(app, out: Path, checkpoint: str | None = None) -> None:
     from napari_virtualstain.core.bundle import bundled_checkpoints
 
@@ -143,7 +162,7 @@ def translate_and_synthesize(app, out: Path, checkpoint: str | None = None) -> N
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("-o", "--out", default=str(ROOT / "docs" / "images"))
-    parser.add_argument("--only", choices=["stain", "classcond"], default=None)
+    parser.add_argument("--only", choices=["stain", "classcond", "train"], default=None)
     parser.add_argument("--classcond", default=None, help="class-conditional checkpoint (default: the bundled demo)")
     args = parser.parse_args(argv)
     from qtpy.QtWidgets import QApplication
@@ -155,6 +174,8 @@ def main(argv=None) -> int:
         stain_and_uncertainty(app, out)
     if args.only in (None, "classcond"):
         translate_and_synthesize(app, out, args.classcond)
+    if args.only in (None, "train"):
+        train_widget(app, out)
     return 0
 
 

@@ -9,7 +9,6 @@ validation region is drawn as a new Shapes layer so it is visible.
 from __future__ import annotations
 
 import threading
-import time
 from pathlib import Path
 
 import numpy as np
@@ -267,17 +266,13 @@ class TrainWidget(BackgroundRun, QWidget):
         self.val_plot.clear()
         self._timer.start()
         curves, lock = self._curves, self._lock
-        t0 = time.perf_counter()
 
         def work(progress, should_cancel):
             def on_step(stage, step, loss):
                 if should_cancel():
                     raise Cancelled()
-                done = step + (steps if stage == 2 else 0)
-                rate = done / max(time.perf_counter() - t0, 1e-6)
-                left = (total - done) / max(rate, 1e-9)
-                eta = f"~{left / 60:.0f} min left" if left > 90 else f"~{left:.0f} s left"
-                progress(done / total, f"{'refinement' if stage == 2 else 'network'} step {step} · {eta}")
+                done = step + (steps if stage == 2 else 0)  # the bar adds the time left (BackgroundRun)
+                progress(done / total, f"{'refinement' if stage == 2 else 'network'} step {step}")
                 with lock:
                     curves.setdefault(f"loss {stage}", []).append((done, loss))
 
