@@ -12,6 +12,7 @@ import itertools
 import json
 import logging
 import math
+import os
 import sys
 import time
 from collections.abc import Callable
@@ -36,8 +37,9 @@ log = logging.getLogger(__name__)
 
 
 def _save_state(out: Path, step: int, unet, ema, opt, rng: np.random.Generator, gen: torch.Generator, history):
-    """Resume state without pickle: tensors in safetensors, the rest in JSON."""
-    from safetensors.torch import save_file
+    """Resume state without pickle: tensors in safetensors, the rest in JSON; written to a temporary name and
+    swapped in at once, so a run killed while saving keeps its previous state whole."""
+    from safetensors.torch import save
 
     state_dir = out / STATE_DIR
     state_dir.mkdir(parents=True, exist_ok=True)
@@ -48,7 +50,12 @@ def _save_state(out: Path, step: int, unet, ema, opt, rng: np.random.Generator, 
         for key, val in st.items():
             tensors[f"opt.{idx}.{key}"] = torch.as_tensor(val).detach().cpu().contiguous()
     tensors["torch_rng"] = gen.get_state()
-    save_file(tensors, str(state_dir / "state.safetensors"))
+    data = save(tensors)
+    tmp = state_dir / "state.safetensors.tmp"
+    with open(tmp, "wb") as f:
+        f.write(data)
+    del data
+    os.replace(tmp, state_dir / "state.safetensors")
     meta = {"step": step, "param_groups": opt_sd["param_groups"], "numpy_rng": rng.bit_generator.state, "history": history}
     (state_dir / "state.json").write_text(json.dumps(meta, default=_jsonable))
 
