@@ -77,6 +77,27 @@ def test_resume_continues_the_same_run(data_folder, tmp_path):
         np.testing.assert_allclose(a[k].numpy(), b[k].numpy(), rtol=1e-5, atol=1e-6)
 
 
+def test_resume_reads_the_packed_state_and_the_older_one_tensor_per_name(data_folder, tmp_path, monkeypatch):
+    """The state is a few flat tensors now (the save held the GIL per tensor); runs saved before still resume."""
+    import napari_virtualstain.train.loop as loop
+
+    spec = load_folder(data_folder, stain_names=["Hoechst"])
+    opts = dict(TINY, val_every=3)
+    train(spec, tmp_path / "straight", TrainOptions(**opts))
+    train(spec, tmp_path / "packed", TrainOptions(**{**opts, "steps": 3}))
+    assert len(load_file(str(tmp_path / "packed" / "training_state" / "state.safetensors"))) <= 3
+    with monkeypatch.context() as m:
+        m.setattr(loop, "_pack", lambda tensors: (tensors, None))  # as rounds 1-2 wrote it
+        train(spec, tmp_path / "old", TrainOptions(**{**opts, "steps": 3}))
+    assert len(load_file(str(tmp_path / "old" / "training_state" / "state.safetensors"))) > 100
+    for name in ("packed", "old"):
+        train(spec, tmp_path / name, TrainOptions(**opts), resume=True)
+        a = load_file(str(tmp_path / "straight" / "model.safetensors"))
+        b = load_file(str(tmp_path / name / "model.safetensors"))
+        for k in a:
+            np.testing.assert_allclose(a[k].numpy(), b[k].numpy(), rtol=1e-5, atol=1e-6)
+
+
 def test_resume_without_state_is_a_clear_error(data_folder, tmp_path):
     spec = load_folder(data_folder, stain_names=["Hoechst"])
     with pytest.raises(VirtualStainError, match="nothing to resume"):
