@@ -6,10 +6,11 @@ Rules, in order (fewest network passes that are within ``tolerance`` of the best
 - steps (diffusion bundles): the fewest whose mean stain r is within the tolerance of the best step count (k = 1);
 - samples: the fewest k at those steps whose mean stain r is within the tolerance of the best k;
 - labels route: boundaries, stain or distance — the one with the highest F1 for the first labels set;
+- labels thresholds, model-free on the predictions: per route, the foreground threshold (0.3-0.6) and, for the
+  distance route, the centre threshold (0.3-0.6); the route and thresholds with the highest F1 (kept at 0.5 unless
+  another wins by the tolerance) — swept at every flips/turns count below, since the best route can change with them;
 - test-time augmentation: among the flips/turns (1, 4, 8) that keep the stain r within the tolerance of no TTA's,
-  the fewest whose F1 is within the tolerance of the best;
-- labels thresholds, model-free on the same predictions: the foreground threshold (0.3-0.6) and, for the distance
-  route, the centre threshold (0.3-0.6) with the highest F1; kept at 0.5 unless another wins by the tolerance.
+  the fewest whose best-route, best-threshold F1 is within the tolerance of the best;
   (A regression network's foreground map is underconfident at nuclei edges: 0.3-0.4 measured best on the demos.)
 The result is stored as the bundle's ``sampling`` (the id does not change: it is the weights' hash).
 """
@@ -107,13 +108,19 @@ def choose_sampling(bundle: Bundle, spec: TrainingSpec, *, steps=(1, 2, 3, 4, 8,
 
     trows = [chosen] + [run(steps=n_steps, samples=n_samples, tta=n) for n in tta if n > 1]
     keeps_r = [r for r in trows if r_of(r) >= r_of(chosen) - tolerance]  # never trade stain r for F1
-    n_tta = _fewest(keeps_r, "tta", f1_of, tolerance)
+    tuned: dict[int, tuple[dict, list]] = {}
+    if first_set is not None:  # route and thresholds chosen at every TTA: the tuned F1 decides how many passes
+        for row in keeps_r:
+            tuned[row["tta"]] = sweep_thresholds(bundle, regions, first_set, tolerance, steps=n_steps,
+                                                 samples=n_samples, tta=row["tta"])
+            row["f1_tuned"] = max((g["f1"] for g in tuned[row["tta"]][1]), default=f1_of(row))
+            say(f"tta {row['tta']}: F1 {first_set} with the best route and thresholds {row['f1_tuned']:.3f}")
+    n_tta = _fewest(keeps_r, "tta", lambda r: r.get("f1_tuned", f1_of(r)), tolerance)
     picked = {"samples": n_samples, "labels_from": route, "tta": n_tta} | ({"steps": n_steps} if n_steps else {})
     result = {"bundle_id": bundle.id, "validation_regions": len(regions), "chosen": picked, "steps_sweep": rows,
               "samples_sweep": krows, "tta_sweep": trows, "tolerance": tolerance}
-    if first_set is not None:
-        best, grid = sweep_thresholds(bundle, regions, first_set, tolerance, steps=n_steps, samples=n_samples,
-                                      tta=n_tta)
+    if n_tta in tuned:
+        best, grid = tuned[n_tta]
         picked.update(best)
         result["threshold_sweep"] = grid
         say(f"labels: {best}")
