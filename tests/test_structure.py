@@ -96,3 +96,21 @@ def test_output_file_names_are_spelled_in_one_place():
                 if text.count(" ") <= 3 and any(s in text for s in spellings):
                     found.append(f"{path.relative_to(SRC)}:{node.lineno}: f-string {text!r}")
     assert not found, "output names spelled outside core/io.py: " + "; ".join(found)
+
+
+def test_core_imports_neither_the_doors_nor_training_nor_qt():
+    """The ground floor stays the ground floor (docs/architecture.md, 'The rooms'): core/ never imports Qt, napari,
+    argparse, the CLI, the widgets or train/ — anywhere in a module, function-level imports included."""
+    banned_pkgs = ("napari_virtualstain.cli", "napari_virtualstain._widgets", "napari_virtualstain.train")
+    banned_libs = ("qtpy", "PyQt5", "PyQt6", "PySide2", "PySide6", "napari", "argparse", "magicgui")
+    graph = import_graph()
+    found = []
+    for mod, targets in graph.items():
+        if mod.startswith("napari_virtualstain.core"):
+            found += [f"{mod} -> {t}" for t in targets if t.startswith(banned_pkgs)]
+    for path in (SRC / "core").rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                     else [node.module or ""] if isinstance(node, ast.ImportFrom) and not node.level else [])
+            found += [f"{path.name} -> {n}" for n in names if n.split(".")[0] in banned_libs]
+    assert not found, found
