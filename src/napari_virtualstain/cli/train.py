@@ -120,7 +120,8 @@ def add_parsers(sub) -> None:
                          "centre) from the labels; predict --labels-from distance seeds nuclei at its peaks")
     tr.add_argument("--augment", action="store_true",
                     help="rotation (any angle), zoom 0.8-1.25, gamma/contrast/gain, noise and blur of the input, on "
-                         "top of the flips and quarter turns (for few training images)")
+                         "top of the flips and quarter turns (for few training images; with --distance-head it "
+                         "paid from ~5,000 steps of 8 crops on, and lost below: docs/training.md)")
     tr.add_argument("--steps", type=int, default=2000, help="optimiser steps in all (a resumed run counts on)")
     tr.add_argument("--batch-size", type=int, default=8, help="random crops per step")
     tr.add_argument("--crop-size", type=int, default=128,
