@@ -46,9 +46,11 @@ GPU_UNET = dict(block_out_channels=(32, 64, 128, 128), layers_per_block=1)
 REFINE_UNET = dict(block_out_channels=(24, 48, 96, 128), layers_per_block=1)
 MAX_FILE = 16 * 2**20
 JOBS = [
-    Job("demo-stain-regression", "demo-stain.yaml", 0.14, dict(objective="regression", **GPU_UNET)),
+    # the CPU scaling study's validation winner (docs/benchmarks.md, issue 20): centre map + augmentation
+    Job("demo-stain-regression", "demo-stain.yaml", 0.14, dict(objective="regression", distance_head=True,
+                                                               augment=True, **GPU_UNET)),
     Job("demo-stain", "demo-stain.yaml", 0.20, dict(objective="residual_shift", **REFINE_UNET), "demo-stain-regression"),
-    Job("demo-isl-regression", "demo-isl.yaml", 0.14, dict(objective="regression", **GPU_UNET)),
+    Job("demo-isl-regression", "demo-isl.yaml", 0.14, dict(objective="regression", augment=True, **GPU_UNET)),
     Job("demo-isl", "demo-isl.yaml", 0.18, dict(objective="residual_shift", **REFINE_UNET), "demo-isl-regression"),
     Job("demo-nfkb", "demo-nfkb.yaml", 0.20, dict(objective="ddpm", crop_size=256, **GPU_UNET)),
     # anchored on mu like the shipped demo-stain-ddpm (the DDPM generates x0 - mu(x): it learns on the CPU only so)
