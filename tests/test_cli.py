@@ -132,15 +132,15 @@ def test_bundled_checkpoints_predict_held_out_real_crop(shared_data, tmp_path, n
 @pytest.mark.parametrize("name", ["demo-stain", "demo-stain-regression"])
 def test_shipped_stain_demos_keep_their_held_out_nuclei_quality(shared_data, name):
     """Held-out t=9 (never trained or tuned on), the bundle's validated defaults: nuclei F1@0.5 and Hoechst r may not
-    fall below what round 3 shipped (measured 0.595 / 0.635 for both; round 2's demos: F1 ~0.47)."""
+    fall below what round 3b shipped (measured 0.655-0.659 / 0.648-0.650; round 3a 0.595 / 0.635; round 2 F1 ~0.47)."""
     from napari_virtualstain.core.bundle import load_bundle
     from napari_virtualstain.core.metrics import match_labels, pearson
     from napari_virtualstain.core.tasks.stain import predict_stain
 
     data = tifffile.imread(shared_data / "ndev_scratch_assay" / "scratch-assay-labeled-10T-2Ch.tiff")
     res = predict_stain(load_bundle(name), data[1, 9], settings=RunSettings(threads=1))
-    assert match_labels(data[2, 9], res.labels["nuclei"], 0.5)["f1"] > 0.57
-    assert pearson(res.channel("Hoechst"), data[0, 9].astype(np.float64)) > 0.62
+    assert match_labels(data[2, 9], res.labels["nuclei"], 0.5)["f1"] > 0.63
+    assert pearson(res.channel("Hoechst"), data[0, 9].astype(np.float64)) > 0.63
 
 
 @pytest.mark.skipif("demo-stain" not in bundled_checkpoints(), reason="demo checkpoint not bundled")
