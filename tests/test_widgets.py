@@ -834,6 +834,16 @@ def test_review_flags_decide_edit_survive_thresholds_export_and_reopen(make_napa
     extent = (np.asarray(second.bbox[2:]) - np.asarray(second.bbox[:2])) * np.asarray(SCALE[-2:])
     assert camera.zoom == pytest.approx(REGION_SHARE * np.min(canvas_size(viewer) / extent))
     assert flags.selected_label == ids[1]
+    # ... and boxes it in yellow (a Shapes layer of its own); flags are one orange, never a segmentation's colours
+    from napari_virtualstain._widgets.review import CURRENT_LAYER
+
+    box = viewer.layers[CURRENT_LAYER].data[0]
+    (y0, x0), (y1, x1) = box.min(axis=0), box.max(axis=0)
+    assert y0 <= second.bbox[0] and x0 <= second.bbox[1] and y1 >= second.bbox[2] and x1 >= second.bbox[3]
+    assert viewer.layers.selection.active is flags  # the brush still edits the flags
+    colours = flags.colormap.map(np.array(ids[:3]))
+    np.testing.assert_allclose(colours, np.tile(colours[:1], (3, 1)))
+    assert colours[0][0] == 1.0 and colours[0][2] == 0.0  # orange
     # the keys are bound on the viewer; a decision moves on to the next region still to review
     bound = {str(k) for k in viewer.keymap}
     assert all(any(key.replace("-", "").lower() in b.replace("-", "").replace("+", "").lower() for b in bound)

@@ -16,6 +16,7 @@ from qtpy.QtWidgets import QGridLayout, QGroupBox, QLabel, QListWidget, QListWid
 KEYS = {"Alt-N": "next", "Alt-P": "previous", "Alt-H": "hallucination", "Alt-F": "fine", "Alt-U": "unreviewed"}
 MARK = {"unreviewed": "·", "hallucination": "✗ hallucination", "fine": "✓ fine"}
 REGION_SHARE = 0.3  # a focused region spans about this share of the canvas
+CURRENT_LAYER = "region under review"  # a yellow box around the region the panel shows (a Shapes layer)
 
 
 class ReviewPanel(QGroupBox):
@@ -118,6 +119,21 @@ class ReviewPanel(QGroupBox):
         if canvas is not None and canvas.min() > 1:
             camera.zoom = float(REGION_SHARE * np.min(canvas / extent))
         layer.selected_label = rid
+        self.highlight(r.bbox, layer)
+
+    def highlight(self, bbox, flags_layer) -> None:
+        """Draw (or move) the yellow box around the current region, a little larger than its bounding box, on the
+        flags layer's grid; the user's layers are not touched (the box is its own Shapes layer)."""
+        y0, x0, y1, x1 = (float(v) for v in bbox)
+        pad = 3.0
+        box = np.array([[y0 - pad, x0 - pad], [y0 - pad, x1 + pad], [y1 + pad, x1 + pad], [y1 + pad, x0 - pad]])
+        if CURRENT_LAYER in self.viewer.layers:
+            self.viewer.layers[CURRENT_LAYER].data = [box]
+            return
+        self.viewer.add_shapes([box], shape_type="rectangle", name=CURRENT_LAYER, edge_color="yellow",
+                               face_color="transparent", edge_width=1.5, opacity=1.0,
+                               scale=np.asarray(flags_layer.scale)[-2:], translate=np.asarray(flags_layer.translate)[-2:])
+        self.viewer.layers.selection.active = flags_layer  # the brush keeps editing the flags
 
 
 def camera_of(viewer):

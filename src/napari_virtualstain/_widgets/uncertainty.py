@@ -53,6 +53,13 @@ from .review import ReviewPanel
 SLIDER_MAX = 1000
 MEDIAN_SIZE = 3
 FLAGS_LAYER = "flags"
+
+
+def _flag_colours():
+    """Every flag in one orange, thick outline — never the random colours of a segmentation's labels."""
+    from napari.utils.colormaps import DirectLabelColormap
+
+    return DirectLabelColormap(color_dict={None: "orange", 0: "transparent"})
 MAP_LABELS = {"avg": "avg", "std_steps": "std_steps", "std_seeds": "std_seeds"}
 
 
@@ -295,6 +302,7 @@ class UncertaintyWidget(TaskWidget):
                 self.viewer.layers.remove(layer)
             add_layers(self.viewer, [(data, {"name": FLAGS_LAYER, "opacity": 0.9, "contour": 2,  # outlines
                                              "metadata": json_safe(meta), **sel.geometry.kwargs()}, "labels")])
+            self.viewer.layers[FLAGS_LAYER].colormap = _flag_colours()
         else:
             layer.data = data
             layer.metadata = json_safe(meta)
