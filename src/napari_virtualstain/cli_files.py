@@ -6,6 +6,7 @@ parser here (``cli.py`` builds it), so workers import this module without the CL
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import logging
@@ -217,7 +218,8 @@ def predict_planes(image, axes: str | None, name: str, input_file: str, bundle, 
             res.provenance.update({"plane": list(idx), "input_file": input_file, **thresholds})
             continue
         else:
-            res = predict_stain(bundle, arr, seed=args.seed, samples=args.samples, pixel_size_um=input_um, rescale=args.rescale, tta=args.tta, **common)
+            res = predict_stain(bundle, arr, seed=args.seed, samples=args.samples, pixel_size_um=input_um,
+                                rescale=args.rescale, tta=args.tta, **common)
         res.provenance.update({"plane": list(idx), "input_file": input_file})
         results.append((idx, res))
     return results, maps
@@ -405,11 +407,10 @@ PRECISIONS = {"auto": None, "bf16": True, "float32": False}
 
 
 def run_settings(args, what: str | None = None) -> RunSettings:
-    """The core's run settings from a command's options (those a command lacks keep their defaults), with a
-    progress printer for ``what`` unless ``--quiet``."""
+    """The core's run settings from a command's options (the fields a command has no option for keep the core's
+    defaults), with a progress printer for ``what`` unless ``--quiet``."""
+    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(RunSettings)
+             if f.name not in ("half", "progress", "should_cancel") and hasattr(args, f.name)}
     return RunSettings(
-        tile_size=getattr(args, "tile_size", None), tile_overlap=getattr(args, "tile_overlap", None),
-        batch_size=getattr(args, "batch_size", 4), device=getattr(args, "device", None),
-        half=PRECISIONS[getattr(args, "precision", "auto")], threads=getattr(args, "threads", None),
-        block_size=getattr(args, "block_size", None),
+        **given, half=PRECISIONS[getattr(args, "precision", "auto")],
         progress=progress_printer(what) if what is not None and not getattr(args, "quiet", False) else None)

@@ -72,6 +72,7 @@ class BackgroundRun:
     and progress bar (``run_button``, ``cancel_button``, ``progress_bar``, ``status``, ``run()``, ``_on_finished``)."""
 
     def wire_runner(self) -> None:
+        self._phase_t0, self._last_fraction = time.perf_counter(), 0.0  # the time-left estimate's phase (start_job)
         self.runner = Runner(self)
         self.runner.progress.connect(self._on_progress)
         self.runner.finished.connect(self._on_finished)
@@ -117,10 +118,10 @@ class BackgroundRun:
 
     def _on_progress(self, fraction: float, text: str) -> None:
         now = time.perf_counter()
-        if fraction < getattr(self, "_last_fraction", 0.0):  # a new phase (a big field's labels) restarts the bar
+        if fraction < self._last_fraction:  # a new phase (a big field's labels) restarts the bar
             self._phase_t0 = now
         self._last_fraction = fraction
-        eta = time_left(now - getattr(self, "_phase_t0", now), fraction)
+        eta = time_left(now - self._phase_t0, fraction)
         self.progress_bar.setValue(round(min(max(fraction, 0.0), 1.0) * PROGRESS_MAX))
         self.progress_bar.setFormat(f"%p%  {text}" + (f" · {eta}" if eta else ""))
 

@@ -53,6 +53,7 @@ from .review import ReviewPanel
 SLIDER_MAX = 1000
 MEDIAN_SIZE = 3
 FLAGS_LAYER = "flags"
+MAP_LABELS = {"avg": "avg", "std_steps": "std_steps", "std_seeds": "std_seeds"}
 
 
 def _flag_colours():
@@ -60,7 +61,6 @@ def _flag_colours():
     from napari.utils.colormaps import DirectLabelColormap
 
     return DirectLabelColormap(color_dict={None: "orange", 0: "transparent"})
-MAP_LABELS = {"avg": "avg", "std_steps": "std_steps", "std_seeds": "std_seeds"}
 
 
 @dataclass

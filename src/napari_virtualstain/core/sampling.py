@@ -111,7 +111,7 @@ class RunSetup:
 
         return {
             **self.plan.describe(),
-            "batch_size": self.settings.batch_size,
+            "batch_size": self.batch_size,
             "device": str(self.device),
             "precision": self.denoiser.precision(),
             "tta": self.tta,

@@ -2,7 +2,7 @@
 
 ``RunSettings`` says where and in what pieces the work runs and how it reports back — never *what* is computed:
 seeds, steps, samples, thresholds and classes stay the task's own arguments. The CLI builds it from its options
-(``cli/common.run_settings``), the widgets from their controls (``_widgets/_controls.RunChoices``), scripts by hand:
+(``cli_files.run_settings``), the widgets from their controls (``_widgets/_controls.RunChoices``), scripts by hand:
 
     predict_stain(bundle, image, seed=0, settings=RunSettings(tile_size=256, threads=1, progress=print))
 """

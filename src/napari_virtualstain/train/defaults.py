@@ -26,6 +26,7 @@ import numpy as np
 
 from ..core.bundle import Bundle, load_bundle
 from ..core.errors import VirtualStainError
+from ..core.io import atomic_write
 from ..core.metrics import image_metrics, match_labels, normalize_pair, pool_matching
 from ..core.tasks.stain import labels_from_channels, predict_stain
 from .data import TrainingSpec, split_regions
@@ -167,7 +168,6 @@ def write_sampling(bundle_path: str | Path, chosen: dict, note: str) -> Bundle:
     cfg_path = Path(bundle_path) / "config.json"
     cfg = json.loads(cfg_path.read_text())
     cfg["sampling"] = dict(chosen) | {"chosen_by": note}
-    tmp = cfg_path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(cfg, indent=2) + "\n")
-    tmp.replace(cfg_path)
+    with atomic_write(cfg_path) as part:
+        part.write_text(json.dumps(cfg, indent=2) + "\n")
     return load_bundle(bundle_path)

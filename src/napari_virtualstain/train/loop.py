@@ -12,7 +12,6 @@ import itertools
 import json
 import logging
 import math
-import os
 import sys
 import time
 from collections.abc import Callable
@@ -25,6 +24,7 @@ import torch
 from .. import __version__
 from ..core.bundle import save_bundle
 from ..core.errors import VirtualStainError
+from ..core.io import atomic_write
 from ..core.model import build_unet, fast_bf16, pick_device
 from . import distributed
 from .classcond import ClassCondSpec, classcond_job
@@ -53,14 +53,13 @@ def _save_state(out: Path, step: int, unet, ema, opt, rng: np.random.Generator, 
     packed, layout = _pack(tensors)
     data = save(packed)
     del packed
-    tmp = state_dir / "state.safetensors.tmp"
-    with open(tmp, "wb") as f:
-        f.write(data)
+    with atomic_write(state_dir / "state.safetensors") as part:
+        part.write_bytes(data)
     del data
-    os.replace(tmp, state_dir / "state.safetensors")
     meta = {"step": step, "param_groups": opt_sd["param_groups"], "numpy_rng": rng.bit_generator.state,
             "history": history, "layout": layout}
-    (state_dir / "state.json").write_text(json.dumps(meta, default=_jsonable))
+    with atomic_write(state_dir / "state.json") as part:
+        part.write_text(json.dumps(meta, default=_jsonable))
 
 
 def _pack(tensors: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], list]:

@@ -165,7 +165,7 @@ def labels_from_channels(config: BundleConfig, image: np.ndarray, labels_from: s
 
 
 def _labels_of(config: BundleConfig, image: np.ndarray, route: str, t: dict[str, float],
-               stain_levels: dict[str, float | None]) -> dict[str, np.ndarray]:
+               stain_levels: dict[str, float]) -> dict[str, np.ndarray]:
     names = config.output_names
     todo = [(c, s) for c, s in enumerate(config.output_channels) if s.kind == "boundary"]
     todo.sort(key=lambda cs: cs[1].seeds is not None)
