@@ -47,7 +47,11 @@ ARMS = {
     "aug_mse_dist": ["--channels", "16,32,64,128", "--crop-size", "128", "--distance-head", "--augment"],
     # the width question asked again under augmentation (without it, more capacity only overfits faster)
     "aug_w32_dist": ["--channels", "32,64,128,256", "--crop-size", "128", "--distance-head", "--augment"],
+    # the ISL demo's mean network under augmentation (3 quadrants of 13 phase planes -> DAPI/MAP2/NFH; no labels, so
+    # no centre head); scored by its training loop's validation r per stain (``score`` measures ndev arms only)
+    "isl_aug": ["--channels", "16,32,64,128", "--crop-size", "128", "--augment"],
 }
+ARM_CONFIGS = {"isl_aug": REPO / "configs/demo-isl.yaml"}  # every other arm trains on CONFIG
 VAL_X = 490  # first validation column of the 576-wide frames (val_fraction 0.15)
 FIT_FRAMES = (3, 7)
 
@@ -71,14 +75,15 @@ def run(arm: str, root: Path, until: int, extra: list[str]) -> int:
     bundle = folder / "bundle"
     folder.mkdir(parents=True, exist_ok=True)
     options = arm_options(arm) + extra
-    (folder / "arm.json").write_text(json.dumps({"arm": arm, "options": options, "config": str(CONFIG)}, indent=1))
+    config = ARM_CONFIGS.get(arm, CONFIG)
+    (folder / "arm.json").write_text(json.dumps({"arm": arm, "options": options, "config": str(config)}, indent=1))
     for target in (s for s in SNAPSHOTS if s <= until):
         snap = folder / f"step_{target:05d}"
         if snap.is_dir():
             continue
         done = saved_step(bundle)
         if done < target:
-            cmd = [sys.executable, "-m", "napari_virtualstain.cli", "train", str(CONFIG), "-o", str(bundle),
+            cmd = [sys.executable, "-m", "napari_virtualstain.cli", "train", str(config), "-o", str(bundle),
                    "--name", f"scaling-{arm}", "--steps", str(target), *options, *(["--resume"] if done else [])]
             print(time.strftime("%H:%M:%S"), " ".join(cmd[3:]), flush=True)
             rc = subprocess.call(cmd)
@@ -162,6 +167,8 @@ def score(root: Path, output: Path) -> int:
     frames = _frames()
     results = json.loads(output.read_text()) if output.is_file() else {}
     for folder in sorted(p for p in root.iterdir() if (p / "arm.json").is_file()):
+        if Path(json.loads((folder / "arm.json").read_text()).get("config", CONFIG)) != CONFIG:
+            continue  # another data set (e.g. isl_aug): its curve is the training loop's validation history
         arm = results.setdefault(folder.name, {"options": json.loads((folder / "arm.json").read_text())["options"]})
         points = arm.setdefault("points", {})
         for snap in sorted(folder.glob("step_*")):

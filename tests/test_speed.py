@@ -103,15 +103,17 @@ def test_gpu_bench_smoke_runs_on_the_cpu(shared_data, tmp_path):
 
 
 def test_big_fields_are_planned_in_blocks_without_running_a_network():
-    from napari_virtualstain.core.tasks.stain import block_plan
+    from napari_virtualstain.core.tasks.stain import MAX_BLOCK, block_plan
 
     config = load_bundle("demo-stain").config
     assert block_plan(config, 2048, 2048) is None and block_plan(config, 4096, 4096, block_size=0) is None
     plan = block_plan(config, 4096, 4096)
-    assert (plan.tile_size, len(plan)) == (736, 36)
+    assert (plan.tile_size, len(plan)) == (912, 25)  # 8 x 8 tiles of 128/16 fill a 912² block exactly
+    assert block_plan(config, 6000, 6000).tile_size == 912 and len(block_plan(config, 6000, 6000)) == 49
     big = block_plan(config, 8192, 8192)
-    assert big.tile_size <= 768 and big.tile_size % 8 == 0 and big.padded_shape == (8192, 8192)
-    assert block_plan(config, 4096, 4096, block_size=1408).tile_size == 1408
+    assert big.tile_size <= MAX_BLOCK and big.tile_size % 16 == 0 and big.padded_shape == (8192, 8192)
+    assert block_plan(config, 4096, 4096, block_size=1408).tile_size == 1136  # the largest exact side <= 1408
+    assert block_plan(config, 4096, 4096, block_size=1408, tiles=(256, 32)).tile_size == 1152  # 256 + 4 x 224
     with pytest.raises(VirtualStainError, match="block size 100 is too small"):
         block_plan(config, 4096, 4096, block_size=100)
 
@@ -157,3 +159,23 @@ def test_a_blocked_field_matches_the_whole_field_and_reports_its_blocks(held_out
     assert {e.num_blocks for e in events} == {n} and events[-1].done and not events[0].done
     # what a person reads: the block, then the step within it (not blocks x steps run together)
     assert events[-1].describe().startswith(f"block {n}/{n} · step ")
+
+
+def test_blocks_are_normalised_at_the_whole_fields_levels_from_the_raw_field():
+    """A big field's blocks are normalised one by one from the caller's array (no float copy of the whole field is
+    kept): each is exactly the block of the whole-field normalisation, reflections at the bottom/right edges included."""
+    import torch
+
+    from napari_virtualstain.core.normalize import as_float
+    from napari_virtualstain.core.tasks.stain import _block_inputs, encode_inputs, input_levels
+    from napari_virtualstain.core.tiling import TilePlan
+
+    config = load_bundle("demo-stain").config
+    field = np.random.default_rng(0).integers(0, 4000, (1, 300, 250)).astype(np.uint16)
+    field[:, :, 125:] //= 8  # a dim half: block-local percentiles would brighten it
+    plan = TilePlan(300, 250, 144, 64, 16)
+    assert plan.padded_shape == (304, 256)  # the last row and column of blocks reach past the field
+    whole = plan.pad(torch.from_numpy(encode_inputs(config, as_float(field)))[None])
+    block = _block_inputs(config, field, input_levels(config, as_float(field)), plan, torch.device("cpu"))
+    for tl in plan.tiles:
+        assert torch.equal(block(tl.y, tl.x, 144), whole[..., tl.y : tl.y + 144, tl.x : tl.x + 144])

@@ -82,21 +82,27 @@ def fill_non_finite(image: np.ndarray) -> np.ndarray:
     return out
 
 
-def percentile_normalize(channels: np.ndarray, norm: PercentileNorm = PercentileNorm(), what: str = "image") -> np.ndarray:
-    """Normalise each channel of a (C, Y, X) float array to [-1, 1] between its own percentiles.
+def percentile_levels(channel: np.ndarray, norm: PercentileNorm = PercentileNorm(), what: str = "image") -> tuple:
+    """The (low, high) values one channel is normalised between: its ``norm`` percentiles (its min/max when they
+    coincide). A constant channel carries no information about the specimen; it is refused rather than divided by 0."""
+    lo, hi = np.percentile(channel, [norm.low, norm.high])
+    if hi - lo <= 1e-12 * max(1.0, abs(hi)):
+        lo, hi = float(channel.min()), float(channel.max())
+        if hi - lo <= 1e-12 * max(1.0, abs(hi)):
+            raise VirtualStainError(
+                f"{what} is constant (all pixels = {lo:g}); there is nothing to predict from. "
+                "Check that the right channel/plane was chosen and that the image is not empty"
+            )
+    return lo, hi
 
-    A constant channel carries no information about the specimen; it is refused rather than divided by zero.
-    """
+
+def percentile_normalize(channels: np.ndarray, norm: PercentileNorm = PercentileNorm(), what: str = "image",
+                         levels: list[tuple] | None = None) -> np.ndarray:
+    """Normalise each channel of a (C, Y, X) float array to [-1, 1] between its own percentiles — or between the
+    given per-channel ``levels`` (:func:`percentile_levels` of a whole field, applied to one block of it)."""
     out = np.empty_like(channels, dtype=np.float32)
     for c, ch in enumerate(channels):
-        lo, hi = np.percentile(ch, [norm.low, norm.high])
-        if hi - lo <= 1e-12 * max(1.0, abs(hi)):
-            lo, hi = float(ch.min()), float(ch.max())
-            if hi - lo <= 1e-12 * max(1.0, abs(hi)):
-                raise VirtualStainError(
-                    f"{what} channel {c} is constant (all pixels = {lo:g}); there is nothing to predict from. "
-                    "Check that the right channel/plane was chosen and that the image is not empty"
-                )
+        lo, hi = levels[c] if levels is not None else percentile_levels(ch, norm, f"{what} channel {c}")
         out[c] = (ch - lo) / (hi - lo) * 2.0 - 1.0
     return out
 

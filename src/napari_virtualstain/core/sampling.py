@@ -128,6 +128,12 @@ def tile_multiple(config) -> int:
     return max(downsample_factor(config.unet), downsample_factor(config.mean_unet) if config.anchored else 1)
 
 
+def tile_settings(config, settings: RunSettings = DEFAULT) -> tuple[int, int]:
+    """(tile size, tile overlap): the run's settings where given, else the bundle's."""
+    return (int(settings.tile_size or config.tile_size),
+            int(config.tile_overlap if settings.tile_overlap is None else settings.tile_overlap))
+
+
 def setup_run(bundle, height: int, width: int, settings: RunSettings = DEFAULT, tta: int = 1) -> RunSetup:
     """Device, tiles (the bundle's defaults unless ``settings`` say), the bundle's UNet on that device and, on a CPU,
     the intra-op threads (``settings.threads``, else the environment's, else the free cores: :mod:`.threads`);
@@ -135,9 +141,7 @@ def setup_run(bundle, height: int, width: int, settings: RunSettings = DEFAULT, 
     config = bundle.config
     dev = pick_device(settings.device)
     used = use_threads(settings.threads) if dev.type == "cpu" else None
-    tile = int(settings.tile_size or config.tile_size)
-    overlap = int(config.tile_overlap if settings.tile_overlap is None else settings.tile_overlap)
-    plan = TilePlan(height, width, tile, overlap, tile_multiple(config))
+    plan = TilePlan(height, width, *tile_settings(config, settings), tile_multiple(config))
     anchor = len(config.output_channels) if config.anchored and config.objective == "residual_shift" else 0
     mean = Denoiser(bundle.mean_unet.to(dev), half=settings.half) if config.anchored else None
     net = Denoiser(bundle.unet.to(dev), half=settings.half, anchor_channels=anchor)

@@ -173,7 +173,7 @@ class TilePlan:
     def apply(
         self,
         fn: Callable[[torch.Tensor], torch.Tensor],
-        inputs: torch.Tensor | Sequence[torch.Tensor],
+        inputs: torch.Tensor | Sequence[torch.Tensor] | Callable[[int, int, int], torch.Tensor],
         batch_size: int = 4,
         on_tile: Callable[[int, int], None] | None = None,
     ) -> torch.Tensor:
@@ -181,25 +181,34 @@ class TilePlan:
 
         ``inputs`` may be several canvases (e.g. x_t and the condition): they are joined along channels tile by tile,
         never as a whole image, and one with batch 1 serves all B images — the whole-image concatenation was the
-        largest allocation of a big field. ``batch_size`` counts network samples: the B images of a seed batch share
-        it. ``on_tile(done, total)`` is called after each network call.
+        largest allocation of a big field. Or a function ``(y, x, tile_size) ->`` the (B, C, t, t) input of the tile
+        at (y, x) of the padded image, made when the tile is reached (a big field's blocks: no whole input canvas).
+        ``batch_size`` counts network samples: the B images of a seed batch share it. ``on_tile(done, total)`` is
+        called after each network call.
         """
+        if callable(inputs):
+            return self._apply(fn, inputs, 1, batch_size, on_tile)
         parts = [self.pad_once(p) for p in ([inputs] if isinstance(inputs, torch.Tensor) else inputs)]
         b = max(p.shape[0] for p in parts)
+        t = self.tile_size
+
+        def tile_of(y: int, x: int, _: int) -> torch.Tensor:
+            pieces = [p[:, :, y : y + t, x : x + t] for p in parts]
+            pieces = [q.expand(b, *q.shape[1:]) if q.shape[0] != b else q for q in pieces]
+            return pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=1)
+
+        return self._apply(fn, tile_of, b, batch_size, on_tile)
+
+    def _apply(self, fn, tile_of: Callable[[int, int, int], torch.Tensor], b: int, batch_size: int,
+               on_tile) -> torch.Tensor:
         per_call = max(1, batch_size // b)
         if self._max_tiles_per_call:
             per_call = min(per_call, self._max_tiles_per_call)
         out = None
         t = self.tile_size
-
-        def tile_of(tl: Tile) -> torch.Tensor:
-            pieces = [p[:, :, tl.y : tl.y + t, tl.x : tl.x + t] for p in parts]
-            pieces = [q.expand(b, *q.shape[1:]) if q.shape[0] != b else q for q in pieces]
-            return pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=1)
-
         for start in range(0, len(self.tiles), per_call):
             chunk = self.tiles[start : start + per_call]
-            batch = torch.cat([tile_of(tl) for tl in chunk], dim=0)
+            batch = torch.cat([tile_of(tl.y, tl.x, t) for tl in chunk], dim=0)
             pred = self._call(fn, batch, b).float()
             if out is None:
                 out = torch.zeros((b, pred.shape[1], *self.padded_shape), device=pred.device)

@@ -26,8 +26,8 @@ import torch
 
 from ..bundle import Bundle, BundleConfig
 from ..errors import VirtualStainError
-from ..inputs import RGB_NOTE, is_colour_for_grey, prepare_input, rescale_planes, resize_planes
-from ..normalize import FixedNorm, fixed_denormalize, fixed_normalize, percentile_normalize
+from ..inputs import RGB_NOTE, is_colour_for_grey, prepare_input, rescale_planes, resize_planes, to_channels_first
+from ..normalize import FixedNorm, as_float, fixed_denormalize, fixed_normalize, percentile_levels, percentile_normalize
 from ..postprocess import (
     LABEL_HALO,
     boundaries_to_labels,
@@ -46,9 +46,10 @@ from ..sampling import (
     sample,
     setup_run,
     tile_multiple,
+    tile_settings,
     tiled_predict,
 )
-from ..tiling import TilePlan, pack_in_place
+from ..tiling import TilePlan, pack_in_place, reflect_pad
 
 
 @dataclass
@@ -67,12 +68,20 @@ class StainResult:
         return self.image[self.channel_names.index(name)]
 
 
-def encode_inputs(config: BundleConfig, chw: np.ndarray) -> np.ndarray:
-    """Per-image percentile normalisation of every input channel, as stored in the bundle."""
+def encode_inputs(config: BundleConfig, chw: np.ndarray, levels: list[tuple] | None = None) -> np.ndarray:
+    """Per-image percentile normalisation of every input channel, as stored in the bundle; with ``levels``
+    (:func:`input_levels` of a whole field) a block of the field is normalised as the whole field would be."""
     out = np.empty_like(chw, dtype=np.float32)
     for c, spec in enumerate(config.input_channels):
-        out[c] = percentile_normalize(chw[c : c + 1], spec.normalization, what=f"input channel {spec.name!r}")[0]
+        out[c] = percentile_normalize(chw[c : c + 1], spec.normalization, what=f"input channel {spec.name!r}",
+                                      levels=None if levels is None else levels[c : c + 1])[0]
     return out
+
+
+def input_levels(config: BundleConfig, chw: np.ndarray) -> list[tuple]:
+    """The (low, high) each input channel of a whole field is normalised between (see :func:`encode_inputs`)."""
+    return [percentile_levels(chw[c], spec.normalization, f"input channel {spec.name!r} channel 0")
+            for c, spec in enumerate(config.input_channels)]
 
 
 def encode_targets(config: BundleConfig, chw: np.ndarray) -> np.ndarray:
@@ -302,19 +311,23 @@ def predict_stain(
         raise VirtualStainError(f"checkpoint {config.name!r} is a {config.task!r} model, not a virtual-stain model")
     k = resolve_samples(config, samples)
     route = label_route(config, labels_from) if make_labels else None
-    chw = prepare_input(image, config.input_names, channel_axis, what=input_name or "image")
+    what = input_name or "image"
+    chw = prepare_input(image, config.input_names, channel_axis, what=what)
     input_shape = chw.shape[1:]
     factor = rescale_factor(config, pixel_size_um) if rescale else None
     if factor is not None:
         chw = rescale_planes(chw, factor)
-    blocks = block_plan(config, chw.shape[1], chw.shape[2], settings.block_size)
+    blocks = block_plan(config, chw.shape[1], chw.shape[2], settings.block_size, tile_settings(config, settings))
     side = (blocks.tile_size,) * 2 if blocks is not None else chw.shape[1:]
     n_tta = int(tta or config.sampling.get("tta", 1))
     run = setup_run(bundle, *side, settings, tta=n_tta)
-    cond = torch.from_numpy(encode_inputs(config, chw))[None].to(run.device)  # normalised once, over the whole field
+    if blocks is None:
+        cond = torch.from_numpy(encode_inputs(config, chw))[None].to(run.device)
+    else:  # normalised block by block at the whole field's levels: no normalised copy of a big field is held
+        levels = input_levels(config, chw)
+        source = chw if factor is not None else to_channels_first(image, config.input_names, channel_axis, what)
+        cond = _block_inputs(config, source, levels, blocks, run.device)
     del chw
-    if blocks is not None:  # padded here, once: the block runner would otherwise hold a padded copy beside it
-        cond = blocks.pad(cond)
     scheduler = bundle.make_scheduler(sampler, steps)
     seeds = [seed + i for i in range(k)] if scheduler is not None else seed
     if blocks is None:
@@ -375,21 +388,25 @@ def _labels_feedback(settings: RunSettings):
 
 
 BLOCKS_ABOVE = 2048  # by default, fields with a side over this run block by block ...
-MAX_BLOCK = 768  # ... in blocks of at most 768² (a block's canvases are the working memory; docs/benchmarks.md, "Memory")
+MAX_BLOCK = 1024  # ... in blocks of at most 1024² (a block's canvases are the working memory; docs/benchmarks.md, "Memory")
 BLOCK_OVERLAP = 64
 BLOCK_SEED_STRIDE = 1_000_003  # block j draws its noise from seed + j * stride: blocks must not share a noise field
 
 
-def block_plan(config: BundleConfig, height: int, width: int, block_size: int | None = None) -> TilePlan | None:
+def block_plan(config: BundleConfig, height: int, width: int, block_size: int | None = None,
+               tiles: tuple[int, int] | None = None) -> TilePlan | None:
     """Square overlapping blocks of at most ``block_size`` for a field with a side longer than twice that (default
     None: blocks of at most ``MAX_BLOCK`` for a side over ``BLOCKS_ABOVE``; 0: never); smaller fields run whole
     (blocking them would buy little memory for extra work).
 
-    Each block runs the whole chain on its own canvas (inputs normalised over the whole field first), and the blocks'
-    outputs are blended with the tiler's smooth windows, so peak memory no longer grows with the field beyond the
-    output itself. The block side is the smallest multiple of the network's downsampling that covers the field in as
-    many blocks as ``block_size`` needs (a 4096² field: 6 x 6 blocks of 736², 16 % extra pixels). Blocks draw their own noise, so a blocked field is not pixel-identical to an unblocked run of the same seed;
-    a deterministic pass differs as much as any other tile grid does (the networks normalise per tile).
+    Each block runs the whole chain on its own canvas (inputs normalised at the whole field's levels), and the
+    blocks' outputs are blended with the tiler's smooth windows, so peak memory no longer grows with the field beyond
+    the output itself. The block side is chosen among the sides the network's ``tiles`` (size, overlap; the bundle's
+    by default) cover exactly (128/16 tiles: 464, 576, ..., 912, 1024) as the one that needs the fewest network tiles
+    over the whole field (ties: the larger block, fewer seams): a 6000² field runs in 7 x 7 blocks of 912², each 8 x 8 tiles
+    (blocks of 736² cost 81 x 49 tiles, 27 % more). Blocks draw their own noise, so a blocked field is not
+    pixel-identical to an unblocked run of the same seed; a deterministic pass differs as much as any other tile grid
+    does (the networks normalise per tile).
     """
     limit = MAX_BLOCK if block_size is None else int(block_size)
     above = BLOCKS_ABOVE if block_size is None else 2 * limit
@@ -399,13 +416,40 @@ def block_plan(config: BundleConfig, height: int, width: int, block_size: int | 
     smallest = max(config.tile_size, 2 * BLOCK_OVERLAP + multiple)
     if limit < smallest:
         raise VirtualStainError(f"block size {limit} is too small: use at least {smallest} (or 0 for no blocks)")
-    longest = max(height, width)
-    n = math.ceil((longest - BLOCK_OVERLAP) / (limit - BLOCK_OVERLAP))
-    side = math.ceil(((longest - BLOCK_OVERLAP) / n + BLOCK_OVERLAP) / multiple) * multiple
+    tile, overlap = tiles or (config.tile_size, config.tile_overlap)
+    stride = tile - overlap
+
+    def blocks_along(length: int, side: int) -> int:
+        return 1 if length <= side else math.ceil((length - BLOCK_OVERLAP) / (side - BLOCK_OVERLAP))
+
+    def network_tiles(side: int) -> int:
+        per_block = (1 if side <= tile else math.ceil((side - overlap) / stride)) ** 2
+        return blocks_along(height, side) * blocks_along(width, side) * per_block
+
+    exact = [s for s in range(tile, limit + 1, stride) if s % multiple == 0 and s >= smallest]
+    if not exact:  # tiles that do not divide any block side: the smallest multiple covering the field in n blocks
+        n = blocks_along(max(height, width), limit)
+        exact = [math.ceil(((max(height, width) - BLOCK_OVERLAP) / n + BLOCK_OVERLAP) / multiple) * multiple]
+    side = min(exact, key=lambda s: (network_tiles(s), -s))
     return TilePlan(height, width, side, BLOCK_OVERLAP, multiple)
 
 
-def _run_in_blocks(run: RunSetup, config: BundleConfig, cond: torch.Tensor, blocks: TilePlan, seeds,
+def _block_inputs(config: BundleConfig, source: np.ndarray, levels: list[tuple], blocks: TilePlan, device):
+    """The tiler's input for a field run in blocks: ``(y, x, side) ->`` the normalised (1, C, side, side) block at
+    (y, x) of the padded field, made from ``source`` (the caller's array, any dtype) when the block is reached."""
+    h, w = source.shape[1:]
+
+    def block(y: int, x: int, side: int) -> torch.Tensor:
+        part = as_float(source[:, y : min(y + side, h), x : min(x + side, w)])
+        bottom, right = y + side - min(y + side, h), x + side - min(x + side, w)
+        if bottom or right:  # past the field's edge: the field's own reflection, as TilePlan.pad would give
+            part = reflect_pad(torch.from_numpy(part), bottom, right).numpy()
+        return torch.from_numpy(encode_inputs(config, part, levels))[None].to(device)
+
+    return block
+
+
+def _run_in_blocks(run: RunSetup, config: BundleConfig, cond, blocks: TilePlan, seeds,
                    scheduler) -> tuple[torch.Tensor, int]:
     """``run_stain_model`` block by block; the k samples of a block ride as channels through the tiler's merge."""
     passes = network_passes(config, scheduler)
