@@ -315,3 +315,33 @@ def test_step_maps_use_the_full_chain_when_predict_defaults_to_one_step(tiny_bun
     assert len(rs.make_scheduler(None, None).timesteps) == 1
     res = predict_uncertainty(rs, image, mode="steps", seeds=[0], make_labels=False)
     assert res.maps["std_steps"].max() > 0 and res.provenance["window_steps"] >= 2
+
+
+def test_review_groups_cover_little_of_the_image():
+    """Grouping joins the pair whose joint box adds the least area: a row of specks along a scratch edge and two
+    clusters in the bottom corners make three fields of view covering ~2 % of the image (clustering centroids by
+    diameter instead cut the row and boxed 40 % of it); above PREGROUP regions it still ends at the cap."""
+    from scipy import ndimage as ndi
+
+    from napari_virtualstain.core import uncertainty as unc
+
+    lab = np.zeros((200, 600), np.int32)
+    k = 0
+    for x in range(5, 590, 50):
+        k += 1
+        lab[10:13, x : x + 3] = k
+    for cy, cx in ((150, 40), (150, 560)):
+        for dy in (0, 8):
+            for dx in (0, 8):
+                k += 1
+                lab[cy + dy : cy + dy + 3, cx + dx : cx + dx + 3] = k
+    groups = unc.group_regions(lab, 3, np.ones(k))
+    assert groups.max() == 3 and (groups[lab > 0] > 0).all()
+    inside = np.zeros(lab.shape, bool)
+    for box in ndi.find_objects(groups):
+        inside[box] = True
+    assert inside.mean() < 0.05
+    many = np.zeros((400, 400), np.int32)
+    many[::8, ::8] = np.arange(1, 2501).reshape(50, 50)
+    out = unc.group_regions(many, 20, np.ones(2500))
+    assert out.max() == 20 and (out[many > 0] > 0).all()

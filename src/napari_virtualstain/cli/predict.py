@@ -72,8 +72,8 @@ def add_parsers(sub) -> None:
     pr.add_argument("--batch-size", type=int, default=4, help="tiles per network call")
     pr.add_argument("--block-size", type=int, default=None,
                     help="fields with a side longer than twice this run in blocks of at most this side, so memory "
-                         "stays bounded (default: blocks of at most 768 for a side over 2048; 0: always the whole "
-                         "field at once)")
+                         "stays bounded (default: blocks of at most 1024, sized so the network's tiles fill them, "
+                         "for a side over 2048; 0: always the whole field at once)")
     pr.add_argument("--device", default="auto", help="auto (cuda > mps > cpu), cuda, mps or cpu")
     pr.add_argument("--channel-axis", type=int, default=None, help="axis that holds the input channels")
     pr.add_argument("--pixel-size", type=float, default=None, metavar="UM",

@@ -318,22 +318,56 @@ def flag_regions(
 
 
 def group_regions(lab: np.ndarray, n_groups: int, weight: np.ndarray) -> np.ndarray:
-    """Join the regions of ``lab`` (1..N) into at most ``n_groups`` compact groups: complete-linkage clustering of
-    their centroids (so a group's diameter, not its chain, is kept small), groups numbered by total ``weight``."""
+    """Join the regions of ``lab`` (1..N) into at most ``n_groups`` groups whose bounding boxes — the fields of view
+    the review panel zooms to — cover as little of the image as greedy merging finds: the pair of groups whose joint
+    box adds the least area over their own two boxes is joined first (neighbours, and boxes inside boxes, go
+    together; a far outlier stays its own small group rather than stretching a neighbour's box across the frame).
+    Groups are numbered by total ``weight``. Above ``PREGROUP`` regions, complete-linkage clustering of the centroids
+    first makes ``PREGROUP`` compact groups (the pairwise table grows with the square of the count)."""
     from scipy import ndimage as ndi
     from scipy.cluster.hierarchy import fcluster, linkage
 
     n = int(lab.max())
-    centroids = np.asarray(ndi.center_of_mass(lab > 0, lab, index=np.arange(1, n + 1)), dtype=np.float64)
-    cluster = fcluster(linkage(centroids, method="complete"), t=n_groups, criterion="maxclust")  # 1..k per region
-    totals = np.bincount(cluster, weights=np.asarray(weight, np.float64))
-    order = np.argsort(-totals[1:], kind="stable") + 1  # cluster ids, most uncertain first
-    rank = np.zeros(totals.size, np.int32)
-    rank[order] = np.arange(1, order.size + 1)
-    lut = np.zeros(n + 1, np.int32)
-    lut[1:] = rank[cluster]
-    return lut[lab]
+    member = np.arange(n + 1)  # region -> group (0: background)
+    if n > PREGROUP:
+        centroids = np.asarray(ndi.center_of_mass(lab > 0, lab, index=np.arange(1, n + 1)), dtype=np.float64)
+        clusters = fcluster(linkage(centroids, method="complete"), t=PREGROUP, criterion="maxclust")
+        member[1:] = np.unique(clusters, return_inverse=True)[1] + 1  # 1..k without gaps
+    grouped = member[lab]
+    boxes = np.array([(s[0].start, s[1].start, s[0].stop, s[1].stop) for s in ndi.find_objects(grouped)], np.float64)
+    alive = np.ones(len(boxes), bool)
+    owner = np.arange(len(boxes))  # group -> the group it was merged into
 
+    def joint(i: int) -> np.ndarray:
+        """Area each other group's box would add if joined with group ``i`` (inf for merged ones and itself)."""
+        y0, x0 = np.minimum(boxes[i, 0], boxes[:, 0]), np.minimum(boxes[i, 1], boxes[:, 1])
+        y1, x1 = np.maximum(boxes[i, 2], boxes[:, 2]), np.maximum(boxes[i, 3], boxes[:, 3])
+        area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
+        out = (y1 - y0) * (x1 - x0) - area[i] - area
+        out[~alive] = np.inf
+        out[i] = np.inf
+        return out
+
+    cost = np.stack([joint(i) for i in range(len(boxes))])
+    while alive.sum() > n_groups:
+        i, j = np.unravel_index(np.argmin(cost), cost.shape)
+        boxes[i, :2] = np.minimum(boxes[i, :2], boxes[j, :2])
+        boxes[i, 2:] = np.maximum(boxes[i, 2:], boxes[j, 2:])
+        alive[j] = False
+        owner[owner == j] = i
+        cost[j, :] = cost[:, j] = np.inf
+        cost[i, :] = cost[:, i] = joint(i)
+    cluster = np.zeros(n + 1, np.int64)
+    cluster[1:] = owner[member[1:] - 1] + 1  # region -> final group id (1-based, sparse)
+    totals = np.bincount(cluster[1:], weights=np.asarray(weight, np.float64), minlength=len(boxes) + 1)
+    used = np.unique(cluster[1:])
+    order = used[np.argsort(-totals[used], kind="stable")]  # most uncertain first
+    rank = np.zeros(len(boxes) + 1, np.int32)
+    rank[order] = np.arange(1, order.size + 1)
+    return rank[cluster][lab].astype(np.int32)
+
+
+PREGROUP = 400  # regions above which group_regions clusters centroids before merging boxes
 
 #: the reviewable defaults of the CLI and the widget: fragments within 3 px joined, then neighbouring regions grouped
 #: into at most 20 fields of view per map (nothing dropped); measured on held-out frames in docs/benchmarks.md
