@@ -301,6 +301,33 @@ def test_review_flags_group_neighbours_into_fields_of_view_without_dropping_any(
     assert len(grouped.table) == 4 and sum(r["area"] for r in grouped.table) == int((plain.labels > 0).sum())
 
 
+def test_review_boxes_stay_within_the_reviewers_budget_keeping_the_strongest():
+    """With ``max_box_fraction`` the groups whose boxes would take the view past the budget are dropped, weakest
+    evidence per boxed pixel first; the strongest cluster stays group 1 and the drop is counted."""
+    m = np.zeros((200, 200), np.float32)
+    for cy, cx, strength in ((30, 30, 1.0), (30, 170, 2.0), (170, 30, 1.2), (170, 170, 1.0)):
+        for dy in (-12, 0, 12):
+            for dx in (-12, 0, 12):
+                m[cy + dy - 2 : cy + dy + 3, cx + dx - 2 : cx + dx + 3] = strength
+    every = flag_regions(m, 0.5, median_size=1, min_area=4, max_regions=4, group=True)
+    budget = flag_regions(m, 0.5, median_size=1, min_area=4, max_regions=4, group=True, max_box_fraction=0.05)
+    from scipy import ndimage as ndi
+
+    def box_fraction(lab):
+        inside = np.zeros(lab.shape, bool)
+        for b in ndi.find_objects(lab):
+            inside[b] = True
+        return inside.mean()
+
+    assert box_fraction(every.labels) > 0.05 >= box_fraction(budget.labels)  # 4 boxes of 29² px
+    assert budget.settings["regions_dropped"] > 0 and budget.labels.max() >= 1
+    assert ((budget.labels > 0) <= (every.labels > 0)).all()  # only ever fewer flagged pixels
+    strongest = every.labels == every.labels[30, 170]
+    assert (budget.labels[strongest] == 1).all()  # the strongest cluster kept whole, still first
+    weak = (every.labels > 0) & ~strongest
+    assert (budget.labels[weak] == 0).sum() > 0  # what was dropped came from the weaker clusters
+
+
 def test_step_maps_use_the_full_chain_when_predict_defaults_to_one_step(tiny_bundle_dir, image, tmp_path):
     """A bundle whose fast predict default is 1 step still gives step maps (the shipped demo-stain is such a bundle)."""
     import json

@@ -129,9 +129,16 @@ def _parse_window(text: str) -> tuple[float, float]:
     return low, high
 
 
+def _box_budget(value: float) -> float | None:
+    """--flag-max-area as flag_regions' ``max_box_fraction`` (1: no budget)."""
+    if not 0.0 < value <= 1.0:
+        raise VirtualStainError(f"--flag-max-area is a fraction of the image in (0, 1] (1: keep every group); got {value:g}")
+    return None if value >= 1.0 else float(value)
+
+
 SETTINGS = ("seed", "samples", "steps", "sampler", "tile_size", "tile_overlap", "block_size", "labels_from",
             "boundary_threshold", "foreground_threshold", "center_threshold", "no_labels", "uncertainty", "seeds", "window", "flag_map",
-            "flag_threshold", "flag_otsu", "flag_min_area", "flag_merge", "flag_max_regions", "flag_group", "plane", "all_planes",
+            "flag_threshold", "flag_otsu", "flag_min_area", "flag_merge", "flag_max_regions", "flag_group", "flag_max_area", "plane", "all_planes",
             "channel_axis", "pixel_size", "rescale", "precision", "tta", "objects", "interval", "members", "fill_nan")
 
 
@@ -358,7 +365,8 @@ def _write_uncertainty(out: Path, stem: str, config, channel_names, maps: list[d
         for p, m in enumerate(maps):
             fr = flag_regions(m[flag_map][c], args.flag_threshold, otsu=args.flag_otsu, min_area=args.flag_min_area,
                               merge_radius=args.flag_merge, max_regions=args.flag_max_regions or None,
-                              group=getattr(args, "flag_group", True))
+                              group=getattr(args, "flag_group", True),
+                              max_box_fraction=_box_budget(getattr(args, "flag_max_area", 0.5)))
             labs.append(fr.labels)
             plane = prov["planes"][p] if len(maps) > 1 else None
             rows += [{"channel": ch, "plane": plane, "map": flag_map, "threshold": fr.threshold, **r} for r in fr.table]

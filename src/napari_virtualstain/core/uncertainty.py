@@ -246,14 +246,18 @@ def flag_regions(
     merge_radius: int = 0,
     max_regions: int | None = None,
     group: bool = False,
+    max_box_fraction: float | None = None,
 ) -> FlagResult:
     """Threshold a std map into reviewable regions: median filter -> threshold (Otsu of the map when none is given;
     with ``otsu``, Otsu again among the values above ``threshold``) -> join fragments closer than ``merge_radius``
     px (binary closing) -> fill holes -> drop regions under ``min_area`` -> at most ``max_regions`` regions, so a
     person gets a reviewable list (``REVIEW_DEFAULTS`` is what the CLI and the widget use):
     ``group`` joins neighbouring regions into ``max_regions`` spatially compact groups (one label each: a field of
-    view to review, nothing dropped); otherwise the regions with the most excess uncertainty (sum over the region of
-    map - threshold) are kept and the rest dropped. Groups and regions are numbered most uncertain first.
+    view to review); otherwise the regions with the most excess uncertainty (sum over the region of map - threshold)
+    are kept and the rest dropped. ``max_box_fraction``: when the groups' bounding boxes (what the review panel zooms
+    to) cover more of the image than this, the groups with the least excess uncertainty per boxed pixel are dropped
+    until they do not — a reviewer's budget; ``regions_dropped`` counts what was left out. Groups and regions are
+    numbered most uncertain first.
 
     Pure numpy/scikit-image on the cached map: moving the threshold never runs the model.
     """
@@ -301,6 +305,7 @@ def flag_regions(
         lab = label(lab > 0, connectivity=2).astype(np.int32)
     dropped = 0
     fragments = int(lab.max())
+    fragment_labels = lab
     if max_regions is not None and lab.max() > max_regions:
         excess = ndi.sum(np.clip(smooth - used, 0, None), lab, index=np.arange(1, lab.max() + 1))
         if group:
@@ -310,10 +315,14 @@ def flag_regions(
             keep[1:][np.argsort(-excess, kind="stable")[:max_regions]] = True
             dropped = int(lab.max() - max_regions)
             lab = label(keep[lab], connectivity=2).astype(np.int32)
+    if max_box_fraction is not None and lab.max():
+        lab, n_out = _within_box_budget(lab, fragment_labels, np.clip(smooth - used, 0, None), float(max_box_fraction))
+        dropped += n_out
     table = flag_table(lab, m)
     settings = {"threshold": used, "otsu": bool(otsu or threshold is None), "median_size": int(median_size),
                 "min_area": int(min_area), "fill_holes": bool(fill_holes), "merge_radius": int(merge_radius),
-                "max_regions": max_regions, "group": bool(group), "fragments": fragments, "regions_dropped": dropped}
+                "max_regions": max_regions, "group": bool(group), "max_box_fraction": max_box_fraction,
+                "fragments": fragments, "regions_dropped": dropped}
     return FlagResult(lab, table, used, settings)
 
 
@@ -367,11 +376,70 @@ def group_regions(lab: np.ndarray, n_groups: int, weight: np.ndarray) -> np.ndar
     return rank[cluster][lab].astype(np.int32)
 
 
+def _within_box_budget(groups: np.ndarray, fragments: np.ndarray, excess: np.ndarray,
+                       budget: float) -> tuple[np.ndarray, int]:
+    """Drop flagged fragments until the groups' bounding boxes cover at most ``budget`` of the image: each time the
+    fragment that shrinks its group's box the most per unit of its excess uncertainty (an outlier with little
+    evidence, stretching a box), or when no single fragment shrinks a box, the group with the least excess per boxed
+    pixel. Returns (group labels renumbered 1..k in their order, fragments dropped)."""
+    from scipy import ndimage as ndi
+
+    n = int(fragments.max())
+    ids = np.arange(1, n + 1)
+    frag_box = np.array([(b[0].start, b[1].start, b[0].stop, b[1].stop) if b else (0, 0, 0, 0)
+                         for b in ndi.find_objects(fragments, n)], np.int64)
+    group_of = ndi.maximum(groups, fragments, index=ids).astype(np.int64)
+    weight = np.asarray(ndi.sum(excess, fragments, index=ids), np.float64) + 1e-9
+    alive = group_of > 0  # fragments the max_regions cap already dropped have no group
+    fine = n <= PREGROUP  # fragment by fragment for a frame's worth; whole groups for a big field's thousands
+
+    def box(members: np.ndarray) -> tuple[int, int, int, int]:
+        b = frag_box[members]
+        return b[:, 0].min(), b[:, 1].min(), b[:, 2].max(), b[:, 3].max()
+
+    def boxed() -> float:
+        inside = np.zeros(groups.shape, bool)
+        for g in np.unique(group_of[alive]):
+            y0, x0, y1, x1 = box(np.nonzero(alive & (group_of == g))[0])
+            inside[y0:y1, x0:x1] = True
+        return inside.mean()
+
+    while alive.sum() > 1 and boxed() > budget:
+        best, best_score = None, 0.0
+        for g in np.unique(group_of[alive]) if fine else ():
+            members = np.nonzero(alive & (group_of == g))[0]
+            if len(members) < 2:
+                continue
+            y0, x0, y1, x1 = box(members)
+            for f in members:
+                rest = members[members != f]
+                ry0, rx0, ry1, rx1 = box(rest)
+                saved = (y1 - y0) * (x1 - x0) - (ry1 - ry0) * (rx1 - rx0)
+                if saved / weight[f] > best_score:
+                    best, best_score = [f], saved / weight[f]
+        if best is None:  # no fragment stretches a box: drop the weakest group per boxed pixel
+            def density(g):
+                m = np.nonzero(alive & (group_of == g))[0]
+                y0, x0, y1, x1 = box(m)
+                return weight[m].sum() / max((y1 - y0) * (x1 - x0), 1)
+            g = min(np.unique(group_of[alive]), key=density)
+            best = list(np.nonzero(alive & (group_of == g))[0])
+        alive[best] = False
+    keep = np.zeros(n + 1, bool)
+    keep[1:] = alive
+    kept = np.where(keep[fragments], groups, 0)
+    used = np.unique(kept[kept > 0])
+    lut = np.zeros(int(groups.max()) + 1, np.int32)
+    lut[used] = np.arange(1, used.size + 1)
+    return lut[kept], int(n - alive.sum())
+
+
 PREGROUP = 400  # regions above which group_regions clusters centroids before merging boxes
 
-#: the reviewable defaults of the CLI and the widget: fragments within 3 px joined, then neighbouring regions grouped
-#: into at most 20 fields of view per map (nothing dropped); measured on held-out frames in docs/benchmarks.md
-REVIEW_DEFAULTS = {"merge_radius": 3, "max_regions": 20, "group": True}
+#: the reviewable defaults of the CLI and the widget: fragments within 3 px joined, neighbouring regions grouped into
+#: at most 20 fields of view per map, whose boxes cover at most half the image (the weakest groups dropped beyond
+#: that); measured on held-out frames in docs/benchmarks.md
+REVIEW_DEFAULTS = {"merge_radius": 3, "max_regions": 20, "group": True, "max_box_fraction": 0.5}
 
 FLAG_COLUMNS = ("id", "area", "centroid_y", "centroid_x", "mean_std", "max_std")
 
