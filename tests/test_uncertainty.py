@@ -246,6 +246,17 @@ def test_cli_refuses_bad_uncertainty_options(tiny_ddpm_bundle_dir, image, tmp_pa
     assert not (tmp_path / "o").exists()
 
 
+def test_cli_refuses_a_review_budget_outside_0_1_before_any_model_runs(tmp_path, capsys):
+    from napari_virtualstain.cli import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(["predict", str(tmp_path / "bf.tif"), "-c", "demo-stain", "-o", str(tmp_path / "o"),
+              "--uncertainty", "seeds", "--seeds", "2", "--flag-max-area", "1.5"])
+    assert exc.value.code == 2
+    assert "--flag-max-area: a fraction of the image in (0, 1]" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
 def test_auroc_matches_pairwise_definition():
     from napari_virtualstain.core.metrics import auroc
 

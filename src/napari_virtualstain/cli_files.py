@@ -129,13 +129,6 @@ def _parse_window(text: str) -> tuple[float, float]:
     return low, high
 
 
-def _box_budget(value: float) -> float | None:
-    """--flag-max-area as flag_regions' ``max_box_fraction`` (1: no budget)."""
-    if not 0.0 < value <= 1.0:
-        raise VirtualStainError(f"--flag-max-area is a fraction of the image in (0, 1] (1: keep every group); got {value:g}")
-    return None if value >= 1.0 else float(value)
-
-
 SETTINGS = ("seed", "samples", "steps", "sampler", "tile_size", "tile_overlap", "block_size", "labels_from",
             "boundary_threshold", "foreground_threshold", "center_threshold", "no_labels", "uncertainty", "seeds", "window", "flag_map",
             "flag_threshold", "flag_otsu", "flag_min_area", "flag_merge", "flag_max_regions", "flag_group", "flag_max_area", "plane", "all_planes",
@@ -359,6 +352,7 @@ def _write_uncertainty(out: Path, stem: str, config, channel_names, maps: list[d
     flagged = [c for c, k in zip(channel_names, kinds) if k == "stain"] or list(channel_names)
     rows_path = out / output_name("flags_table", stem)
     rows = []
+    budget = getattr(args, "flag_max_area", 0.5)  # a fraction in (0, 1], checked by the parser
     for ch in flagged:
         c = channel_names.index(ch)
         labs = []
@@ -366,7 +360,7 @@ def _write_uncertainty(out: Path, stem: str, config, channel_names, maps: list[d
             fr = flag_regions(m[flag_map][c], args.flag_threshold, otsu=args.flag_otsu, min_area=args.flag_min_area,
                               merge_radius=args.flag_merge, max_regions=args.flag_max_regions or None,
                               group=getattr(args, "flag_group", True),
-                              max_box_fraction=_box_budget(getattr(args, "flag_max_area", 0.5)))
+                              max_box_fraction=budget if budget < 1.0 else None)
             labs.append(fr.labels)
             plane = prov["planes"][p] if len(maps) > 1 else None
             rows += [{"channel": ch, "plane": plane, "map": flag_map, "threshold": fr.threshold, **r} for r in fr.table]

@@ -61,6 +61,17 @@ def cmd_predict(args) -> int:
     return 0
 
 
+def _area_fraction(text: str) -> float:
+    """--flag-max-area: a fraction of the image in (0, 1], refused by the parser (before any model runs)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not 0.0 < value <= 1.0:
+        raise argparse.ArgumentTypeError(f"a fraction of the image in (0, 1] (1: keep every group), not {text!r}")
+    return value
+
+
 def add_parsers(sub) -> None:
     pr = sub.add_parser("predict", help="predict stains/boundaries for images or folders")
     pr.add_argument("images", nargs="+", help="image files (TIFF/OME-TIFF/PNG) or folders of them")
@@ -136,7 +147,7 @@ def add_parsers(sub) -> None:
                     help="at most N regions per map (0: no limit): neighbours grouped, or the rest dropped with "
                          "--no-flag-group")
     compute_options(pr)
-    pr.add_argument("--flag-max-area", type=float, default=0.5,
+    pr.add_argument("--flag-max-area", type=_area_fraction, default=0.5,
                     help="the flag groups' boxes (the fields of view to review) cover at most this fraction of the "
                          "image; beyond it the groups with the least excess uncertainty per boxed pixel are dropped "
                          "(default 0.5; 1: keep all)")
