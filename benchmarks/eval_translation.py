@@ -18,6 +18,8 @@ NF-kB in the nucleus / in its ring), pooled over the crops of a direction:
   rows); "fraction of the way" = (median translated - median source) / (median target - median source), measured on
   the translated image's own nuclei and on the *source's* nuclei (the same cells followed through the translation;
   identical for an invariant-DNA bundle, whose nuclei are the source's);
+- the same fraction by the pooled ratio (``core.phenotype.pooled_ratio``: mean NF-kB in all Otsu nuclei over the
+  mean in a 6 px ring, all pixels of all crops pooled; the real target: all crops of the other well in the rows);
 - Kolmogorov-Smirnov and Wasserstein distances translated -> target beside source -> target;
 - DNA SSIM translated vs source (1 when DNA is invariant) and the reconstruction control's PSNR (source's 1-99.8 %
   scale) on NF-kB and DNA.
@@ -39,7 +41,14 @@ import torch
 from napari_virtualstain.core.bundle import load_bundle
 from napari_virtualstain.core.io import read_image
 from napari_virtualstain.core.metrics import image_metrics, normalize_pair
-from napari_virtualstain.core.phenotype import compare, fraction_of_the_way, histogram_figure, measure_image
+from napari_virtualstain.core.phenotype import (
+    compare,
+    fraction_of_the_way,
+    histogram_figure,
+    measure_image,
+    pooled_ratio,
+    pooled_sums,
+)
 from napari_virtualstain.core.postprocess import stain_to_labels
 from napari_virtualstain.core.tasks.classcond import translate
 
@@ -69,8 +78,9 @@ def scaled(pred: np.ndarray, truth: np.ndarray) -> dict:
     return image_metrics(pn, tn)
 
 
-def evaluate(bundle, sources, target_cells, source_class, target_class, guidance, strength, steps):
+def evaluate(bundle, sources, target_cells, target_pooled, source_class, target_class, guidance, strength, steps):
     cells = {"source": [], "translated": [], "translated_source_nuclei": [], "control": []}
+    parts = {"source": [], "translated": []}
     dna_ssim, psnr_nfkb, psnr_dna, examples = [], [], [], []
     t0 = time.perf_counter()
     for src in sources:
@@ -80,6 +90,8 @@ def evaluate(bundle, sources, target_cells, source_class, target_class, guidance
         cells["translated"].append(ratios(res.translated))
         cells["translated_source_nuclei"].append(ratios(res.translated, nuclei))
         cells["control"].append(ratios(res.control, nuclei))
+        parts["source"].append(pooled_sums(src))
+        parts["translated"].append(pooled_sums(res.translated))
         dna_ssim.append(scaled(res.translated[1], src[1])["ssim"])
         psnr_nfkb.append(scaled(res.control[0], src[0])["psnr"])
         if not np.array_equal(res.control[1], src[1]):  # an invariant DNA channel comes back exactly
@@ -95,6 +107,9 @@ def evaluate(bundle, sources, target_cells, source_class, target_class, guidance
         "fraction_of_the_way": fraction_of_the_way(pooled["source"], pooled["translated"], target_cells),
         "fraction_of_the_way_source_nuclei": fraction_of_the_way(pooled["source"], pooled["translated_source_nuclei"],
                                                                  target_cells),
+        "pooled_ratio": {k: pooled_ratio(v) for k, v in parts.items()} | {"target": target_pooled},
+        "fraction_of_the_way_pooled": _fraction(pooled_ratio(parts["source"]), pooled_ratio(parts["translated"]),
+                                                target_pooled),
         "translated_vs_target": compare(pooled["translated_source_nuclei"], target_cells),
         "source_vs_target": compare(pooled["source"], target_cells),
         "dna_ssim_translated_vs_source": float(np.mean(dna_ssim)),
@@ -103,6 +118,10 @@ def evaluate(bundle, sources, target_cells, source_class, target_class, guidance
         "seconds_per_crop": seconds,
     }
     return row, pooled, examples
+
+
+def _fraction(source: float, translated: float, target: float) -> float:
+    return (translated - source) / (target - source) if target != source else float("nan")
 
 
 def save_figure(path: Path, rows: list[tuple[np.ndarray, ...]]) -> None:
@@ -146,6 +165,7 @@ def main(argv=None) -> int:
     y0, y1 = (int(v) for v in args.rows.split(":"))
     wells = {w: crops(w, args.size, (y0, y1)) for w in ("A01", "A12")}
     target_cells = {w: np.concatenate([ratios(c) for c in cs]) for w, cs in wells.items()}
+    target_pooled = {w: pooled_ratio([pooled_sums(c) for c in cs]) for w, cs in wells.items()}
     directions = list(DIRECTIONS) if args.direction == "both" else [args.direction]
     grid = list(itertools.product([float(g) for g in args.guidance.split(",")],
                                   [float(s) for s in args.strength.split(",")]))
@@ -158,8 +178,8 @@ def main(argv=None) -> int:
             src_class, tgt_class = DIRECTIONS[d]
             sources = wells[src_class][: args.max_crops]
             for guidance, strength in grid:
-                row, pooled, examples = evaluate(bundle, sources, target_cells[tgt_class], src_class, tgt_class,
-                                                 guidance, strength, args.steps)
+                row, pooled, examples = evaluate(bundle, sources, target_cells[tgt_class], target_pooled[tgt_class],
+                                                 src_class, tgt_class, guidance, strength, args.steps)
                 row = {"bundle": name, "bundle_id": bundle.id, "invariant": bundle.config.input_names} | row
                 rows.append(row)
                 print(json.dumps(row), flush=True)

@@ -18,23 +18,12 @@ from pathlib import Path
 
 import numpy as np
 import tifffile
-from scipy import ndimage as ndi
-from skimage.filters import threshold_otsu
 
 from napari_virtualstain._sample_data import NFKB_CROP, nfkb_data_dir
 from napari_virtualstain.core.bundle import load_bundle
-from napari_virtualstain.core.phenotype import measure_image
+from napari_virtualstain.core.phenotype import measure_image, pooled_ratio, pooled_sums
 from napari_virtualstain.core.settings import RunSettings
 from napari_virtualstain.core.tasks.classcond import translate
-
-
-def pooled_ratio(image: np.ndarray) -> float:
-    """(NF-kB, DNA) image: mean NF-kB inside the Otsu nuclei over the mean in a 6 px ring around them, all cells
-    pooled."""
-    dna = ndi.gaussian_filter(image[1], 1)
-    nuclei = dna > threshold_otsu(dna)
-    ring = ndi.binary_dilation(nuclei, iterations=6) & ~nuclei
-    return float(image[0][nuclei].mean() / image[0][ring].mean())
 
 
 def cell_ratios(image: np.ndarray) -> np.ndarray:
@@ -58,7 +47,7 @@ def main(argv=None) -> int:
     for src, tgt in (("A12", "A01"), ("A01", "A12")):
         tr = translate(bundle, wells[src], src, tgt, channel_axis=0, settings=RunSettings(threads=1)).translated
         cells = [cell_ratios(x) for x in (wells[src], tr, wells[tgt])]
-        pooled = [pooled_ratio(x) for x in (wells[src], tr, wells[tgt])]
+        pooled = [pooled_ratio(pooled_sums(x)) for x in (wells[src], tr, wells[tgt])]
         medians = [float(np.median(c)) for c in cells]
         means = [float(np.mean(c)) for c in cells]
         report[f"{src}->{tgt}"] = {

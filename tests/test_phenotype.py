@@ -9,7 +9,7 @@ import pytest
 import tifffile
 
 from napari_virtualstain.cli import main
-from napari_virtualstain.core.phenotype import compare, fraction_of_the_way, per_cell
+from napari_virtualstain.core.phenotype import compare, fraction_of_the_way, per_cell, pooled_ratio, pooled_sums
 
 
 def test_per_cell_ratio_of_known_cells():
@@ -23,6 +23,21 @@ def test_per_cell_ratio_of_known_cells():
     assert list(cells.label) == [1, 2]
     np.testing.assert_allclose(cells.ratio, [2.0, 0.5])
     assert [r["cell"] for r in cells.rows()] == [1, 2]
+
+
+def test_pooled_ratio_weighs_pixels_not_cells():
+    """Two nuclei: a big one with the marker 3x its ring, a small one with 1x — the per-cell median is 2, the pooled
+    ratio sits near the big cell's, and pooling two images sums their pixels before dividing."""
+    yy, xx = np.mgrid[:80, :120]
+    image = np.ones((2, 80, 120), np.float32)
+    big = (yy - 40) ** 2 + (xx - 35) ** 2 < 15**2
+    small = (yy - 40) ** 2 + (xx - 95) ** 2 < 4**2
+    image[1][big | small] = 10.0  # DNA
+    image[0][big] = 3.0
+    parts = pooled_sums(image, ring_width=4)
+    assert parts[1] == pytest.approx((big | small).sum(), rel=0.05) and parts[3] > 0  # Otsu of the smoothed DNA
+    assert 2.5 < pooled_ratio(parts) < 3.0
+    assert pooled_ratio([parts, parts]) == pytest.approx(pooled_ratio(parts))
 
 
 def test_distribution_distances_and_fraction_of_the_way():

@@ -306,3 +306,21 @@ def test_training_inputs_as_they_come_get_one_clear_error_and_nothing_written(tm
     err = capsys.readouterr().err
     assert err.startswith("error:") and words in err and "Traceback" not in err
     assert not (out / "config.json").exists()
+
+
+def test_training_in_a_child_process_relays_steps_results_errors_and_cancel(data_folder, tmp_path):
+    """The Train widget's path: the same train() in a spawned process; steps come back, the bundle predicts, a user
+    error arrives as the same VirtualStainError (not a traceback), and Cancel stops it."""
+    from napari_virtualstain.core.errors import Cancelled
+    from napari_virtualstain.train.process import train_in_process
+
+    spec = load_folder(data_folder, input_names=["brightfield"], stain_names=["Hoechst"])
+    steps = []
+    path = train_in_process(spec, tmp_path / "b", TrainOptions(**TINY, objective="regression"), method="single",
+                            on_step=lambda stage, step, loss: steps.append((stage, step)))
+    assert steps[-1] == (1, TINY["steps"]) and load_bundle(path).config.objective == "regression"
+    with pytest.raises(VirtualStainError, match="nothing to resume"):
+        train_in_process(spec, tmp_path / "empty", TrainOptions(**TINY), method="recommended", resume=True)
+    with pytest.raises(Cancelled):
+        train_in_process(spec, tmp_path / "c", TrainOptions(**{**TINY, "steps": 500}, objective="regression"),
+                         method="single", should_cancel=lambda: True)

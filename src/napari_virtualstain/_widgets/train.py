@@ -243,8 +243,10 @@ class TrainWidget(BackgroundRun, QWidget):
         return self.start_job(self._job)
 
     def _job(self) -> Job:
-        from ..train.loop import TrainOptions, train
-        from ..train.recipe import refinement_steps, train_recommended
+        from ..core.bundle import load_bundle
+        from ..train.loop import TrainOptions
+        from ..train.process import train_in_process
+        from ..train.recipe import refinement_steps
 
         spec, layer = self._spec()
         out = Path(self.output.text()).expanduser()
@@ -283,13 +285,11 @@ class TrainWidget(BackgroundRun, QWidget):
                             curves.setdefault(f"r {ch}", []).append((record["step"] + (steps if stage == 2 else 0),
                                                                      m["pearson"]))
 
-            if method == "recommended":
-                bundle, _ = train_recommended(spec, out, opts, resume=resume, log=lambda text: None,
-                                              on_step=on_step, on_validate=on_validate)
-            else:
-                bundle, _ = train(spec, out, opts, resume=resume, on_step=lambda s, v: on_step(1, s, v),
-                                  on_validate=lambda r: on_validate(1, r))
-            return bundle
+            # in a child process: target prep, saving and choosing defaults hold the interpreter lock in C calls,
+            # which froze the viewer for 150-600 ms per run when training ran in this thread (train/process.py)
+            path = train_in_process(spec, out, opts, method=method, resume=resume, on_step=on_step,
+                                    on_validate=on_validate, should_cancel=should_cancel)
+            return load_bundle(path)
 
         def done(bundle):
             self.last_output = Path(bundle.path)
