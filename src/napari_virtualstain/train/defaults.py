@@ -35,8 +35,9 @@ TTA_CANDIDATES = (1, 4, 8)
 
 
 def score_sampling(bundle: Bundle, regions, *, steps: int | None = None, samples: int = 1, tta: int = 1,
-                   seed: int = 0) -> dict:
-    """Mean stain r / SSIM and pooled F1@0.5 per 'labels set (route)' over the validation regions."""
+                   seed: int = 0, predictions: list | None = None) -> dict:
+    """Mean stain r / SSIM and pooled F1@0.5 per 'labels set (route)' over the validation regions; each region's
+    prediction is appended to ``predictions`` when given (the threshold sweep reuses them)."""
     c = bundle.config
     stains = [o.name for o in c.output_channels if o.kind == "stain"]
     rs, ss, matches = [], [], {}
@@ -46,6 +47,8 @@ def score_sampling(bundle: Bundle, regions, *, steps: int | None = None, samples
         res = predict_stain(bundle, im.inputs[:, :, xs] if multi else im.inputs[0][:, xs],
                             channel_axis=0 if multi else None, seed=seed, steps=steps, samples=samples, tta=tta,
                             make_labels=False)
+        if predictions is not None:
+            predictions.append(res.image)
         for i, name in enumerate(stains):
             try:
                 p, t, _ = normalize_pair(res.channel(name), im.stains[i][:, xs])
@@ -79,8 +82,11 @@ def choose_sampling(bundle: Bundle, spec: TrainingSpec, *, steps=(1, 2, 3, 4, 8,
     c = bundle.config
     say = log or (lambda text: None)
 
-    def run(**kw) -> dict:
-        row = score_sampling(bundle, regions, **kw)
+    predictions: dict[tuple, list] = {}  # (steps, samples, tta) -> each region's prediction
+
+    def run(steps=None, samples=1, tta=1) -> dict:
+        kw = {"steps": steps, "samples": samples, "tta": tta}
+        row = score_sampling(bundle, regions, **kw, predictions=predictions.setdefault((steps, samples, tta), []))
         say(f"steps {row['steps']} k {row['samples']} tta {row['tta']}: r {row['r'] if row['r'] is None else round(row['r'], 3)} "
             + " ".join(f"F1 {k} {v:.3f}" for k, v in row["f1"].items()) + f" ({row['seconds']} s)")
         return row
@@ -112,8 +118,8 @@ def choose_sampling(bundle: Bundle, spec: TrainingSpec, *, steps=(1, 2, 3, 4, 8,
     tuned: dict[int, tuple[dict, list]] = {}
     if first_set is not None:  # route and thresholds chosen at every TTA: the tuned F1 decides how many passes
         for row in keeps_r:
-            tuned[row["tta"]] = sweep_thresholds(bundle, regions, first_set, tolerance, steps=n_steps,
-                                                 samples=n_samples, tta=row["tta"])
+            tuned[row["tta"]] = sweep_thresholds(bundle, regions, first_set, tolerance,
+                                                 predictions=predictions[(n_steps, n_samples, row["tta"])])
             row["f1_tuned"] = max((g["f1"] for g in tuned[row["tta"]][1]), default=f1_of(row))
             say(f"tta {row['tta']}: F1 {first_set} with the best route and thresholds {row['f1_tuned']:.3f}")
     n_tta = _fewest(keeps_r, "tta", lambda r: r.get("f1_tuned", f1_of(r)), tolerance)
@@ -131,17 +137,22 @@ def choose_sampling(bundle: Bundle, spec: TrainingSpec, *, steps=(1, 2, 3, 4, 8,
 THRESHOLDS = (0.3, 0.4, 0.5, 0.6)
 
 
-def sweep_thresholds(bundle: Bundle, regions, labels_set: str, tolerance: float, **predict_kw) -> tuple[dict, list]:
-    """Route and thresholds with the best pooled F1@0.5 of ``labels_set`` (model-free on one set of predictions)."""
+def sweep_thresholds(bundle: Bundle, regions, labels_set: str, tolerance: float, predictions: list | None = None,
+                     **predict_kw) -> tuple[dict, list]:
+    """Route and thresholds with the best pooled F1@0.5 of ``labels_set`` (model-free on one set of predictions:
+    ``predictions`` of the regions, in their order, or predicted here with ``predict_kw``)."""
     c = bundle.config
     preds = []
-    for im, xs in regions:
+    for i, (im, xs) in enumerate(regions):
         if labels_set not in im.labels:
             continue
-        multi = im.inputs.shape[0] > 1
-        res = predict_stain(bundle, im.inputs[:, :, xs] if multi else im.inputs[0][:, xs],
-                            channel_axis=0 if multi else None, make_labels=False, **predict_kw)
-        preds.append((res.image, im.labels[labels_set][:, xs]))
+        if predictions is not None:
+            image = predictions[i]
+        else:
+            multi = im.inputs.shape[0] > 1
+            image = predict_stain(bundle, im.inputs[:, :, xs] if multi else im.inputs[0][:, xs],
+                                  channel_axis=0 if multi else None, make_labels=False, **predict_kw).image
+        preds.append((image, im.labels[labels_set][:, xs]))
     rows = []
     for route in c.label_routes():
         centres = THRESHOLDS if route == "distance" else (None,)
