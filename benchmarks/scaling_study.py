@@ -9,11 +9,13 @@ copied to ``ROOT/ARM/step_NNNNN`` and the next segment resumes the same run (``-
 as one long run). A killed run picks up at the last saved state; snapshots already written are kept. 1x is the
 shipped mean network's budget (2,400 steps of 8 crops), so 4x = 9,600 and 16x = 38,400 steps.
 
-``score`` measures every snapshot on the validation strip (x >= 490 of t0-t7: never trained on) and on a sample of
+``score`` measures every snapshot of the ndev arms on the validation strip (x >= 490 of t0-t7: never trained on) and on a sample of
 the training region (x < 490 of t3 and t7: the fit): Hoechst Pearson r, and per labels route the bundle offers
 (boundaries, stain, distance) nuclei F1@0.5 and the median centroid offset of matched nuclei, at the default
 thresholds and at the ones that score best on the validation strip ("tuned", as the bundle's sampling defaults
-are chosen; the fit is scored at the same thresholds). Held-out time points 8/9 are never read here.
+are chosen; the fit is scored at the same thresholds). Held-out time points 8/9 are never read here. ISL arms
+(``isl_aug``) are scored by DAPI / MAP2 / NFH r on their config's whole validation strips and on training pixels,
+beside the shipped ``demo-isl-regression`` on the same strips; the held-out quadrant is never read here.
 """
 
 from __future__ import annotations
@@ -163,12 +165,58 @@ def score_bundle(path, frames: dict, **predict_options) -> dict:
     return out
 
 
+def isl_regions() -> dict:
+    """The ISL config's validation strips (the right-hand 15 % of quadrants 00, 01, 10) and, for the fit, the top
+    256 rows of each quadrant's training part; the held-out quadrant 11 is never listed in the config."""
+    from napari_virtualstain.train.data import load_config, split_regions
+
+    train, val = split_regions(load_config(ARM_CONFIGS["isl_aug"]))
+    fit = [(im, xs, slice(0, 256)) for im, xs in train]
+    return {"val": [(im, xs, slice(None)) for im, xs in val], "fit": fit}
+
+
+def score_isl_bundle(path, regions: dict) -> dict:
+    """Pearson r per stain (truth's 1-99.8 % scale, as ``virtualstain evaluate``), averaged over the regions, on
+    the validation strips (whole: the training loop validates on 256² corners only) and on training pixels."""
+    import numpy as np
+
+    from napari_virtualstain.core.bundle import load_bundle
+    from napari_virtualstain.core.metrics import image_metrics, normalize_pair
+    from napari_virtualstain.core.tasks.stain import predict_stain
+
+    bundle = load_bundle(path)
+    stains = [o.name for o in bundle.config.output_channels if o.kind == "stain"]
+    out = {}
+    for part, items in regions.items():
+        rs = {n: [] for n in stains}
+        for im, xs, ys in items:
+            res = predict_stain(bundle, im.inputs[:, ys, xs], channel_axis=0, make_labels=False,
+                                settings=RunSettings(threads=1))
+            for i, n in enumerate(stains):
+                pn, tn, _ = normalize_pair(res.channel(n), im.stains[i][ys, xs])
+                rs[n].append(image_metrics(pn, tn)["pearson"])
+        out[part] = {f"{n}_r": float(np.mean(v)) for n, v in rs.items()}
+    return out
+
+
 def score(root: Path, output: Path) -> int:
-    frames = _frames()
+    frames, isl = None, None
     results = json.loads(output.read_text()) if output.is_file() else {}
     for folder in sorted(p for p in root.iterdir() if (p / "arm.json").is_file()):
-        if Path(json.loads((folder / "arm.json").read_text()).get("config", CONFIG)) != CONFIG:
-            continue  # another data set (e.g. isl_aug): its curve is the training loop's validation history
+        on_isl = Path(json.loads((folder / "arm.json").read_text()).get("config", CONFIG)) != CONFIG
+        if on_isl and isl is None:
+            isl = isl_regions()
+            shipped = results.setdefault("shipped demo-isl-regression", {"options": ["1800 steps, cosine lr"],
+                                                                          "points": {}})
+            if not shipped["points"]:
+                from napari_virtualstain.core.bundle import load_bundle
+
+                b = load_bundle("demo-isl-regression")
+                hist = b.config.training["history"][-1]
+                shipped["points"]["shipped"] = {"step": hist["step"], "train_seconds": hist["seconds"],
+                                                "loss": hist["loss"], **score_isl_bundle(b.path, isl)}
+        if not on_isl and frames is None:
+            frames = _frames()
         arm = results.setdefault(folder.name, {"options": json.loads((folder / "arm.json").read_text())["options"]})
         points = arm.setdefault("points", {})
         for snap in sorted(folder.glob("step_*")):
@@ -178,7 +226,7 @@ def score(root: Path, output: Path) -> int:
             cfg = json.loads((snap / "config.json").read_text())
             hist = cfg["training"]["history"][-1]
             points[snap.name] = {"step": hist["step"], "train_seconds": hist["seconds"], "loss": hist["loss"],
-                                 **score_bundle(snap, frames)}
+                                 **(score_isl_bundle(snap, isl) if on_isl else score_bundle(snap, frames))}
             print(folder.name, snap.name, json.dumps(points[snap.name]), f"({time.perf_counter() - t0:.0f} s)",
                   flush=True)
             output.write_text(json.dumps(results, indent=1))
@@ -198,9 +246,15 @@ def report(scores: Path, figure: Path | None) -> str:
     results = json.loads(scores.read_text())
     rows = ["| arm | step | × 1 budget | train min | val r | val F1 (route) | fit r | fit F1 | val offset px |",
             "|---|---|---|---|---|---|---|---|---|"]
-    curves = {}
+    curves, isl_rows = {}, []
     for arm, entry in results.items():
         for name, pt in sorted(entry["points"].items()):
+            if "DAPI_r" in pt["val"]:  # an ISL arm: r per stain, no labels
+                v, f = pt["val"], pt["fit"]
+                isl_rows.append(f"| {arm} | {pt['step']} | {pt['train_seconds'] / 60:.0f} | {v['DAPI_r']:.3f} / "
+                                f"{v['MAP2_r']:.3f} / {v['NFH_r']:.3f} | {f['DAPI_r']:.3f} / {f['MAP2_r']:.3f} / "
+                                f"{f['NFH_r']:.3f} |")
+                continue
             route, vf1 = best_route(pt)
             ff1 = pt["fit"][f"nuclei_f1_05_{route}_tuned"]
             off = pt["val"][f"centroid_offset_px_{route}_tuned"]
@@ -210,6 +264,9 @@ def report(scores: Path, figure: Path | None) -> str:
             curves.setdefault(arm, []).append((pt["step"], pt["val"]["hoechst_r"], vf1, pt["fit"]["hoechst_r"], ff1))
     if figure is not None:
         _plot(curves, figure)
+    if isl_rows:
+        rows += ["", "| ISL arm | step | train min | val r DAPI / MAP2 / NFH | fit r DAPI / MAP2 / NFH |",
+                 "|---|---|---|---|---|", *isl_rows]
     return "\n".join(rows)
 
 
