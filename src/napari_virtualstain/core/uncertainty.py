@@ -431,14 +431,14 @@ def _within_box_budget(groups: np.ndarray, fragments: np.ndarray, excess: np.nda
     used = np.unique(kept[kept > 0])
     lut = np.zeros(int(groups.max()) + 1, np.int32)
     lut[used] = np.arange(1, used.size + 1)
-    return lut[kept], int(n - alive.sum())
+    return lut[kept], int((group_of > 0).sum() - alive.sum())  # only what the budget dropped
 
 
 PREGROUP = 400  # regions above which group_regions clusters centroids before merging boxes
 
 #: the reviewable defaults of the CLI and the widget: fragments within 3 px joined, neighbouring regions grouped into
-#: at most 20 fields of view per map, whose boxes cover at most half the image (the weakest groups dropped beyond
-#: that); measured on held-out frames in docs/benchmarks.md
+#: at most 20 fields of view per map, whose boxes cover at most half the image (beyond that the weakest outlying
+#: fragments are dropped); measured on held-out frames in docs/benchmarks.md
 REVIEW_DEFAULTS = {"merge_radius": 3, "max_regions": 20, "group": True, "max_box_fraction": 0.5}
 
 FLAG_COLUMNS = ("id", "area", "centroid_y", "centroid_x", "mean_std", "max_std")
