@@ -287,6 +287,7 @@ class TrainWidget(BackgroundRun, QWidget):
 
             # in a child process: target prep, saving and choosing defaults hold the interpreter lock in C calls,
             # which froze the viewer for 150-600 ms per run when training ran in this thread (train/process.py)
+            progress(0.0, "starting the training process")  # its imports take a few seconds before step 1
             path = train_in_process(spec, out, opts, method=method, resume=resume, on_step=on_step,
                                     on_validate=on_validate, should_cancel=should_cancel)
             return load_bundle(path)

@@ -226,8 +226,12 @@ def write_labels(path: str | Path, labels: np.ndarray, provenance: dict) -> Path
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     dtype = np.uint16 if labels.max(initial=0) < 2**16 else np.uint32
+    if dtype == np.uint32 and labels.dtype == np.int32 and labels.min(initial=0) >= 0:
+        data = labels.view(np.uint32)  # the same bits: no second copy of a big field's labels
+    else:
+        data = labels.astype(dtype, copy=False)
     with atomic_write(path) as part:
-        tifffile.imwrite(part, labels.astype(dtype), description=json.dumps(provenance, default=str), metadata=None,
+        tifffile.imwrite(part, data, description=json.dumps(provenance, default=str), metadata=None,
                          photometric="minisblack")  # a 3- or 4-plane stack is planes, not RGB
     return path
 
