@@ -108,7 +108,7 @@ def train_in_process(spec, out: str | Path, opts, *, method: str = "recommended"
         if kind not in FINAL and child.is_alive():
             cancel.set()
             child.join(timeout=30)
-        child.join(timeout=1.0)
+        child.join(timeout=0.2)
         if child.is_alive():
             child.terminate()
             child.join(timeout=5)
