@@ -176,6 +176,6 @@ def test_blocks_are_normalised_at_the_whole_fields_levels_from_the_raw_field():
     plan = TilePlan(300, 250, 144, 64, 16)
     assert plan.padded_shape == (304, 256)  # the last row and column of blocks reach past the field
     whole = plan.pad(torch.from_numpy(encode_inputs(config, as_float(field)))[None])
-    block = _block_inputs(config, field, input_levels(config, as_float(field)), plan, torch.device("cpu"))
+    block = _block_inputs(config, field, input_levels(config, as_float(field)), torch.device("cpu"))
     for tl in plan.tiles:
         assert torch.equal(block(tl.y, tl.x, 144), whole[..., tl.y : tl.y + 144, tl.x : tl.x + 144])

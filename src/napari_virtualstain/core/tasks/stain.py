@@ -326,7 +326,7 @@ def predict_stain(
     else:  # normalised block by block at the whole field's levels: no normalised copy of a big field is held
         levels = input_levels(config, chw)
         source = chw if factor is not None else to_channels_first(image, config.input_names, channel_axis, what)
-        cond = _block_inputs(config, source, levels, blocks, run.device)
+        cond = _block_inputs(config, source, levels, run.device)
     del chw
     scheduler = bundle.make_scheduler(sampler, steps)
     seeds = [seed + i for i in range(k)] if scheduler is not None else seed
@@ -403,8 +403,8 @@ def block_plan(config: BundleConfig, height: int, width: int, block_size: int | 
     blocks' outputs are blended with the tiler's smooth windows, so peak memory no longer grows with the field beyond
     the output itself. The block side is chosen among the sides the network's ``tiles`` (size, overlap; the bundle's
     by default) cover exactly (128/16 tiles: 464, 576, ..., 912, 1024) as the one that needs the fewest network tiles
-    over the whole field (ties: the larger block, fewer seams): a 6000² field runs in 7 x 7 blocks of 912², each 8 x 8 tiles
-    (blocks of 736² cost 81 x 49 tiles, 27 % more). Blocks draw their own noise, so a blocked field is not
+    over the whole field (ties: the larger block, fewer seams): a 6000² field runs in 7 x 7 blocks of 912², each
+    8 x 8 tiles (blocks of 736² cost 81 x 49 tiles, 27 % more). Blocks draw their own noise, so a blocked field is not
     pixel-identical to an unblocked run of the same seed; a deterministic pass differs as much as any other tile grid
     does (the networks normalise per tile).
     """
@@ -434,7 +434,7 @@ def block_plan(config: BundleConfig, height: int, width: int, block_size: int | 
     return TilePlan(height, width, side, BLOCK_OVERLAP, multiple)
 
 
-def _block_inputs(config: BundleConfig, source: np.ndarray, levels: list[tuple], blocks: TilePlan, device):
+def _block_inputs(config: BundleConfig, source: np.ndarray, levels: list[tuple], device):
     """The tiler's input for a field run in blocks: ``(y, x, side) ->`` the normalised (1, C, side, side) block at
     (y, x) of the padded field, made from ``source`` (the caller's array, any dtype) when the block is reached."""
     h, w = source.shape[1:]
