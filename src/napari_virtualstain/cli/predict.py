@@ -149,8 +149,8 @@ def add_parsers(sub) -> None:
     compute_options(pr)
     pr.add_argument("--flag-max-area", type=_area_fraction, default=0.5,
                     help="the flag groups' boxes (the fields of view to review) cover at most this fraction of the "
-                         "image; beyond it the groups with the least excess uncertainty per boxed pixel are dropped "
-                         "(default 0.5; 1: keep all)")
+                         "image; beyond it the flagged fragments that stretch a box most per unit of excess "
+                         "uncertainty are dropped first (default 0.5; 1: keep all)")
     pr.add_argument("--flag-group", action=argparse.BooleanOptionalAction, default=True,
                     help="beyond --flag-max-regions: join neighbouring regions into that many compact groups (fields "
                          "of view to review; nothing dropped); --no-flag-group keeps the most uncertain and drops the rest")

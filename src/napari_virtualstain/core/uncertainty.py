@@ -326,6 +326,15 @@ def flag_regions(
     return FlagResult(lab, table, used, settings)
 
 
+def _bounding_boxes(lab: np.ndarray, n: int | None = None) -> np.ndarray:
+    """(N, 4) int64 (y0, x0, y1, x1) of labels 1..N (``n``: N, default the largest label; absent labels: zeros)."""
+    from scipy import ndimage as ndi
+
+    found = ndi.find_objects(lab, n or 0)
+    return np.array([(b[0].start, b[1].start, b[0].stop, b[1].stop) if b else (0, 0, 0, 0) for b in found],
+                    np.int64).reshape(-1, 4)
+
+
 def group_regions(lab: np.ndarray, n_groups: int, weight: np.ndarray) -> np.ndarray:
     """Join the regions of ``lab`` (1..N) into at most ``n_groups`` groups whose bounding boxes — the fields of view
     the review panel zooms to — cover as little of the image as greedy merging finds: the pair of groups whose joint
@@ -343,7 +352,7 @@ def group_regions(lab: np.ndarray, n_groups: int, weight: np.ndarray) -> np.ndar
         clusters = fcluster(linkage(centroids, method="complete"), t=PREGROUP, criterion="maxclust")
         member[1:] = np.unique(clusters, return_inverse=True)[1] + 1  # 1..k without gaps
     grouped = member[lab]
-    boxes = np.array([(s[0].start, s[1].start, s[0].stop, s[1].stop) for s in ndi.find_objects(grouped)], np.float64)
+    boxes = _bounding_boxes(grouped).astype(np.float64)
     alive = np.ones(len(boxes), bool)
     owner = np.arange(len(boxes))  # group -> the group it was merged into
 
@@ -386,8 +395,7 @@ def _within_box_budget(groups: np.ndarray, fragments: np.ndarray, excess: np.nda
 
     n = int(fragments.max())
     ids = np.arange(1, n + 1)
-    frag_box = np.array([(b[0].start, b[1].start, b[0].stop, b[1].stop) if b else (0, 0, 0, 0)
-                         for b in ndi.find_objects(fragments, n)], np.int64)
+    frag_box = _bounding_boxes(fragments, n)
     group_of = ndi.maximum(groups, fragments, index=ids).astype(np.int64)
     weight = np.asarray(ndi.sum(excess, fragments, index=ids), np.float64) + 1e-9
     alive = group_of > 0  # fragments the max_regions cap already dropped have no group

@@ -85,8 +85,8 @@ def choose_sampling(bundle: Bundle, spec: TrainingSpec, *, steps=(1, 2, 3, 4, 8,
     predictions: dict[tuple, list] = {}  # (steps, samples, tta) -> each region's prediction
 
     def run(steps=None, samples=1, tta=1) -> dict:
-        kw = {"steps": steps, "samples": samples, "tta": tta}
-        row = score_sampling(bundle, regions, **kw, predictions=predictions.setdefault((steps, samples, tta), []))
+        row = score_sampling(bundle, regions, steps=steps, samples=samples, tta=tta,
+                             predictions=predictions.setdefault((steps, samples, tta), []))
         say(f"steps {row['steps']} k {row['samples']} tta {row['tta']}: r {row['r'] if row['r'] is None else round(row['r'], 3)} "
             + " ".join(f"F1 {k} {v:.3f}" for k, v in row["f1"].items()) + f" ({row['seconds']} s)")
         return row

@@ -312,7 +312,8 @@ def predict_stain(
     k = resolve_samples(config, samples)
     route = label_route(config, labels_from) if make_labels else None
     what = input_name or "image"
-    chw = prepare_input(image, config.input_names, channel_axis, what=what)
+    channels = to_channels_first(image, config.input_names, channel_axis, what)  # a view of the caller's array
+    chw = as_float(channels, what)  # (prepare_input, keeping the view for a big field's blocks)
     input_shape = chw.shape[1:]
     factor = rescale_factor(config, pixel_size_um) if rescale else None
     if factor is not None:
@@ -325,9 +326,8 @@ def predict_stain(
         cond = torch.from_numpy(encode_inputs(config, chw))[None].to(run.device)
     else:  # normalised block by block at the whole field's levels: no normalised copy of a big field is held
         levels = input_levels(config, chw)
-        source = chw if factor is not None else to_channels_first(image, config.input_names, channel_axis, what)
-        cond = _block_inputs(config, source, levels, run.device)
-    del chw
+        cond = _block_inputs(config, chw if factor is not None else channels, levels, run.device)
+    del chw, channels
     scheduler = bundle.make_scheduler(sampler, steps)
     seeds = [seed + i for i in range(k)] if scheduler is not None else seed
     if blocks is None:
@@ -426,11 +426,11 @@ def block_plan(config: BundleConfig, height: int, width: int, block_size: int | 
         per_block = (1 if side <= tile else math.ceil((side - overlap) / stride)) ** 2
         return blocks_along(height, side) * blocks_along(width, side) * per_block
 
-    exact = [s for s in range(tile, limit + 1, stride) if s % multiple == 0 and s >= smallest]
-    if not exact:  # tiles that do not divide any block side: the smallest multiple covering the field in n blocks
+    sides = [s for s in range(tile, limit + 1, stride) if s % multiple == 0 and s >= smallest]  # tiles fill them
+    if not sides:  # tiles that fill no allowed block side: the smallest multiple covering the field in n blocks
         n = blocks_along(max(height, width), limit)
-        exact = [math.ceil(((max(height, width) - BLOCK_OVERLAP) / n + BLOCK_OVERLAP) / multiple) * multiple]
-    side = min(exact, key=lambda s: (network_tiles(s), -s))
+        sides = [math.ceil(((max(height, width) - BLOCK_OVERLAP) / n + BLOCK_OVERLAP) / multiple) * multiple]
+    side = min(sides, key=lambda s: (network_tiles(s), -s))
     return TilePlan(height, width, side, BLOCK_OVERLAP, multiple)
 
 
