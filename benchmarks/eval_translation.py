@@ -1,6 +1,6 @@
 """Condition translation on held-out NF-kB crops (BBBC014: A12 unstimulated <-> A01 stimulated): does NF-kB move,
 do the cells stay the same cells, and how good is the reconstruction control? Per-cell, both directions, a guidance x
-strength grid, whole-image and invariant-DNA bundles side by side.
+strength (x tiling) grid, whole-image and invariant-DNA bundles side by side.
 
     python benchmarks/eval_translation.py whole=runs/nfkb-whole invariant=runs/nfkb-inv --rows 768:896 \\
         --guidance 1,2,4 --strength 0.6,1 -o benchmarks/results/translation_tune.json
@@ -50,6 +50,7 @@ from napari_virtualstain.core.phenotype import (
     pooled_sums,
 )
 from napari_virtualstain.core.postprocess import stain_to_labels
+from napari_virtualstain.core.settings import RunSettings
 from napari_virtualstain.core.tasks.classcond import translate
 
 DATA = Path(__file__).resolve().parents[2] / "shared/data/nfkb_translocation"
@@ -78,13 +79,15 @@ def scaled(pred: np.ndarray, truth: np.ndarray) -> dict:
     return image_metrics(pn, tn)
 
 
-def evaluate(bundle, sources, target_cells, target_pooled, source_class, target_class, guidance, strength, steps):
+def evaluate(bundle, sources, target_cells, target_pooled, source_class, target_class, guidance, strength, steps,
+             settings=None):
     cells = {"source": [], "translated": [], "translated_source_nuclei": [], "control": []}
     parts = {"source": [], "translated": []}
     dna_ssim, psnr_nfkb, psnr_dna, examples = [], [], [], []
     t0 = time.perf_counter()
     for src in sources:
-        res = translate(bundle, src, source_class, target_class, steps=steps, guidance=guidance, strength=strength)
+        res = translate(bundle, src, source_class, target_class, steps=steps, guidance=guidance, strength=strength,
+                        settings=settings or RunSettings())
         nuclei = stain_to_labels(src[1])
         cells["source"].append(ratios(src, nuclei))
         cells["translated"].append(ratios(res.translated))
@@ -102,6 +105,9 @@ def evaluate(bundle, sources, target_cells, target_pooled, source_class, target_
     pooled = {k: np.concatenate(v) if v else np.zeros(0) for k, v in cells.items()}
     row = {
         "direction": f"{source_class}->{target_class}", "guidance": guidance, "strength": strength, "steps": steps,
+        "tile": [settings.tile_size or bundle.config.tile_size,
+                 bundle.config.tile_overlap if settings.tile_overlap is None else settings.tile_overlap]
+        if settings else [bundle.config.tile_size, bundle.config.tile_overlap],
         "n_crops": len(sources), "n_cells": {k: int(len(v)) for k, v in pooled.items()} | {"target": int(len(target_cells))},
         "median": {k: float(np.median(v)) for k, v in pooled.items()} | {"target": float(np.median(target_cells))},
         "fraction_of_the_way": fraction_of_the_way(pooled["source"], pooled["translated"], target_cells),
@@ -158,6 +164,7 @@ def main(argv=None) -> int:
     p.add_argument("--guidance", default="1", help="comma-separated guidance scales")
     p.add_argument("--strength", default="1", help="comma-separated strengths")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--tile", default="", help="comma-separated SIZE/OVERLAP tilings to compare (default: the bundle's)")
     p.add_argument("--figure", default=None, help="PNG: examples of the first bundle/setting, A12 -> A01")
     p.add_argument("--hist-figure", default=None, help="PNG: per-cell distributions of the first bundle/setting")
     args = p.parse_args(argv)
@@ -169,6 +176,8 @@ def main(argv=None) -> int:
     directions = list(DIRECTIONS) if args.direction == "both" else [args.direction]
     grid = list(itertools.product([float(g) for g in args.guidance.split(",")],
                                   [float(s) for s in args.strength.split(",")]))
+    tilings = [RunSettings(tile_size=int(t.split("/")[0]), tile_overlap=int(t.split("/")[1]), threads=args.threads)
+               for t in args.tile.split(",") if t] or [RunSettings(threads=args.threads)]
     rows, first = [], None
     for spec in args.bundles:
         name, _, path = spec.rpartition("=")
@@ -177,9 +186,9 @@ def main(argv=None) -> int:
         for d in directions:
             src_class, tgt_class = DIRECTIONS[d]
             sources = wells[src_class][: args.max_crops]
-            for guidance, strength in grid:
+            for (guidance, strength), tiling in itertools.product(grid, tilings):
                 row, pooled, examples = evaluate(bundle, sources, target_cells[tgt_class], target_pooled[tgt_class],
-                                                 src_class, tgt_class, guidance, strength, args.steps)
+                                                 src_class, tgt_class, guidance, strength, args.steps, tiling)
                 row = {"bundle": name, "bundle_id": bundle.id, "invariant": bundle.config.input_names} | row
                 rows.append(row)
                 print(json.dumps(row), flush=True)

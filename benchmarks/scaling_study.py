@@ -52,8 +52,14 @@ ARMS = {
     # the ISL demo's mean network under augmentation (3 quadrants of 13 phase planes -> DAPI/MAP2/NFH; no labels, so
     # no centre head); scored by its training loop's validation r per stain (``score`` measures ndev arms only)
     "isl_aug": ["--channels", "16,32,64,128", "--crop-size", "128", "--augment"],
+    # demo-isl's refinement (predict, then refine) trained on the shipped round 3c mean network; options after
+    # COMMON override its --objective (argparse keeps the last)
+    "isl_refine": ["--objective", "residual_shift", "--residual-source", "mean_prediction", "--mean-from",
+                   str(REPO / "src/napari_virtualstain/checkpoints/demo-isl-regression"), "--kappa", "1",
+                   "--channels", "16,32,64,64", "--crop-size", "128"],
 }
-ARM_CONFIGS = {"isl_aug": REPO / "configs/demo-isl.yaml"}  # every other arm trains on CONFIG
+ARM_CONFIGS = {"isl_aug": REPO / "configs/demo-isl.yaml", "isl_refine": REPO / "configs/demo-isl.yaml"}
+# every other arm trains on CONFIG
 VAL_X = 490  # first validation column of the 576-wide frames (val_fraction 0.15)
 FIT_FRAMES = (3, 7)
 
@@ -186,16 +192,20 @@ def score_isl_bundle(path, regions: dict) -> dict:
 
     bundle = load_bundle(path)
     stains = [o.name for o in bundle.config.output_channels if o.kind == "stain"]
+    # a refinement: "_r" at 1 step (the shipped demo-isl's default), "_r_chain" along its full chain
+    variants = {"": 1, "_chain": None} if bundle.config.objective == "residual_shift" else {"": None}
     out = {}
     for part, items in regions.items():
-        rs = {n: [] for n in stains}
-        for im, xs, ys in items:
-            res = predict_stain(bundle, im.inputs[:, ys, xs], channel_axis=0, make_labels=False,
-                                settings=RunSettings(threads=1))
-            for i, n in enumerate(stains):
-                pn, tn, _ = normalize_pair(res.channel(n), im.stains[i][ys, xs])
-                rs[n].append(image_metrics(pn, tn)["pearson"])
-        out[part] = {f"{n}_r": float(np.mean(v)) for n, v in rs.items()}
+        out[part] = {}
+        for suffix, steps in variants.items():
+            rs = {n: [] for n in stains}
+            for im, xs, ys in items:
+                res = predict_stain(bundle, im.inputs[:, ys, xs], channel_axis=0, make_labels=False, seed=0,
+                                    steps=steps, settings=RunSettings(threads=1))
+                for i, n in enumerate(stains):
+                    pn, tn, _ = normalize_pair(res.channel(n), im.stains[i][ys, xs])
+                    rs[n].append(image_metrics(pn, tn)["pearson"])
+            out[part].update({f"{n}_r{suffix}": float(np.mean(v)) for n, v in rs.items()})
     return out
 
 

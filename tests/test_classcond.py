@@ -72,6 +72,17 @@ def test_translation_is_tiled_beyond_the_tile_size(trained):
     assert np.isfinite(res.translated).all()
 
 
+def test_a_crop_smaller_than_the_tile_runs_as_one_tile_of_its_own_size(trained):
+    """No reflect padding up to the bundle's tile (16 here): a 10 x 12 crop is one 12² tile (the network's multiple),
+    and a tile size the run asks for still wins."""
+    img = _field("C", 96, (10, 12))
+    res = translate(trained, img, "C", "N", steps=3)
+    assert res.provenance["tile_size"] == 12 and res.provenance["num_tiles"] == 1
+    assert res.provenance["padded_shape"] == [12, 12] and res.translated.shape == (2, 10, 12)
+    asked = translate(trained, img, "C", "N", steps=3, settings=RunSettings(tile_size=16, tile_overlap=4))
+    assert asked.provenance["tile_size"] == 16 and asked.provenance["padded_shape"] == [16, 16]
+
+
 def test_bad_requests_are_refused(trained, tiny_bundle_dir):
     img = _field("N", 1, (16, 16))
     with pytest.raises(VirtualStainError, match=r"unknown class 'X'.*knows: N, C"):

@@ -105,6 +105,16 @@ def _check_common(steps: int, guidance: float) -> None:
         raise VirtualStainError(f"guidance scale must be 0 or more (1 = no guidance), got {guidance}")
 
 
+def _fitted(config: BundleConfig, height: int, width: int, settings: RunSettings) -> RunSettings:
+    """A field that fits in one of the bundle's tiles runs as one tile of its own size (rounded up to the network's
+    downsampling): no reflect padding up to the tile and no extra work. The run's own tile size, where given, wins."""
+    if settings.tile_size is not None:
+        return settings
+    m = downsample_factor(config.unet)
+    side = -(-max(height, width) // m) * m
+    return settings if side >= config.tile_size else settings.replace(tile_size=side, tile_overlap=0)
+
+
 def _phase(progress: Callable[[Progress], None] | None, offset: int, total: int):
     """Report a phase's steps as part of the whole job (inversion steps, then regeneration steps)."""
     if progress is None:
@@ -149,7 +159,7 @@ def translate(
         raise VirtualStainError(f"strength (how far to invert, as a fraction of the schedule) must be in (0, 1]; got {strength}")
     chw = prepare_input(image, config.image_names, channel_axis, what=input_name or "image")
     x0, given = _split_channels(config, chw)
-    run = setup_run(bundle, chw.shape[1], chw.shape[2], settings)
+    run = setup_run(bundle, chw.shape[1], chw.shape[2], _fitted(config, *chw.shape[1:], settings))
     dev, plan, denoiser, batch_size = run.device, run.plan, run.denoiser, run.batch_size
     progress, should_cancel = settings.progress, settings.should_cancel
     inverse = bundle.make_scheduler("ddim_inverse", steps)
@@ -235,7 +245,7 @@ def synthesize(
         height, width = given.shape[1:]
         if height < 8 or width < 8:
             raise VirtualStainError(f"the condition image is {height}x{width}; it must be at least 8x8 pixels")
-        run = setup_run(bundle, height, width, settings)  # tiled as a translation
+        run = setup_run(bundle, height, width, _fitted(config, height, width, settings))  # tiled as a translation
         cond = _condition(config, given, run.device)
     else:
         if condition is not None:
@@ -245,9 +255,7 @@ def synthesize(
         if size < 8 or size % factor:
             raise VirtualStainError(f"sample size {size} must be a multiple of {factor} (the network's downsampling), at least 8")
         height = width = size
-        tile = min(config.tile_size, size)
-        run = setup_run(bundle, size, size, settings.replace(
-            tile_size=tile, tile_overlap=0 if tile == size else config.tile_overlap))
+        run = setup_run(bundle, size, size, _fitted(config, size, size, settings))
     dev, plan, batch_size = run.device, run.plan, run.batch_size
     progress, should_cancel = settings.progress, settings.should_cancel
     denoiser = GuidedDenoiser(run.denoiser, config.null_class, guidance)
