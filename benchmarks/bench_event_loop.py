@@ -226,6 +226,9 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--backends", nargs="+", default=["qthread", "napari"], choices=["qthread", "napari"])
     parser.add_argument("--repeats", type=int, default=2, help="rounds over the backends (alternating order)")
+    parser.add_argument("--collector", nargs="+", default=["held"], choices=["held", "free"],
+                        help="held: the runner freezes Python's garbage collector's old objects during a run (the "
+                        "plugin's behaviour); free: it does not (what it did before), to compare in one run")
     parser.add_argument("--checkpoint", default="demo-stain")
     parser.add_argument("--tick-ms", type=int, default=5)
     parser.add_argument("--cancel-at", type=float, default=0.3, help="fraction of the run at which Cancel is clicked")
@@ -260,16 +263,22 @@ def main(argv=None) -> int:
         return 0
     warm_up(image, args.checkpoint)
     results = []
+    from napari_virtualstain._widgets import _runner
+
+    held = _runner._hold_collector
+    variants = [(b, c) for b in args.backends for c in args.collector]
     for round_ in range(args.repeats):
-        for backend in args.backends if round_ % 2 == 0 else args.backends[::-1]:
+        for backend, collector in variants if round_ % 2 == 0 else variants[::-1]:
+            _runner._hold_collector = held if collector == "held" else (lambda *_: None)
             r = measure(backend, image, args.checkpoint, args.tick_ms, args.cancel_at)
-            r["round"] = round_
+            r["round"], r["collector"] = round_, collector
             print(json.dumps(r), flush=True)
             results.append(r)
+    _runner._hold_collector = held
     summary = {}
-    for backend in args.backends:
-        rs = [r for r in results if r["backend"] == backend]
-        summary[backend] = {
+    for backend, collector in variants:
+        rs = [r for r in results if r["backend"] == backend and r["collector"] == collector]
+        summary[backend if len(args.collector) == 1 else f"{backend}, collector {collector}"] = {
             "max_stall_while_computing_ms": max(r["while_computing"]["max_stall_ms"] for r in rs),
             "p99_gap_while_computing_ms": max(r["while_computing"]["p99_gap_ms"] for r in rs),
             "max_stall_incl_adding_layers_ms": max(r["whole_run_incl_adding_layers"]["max_stall_ms"] for r in rs),
@@ -286,6 +295,7 @@ def main(argv=None) -> int:
         "tick_ms": args.tick_ms,
         "cancel_at_fraction": args.cancel_at,
         "machine": {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "platform": platform.platform(),
+                    "load_average": os.getloadavg(),
                     "python": platform.python_version(), "torch": torch.__version__, "napari": napari.__version__,
                     "qt": f"{qtpy.API_NAME} {qtpy.QT_VERSION}", "display": os.environ.get("DISPLAY")},
         "summary_worst_of_rounds": summary,

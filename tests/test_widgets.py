@@ -7,6 +7,8 @@ time, and every bad input ends as a notification, never a traceback or a half-ma
 
 from __future__ import annotations
 
+import gc
+
 import numpy as np
 import pytest
 from napari_virtualstain.core.settings import RunSettings
@@ -266,6 +268,7 @@ def test_one_run_at_a_time(stain_setup, qtbot, notes):
     other.controls.set_checkpoint(widget.controls.bundle.path)
     other.controls.set_input_layer(layer)
     assert widget.run()
+    assert gc.get_freeze_count() > 0  # full collections cannot stall napari during the run ...
     assert not widget.run()  # the button is disabled, and a direct call is refused too
     assert not other.run()
     assert not third.run(layer)
@@ -274,6 +277,7 @@ def test_one_run_at_a_time(stain_setup, qtbot, notes):
     assert widget.runner.last_outcome == "done"
     assert other.run()  # free again
     wait_done(qtbot, other)
+    assert gc.get_freeze_count() == 0  # ... and after it the collector has everything back
     assert layer_names(viewer).count("Hoechst (virtual)") == 1 and "Hoechst (virtual) [1]" in layer_names(viewer)
 
 
