@@ -125,6 +125,24 @@ def test_regression_objective_learns_a_simple_mapping(tmp_path):
     assert pearson[-1] > max(pearson[0], 0.98), pearson
 
 
+def test_validation_scores_narrow_strips_whole_and_stains_as_evaluate_does():
+    """The live curve's r is evaluate's: whole strips up to the pixel budget, a stain on its truth's percentiles."""
+    from napari_virtualstain.core.metrics import image_metrics, normalize_pair
+    from napari_virtualstain.train.stain_job import _validation_scale, validation_window
+
+    assert validation_window(512, 77, 256) == (512, 77)  # an ISL strip: whole (39 k of a 65 k pixel budget)
+    assert validation_window(210, 86, 256) == (210, 86)
+    assert validation_window(1024, 1024, 256) == (256, 256)
+    assert validation_window(4000, 20, 256) == (3276, 20)
+    rng = np.random.default_rng(0)
+    truth = rng.normal(size=(40, 40))
+    pred = 0.5 * truth + rng.normal(size=(40, 40))
+    ours = image_metrics(*_validation_scale(pred, truth, "stain"))["pearson"]
+    assert ours == pytest.approx(image_metrics(*normalize_pair(pred, truth)[:2])["pearson"])
+    flat = _validation_scale(pred, np.zeros((40, 40)), "stain")  # a flat truth: no percentile range, fixed scale
+    assert np.all(flat[1] == 0.5)
+
+
 def test_config_with_index_sources_and_explicit_val(tmp_path):
     stack = np.stack([np.stack(_synthetic_field(t)) for t in range(3)], axis=1)  # (C=3, T=3, Y, X)
     tifffile.imwrite(tmp_path / "ctyx.tif", stack, photometric="minisblack")

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from ..core.bundle import DIFFUSION_OBJECTIVES, OBJECTIVES, BundleConfig, ChannelSpec
 from ..core.errors import VirtualStainError
-from ..core.metrics import image_metrics
+from ..core.metrics import image_metrics, percentile_range
 from ..core.model import Denoiser, default_unet_config, downsample_factor
 from ..core.normalize import FixedNorm, PercentileNorm, fit_fixed_norm
 from ..core.postprocess import boundary_target, distance_target, foreground_target
@@ -197,8 +197,34 @@ def training_loss(unet, scheduler, config: BundleConfig, cond, x0, generator: to
     return reconstruction_loss(loss, pred, x0, kinds)
 
 
+def validation_window(height: int, width: int, max_side: int) -> tuple[int, int]:
+    """How much of a validation region the loop scores: all of it up to ``max_side``² pixels (a narrow strip keeps
+    its whole length: ISL's 512 x 77 strips are scored whole), else the top-left ``max_side``² (validation during
+    training must stay cheap)."""
+    budget = max_side * max_side
+    h, w = min(height, max_side), min(width, max_side)
+    if height > h and w < max_side:
+        h = min(height, budget // w)
+    if width > w and h < max_side:
+        w = min(width, budget // h)
+    return h, w
+
+
+def _validation_scale(pred: np.ndarray, truth: np.ndarray, kind: str) -> tuple[np.ndarray, np.ndarray]:
+    """A stain is scored on its truth's 1-99.8 % range, as ``virtualstain evaluate`` does (so the live curve and
+    evaluate agree); label maps (and a flat truth) on their fixed [0, 1] range."""
+    fixed = np.clip((pred + 1) / 2, 0, 1), np.clip((truth + 1) / 2, 0, 1)
+    if kind != "stain":
+        return fixed
+    lo, hi = percentile_range(truth)
+    if not hi > lo:
+        return fixed
+    return np.clip((pred - lo) / (hi - lo), 0, 1), np.clip((truth - lo) / (hi - lo), 0, 1)
+
+
 def validate(unet, config: BundleConfig, val_arrays, opts: TrainOptions, device, mean_unet=None) -> dict:
-    """Full sampling on the held-out regions (at most max_val_size^2 each); PSNR/SSIM per channel on [0, 1]."""
+    """Full sampling on the held-out regions (each whole up to max_val_size² pixels: :func:`validation_window`);
+    Pearson r, PSNR and SSIM per channel, stains on their truth's percentile range (:func:`_validation_scale`)."""
     anchor = len(config.output_channels) if config.anchored and config.objective == "residual_shift" else 0
     denoiser = Denoiser(unet, anchor_channels=anchor, channels_last=False)  # the model being trained: keep its layout
     mean_denoiser = Denoiser(mean_unet, channels_last=False) if mean_unet is not None else None
@@ -206,14 +232,13 @@ def validate(unet, config: BundleConfig, val_arrays, opts: TrainOptions, device,
     factor = downsample_factor(config.unet)
     per_channel: dict[str, list[dict]] = {n: [] for n in config.output_names}
     for cond, tgt in val_arrays:
-        h, w = (min(s, opts.max_val_size) for s in cond.shape[1:])
+        h, w = validation_window(*cond.shape[1:], opts.max_val_size)
         cond_t = torch.from_numpy(np.ascontiguousarray(cond[:, :h, :w]))[None].to(device)
         plan = TilePlan(h, w, opts.tile_size, opts.tile_overlap, factor)
         out, _ = run_stain_model(denoiser, config, cond_t, plan, 0, 4, SamplerHooks(), scheduler, mean_denoiser)
-        pred = np.clip((out[0].cpu().numpy() + 1) / 2, 0, 1)
-        truth = np.clip((tgt[:, :h, :w] + 1) / 2, 0, 1)
-        for c, name in enumerate(config.output_names):
-            per_channel[name].append(image_metrics(pred[c], truth[c]))
+        pred = out[0].cpu().numpy()
+        for c, spec in enumerate(config.output_channels):
+            per_channel[spec.name].append(image_metrics(*_validation_scale(pred[c], tgt[c, :h, :w], spec.kind)))
     return {n: {k: float(np.mean([m[k] for m in ms])) for k in ("psnr", "ssim", "pearson")}
             for n, ms in per_channel.items() if ms}
 
