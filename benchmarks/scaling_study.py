@@ -193,7 +193,8 @@ def score_isl_bundle(path, regions: dict) -> dict:
     bundle = load_bundle(path)
     stains = [o.name for o in bundle.config.output_channels if o.kind == "stain"]
     # a refinement: "_r" at 1 step (the shipped demo-isl's default), "_r_chain" along its full chain
-    variants = {"": 1, "_chain": None} if bundle.config.objective == "residual_shift" else {"": None}
+    variants = ({"": 1, "_chain": int(bundle.config.scheduler["num_train_timesteps"])}
+                if bundle.config.objective == "residual_shift" else {"": None})
     out = {}
     for part, items in regions.items():
         out[part] = {}
