@@ -7,7 +7,7 @@ Every validation region of the bundle's training config (the ISL strips of quadr
 assay's right-hand strips of t0-t7 — never trained on, and never the held-out quadrant / frames) is predicted once
 as a 4-member ensemble (``core.confidence.predict_ensemble``). Then each region in turn is left out: q̂ is
 calibrated on the others and the 90 % interval's coverage is measured on it, for three groupings of the pixels
-(Mondrian conformal: one q̂ per group):
+(Mondrian conformal: one q̂ per group) and one rule over fields:
 
 - ``one``: a single q̂ for every pixel (marginal);
 - ``foreground``: inside / outside the predicted nuclei foreground (what ``calibrate`` does where the bundle has a
@@ -18,7 +18,7 @@ calibrated on the others and the 90 % interval's coverage is measured on it, for
   independent, so the spread between fields, not the pixel count, decides how a new field is covered.
 
 A grouping that matches how the error varies keeps the coverage near 90 % on a region whose mix of bright and dim
-pixels differs from the calibration regions' — the failure the ISL quadrant showed (DAPI 83 %).
+pixels differs from the calibration regions' — the failure the ISL quadrant showed (DAPI 82–83 %).
 """
 
 from __future__ import annotations
@@ -38,6 +38,7 @@ from napari_virtualstain.core.confidence import _sigma0, conformal_quantile, pix
 from napari_virtualstain.core.settings import RunSettings  # noqa: E402
 
 LEVEL = 0.9
+STAINS_ISL = ("DAPI", "MAP2", "NFH")  # configs/demo-isl.yaml's stains, in order
 
 
 def otsu(values: np.ndarray) -> float:
@@ -50,8 +51,7 @@ def regions(isl: bool):
     """(name, image, {stain: truth}, channel_axis) per validation region."""
     if isl:
         for im, xs, ys in isl_regions()["val"]:
-            yield (f"{im.name}", im.inputs[:, ys, xs], {n: im.stains[i][ys, xs] for i, n in
-                                                         enumerate(("DAPI", "MAP2", "NFH"))}, 0)
+            yield im.name, im.inputs[:, ys, xs], {n: im.stains[i][ys, xs] for i, n in enumerate(STAINS_ISL)}, 0
     else:
         for t, (bf, hoechst, _) in enumerate(_frames()["val"]):
             yield f"t{t}", bf, {"Hoechst": hoechst}, None
