@@ -34,7 +34,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from scaling_study import _frames, isl_regions  # noqa: E402
 
 from napari_virtualstain.core.bundle import load_bundle  # noqa: E402
-from napari_virtualstain.core.confidence import _sigma0, conformal_quantile, pixel_groups, predict_ensemble  # noqa: E402
+from napari_virtualstain.core.confidence import (  # noqa: E402
+    conformal_quantile,
+    conformity_scores,
+    pixel_groups,
+    predict_ensemble,
+)
 from napari_virtualstain.core.settings import RunSettings  # noqa: E402
 
 LEVEL = 0.9
@@ -68,13 +73,10 @@ def main(argv=None) -> int:
     for name, image, truths, axis in regions(args.isl):
         ens = predict_ensemble(bundle, image, 4, seed=0, make_labels=False, channel_axis=axis,
                                settings=RunSettings(threads=1))
-        std, pred = ens.std, ens.prediction
-        fg = pixel_groups(bundle, pred)
-        per = {}
-        for s, truth in truths.items():
-            c = pred.channel_names.index(s)
-            score = np.abs(np.asarray(truth, np.float64) - pred.image[c]) / (std[c] + _sigma0(bundle, s))
-            per[s] = {"score": score.ravel(), "pred": pred.image[c].ravel(), "fg": fg.ravel()}
+        pred = ens.prediction
+        fg = pixel_groups(bundle, pred).ravel()
+        per = {s: {"score": conformity_scores(bundle, ens, s, truth).ravel(), "pred": pred.channel(s).ravel(), "fg": fg}
+               for s, truth in truths.items()}
         items.append((name, per))
         print("predicted", name, flush=True)
     stains = list(items[0][1])

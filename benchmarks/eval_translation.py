@@ -50,6 +50,7 @@ from napari_virtualstain.core.phenotype import (
     pooled_sums,
 )
 from napari_virtualstain.core.postprocess import stain_to_labels
+from napari_virtualstain.core.sampling import tile_settings
 from napari_virtualstain.core.settings import RunSettings
 from napari_virtualstain.core.tasks.classcond import translate
 
@@ -105,9 +106,8 @@ def evaluate(bundle, sources, target_cells, target_pooled, source_class, target_
     pooled = {k: np.concatenate(v) if v else np.zeros(0) for k, v in cells.items()}
     row = {
         "direction": f"{source_class}->{target_class}", "guidance": guidance, "strength": strength, "steps": steps,
-        "tile": [settings.tile_size or bundle.config.tile_size,
-                 bundle.config.tile_overlap if settings.tile_overlap is None else settings.tile_overlap]
-        if settings else [bundle.config.tile_size, bundle.config.tile_overlap],
+        "tile": list(tile_settings(bundle.config, settings or RunSettings())),  # asked for (a crop that fits
+        # in one tile runs as one tile of its own size: the results' provenance)
         "n_crops": len(sources), "n_cells": {k: int(len(v)) for k, v in pooled.items()} | {"target": int(len(target_cells))},
         "median": {k: float(np.median(v)) for k, v in pooled.items()} | {"target": float(np.median(target_cells))},
         "fraction_of_the_way": fraction_of_the_way(pooled["source"], pooled["translated"], target_cells),

@@ -50,7 +50,7 @@ ARMS = {
     # the width question asked again under augmentation (without it, more capacity only overfits faster)
     "aug_w32_dist": ["--channels", "32,64,128,256", "--crop-size", "128", "--distance-head", "--augment"],
     # the ISL demo's mean network under augmentation (3 quadrants of 13 phase planes -> DAPI/MAP2/NFH; no labels, so
-    # no centre head); scored by its training loop's validation r per stain (``score`` measures ndev arms only)
+    # no centre head); ``score`` measures it by r per stain on the whole validation strips (score_isl_bundle)
     "isl_aug": ["--channels", "16,32,64,128", "--crop-size", "128", "--augment"],
     # demo-isl's refinement (predict, then refine) trained on the shipped round 3c mean network; options after
     # COMMON override its --objective (argparse keeps the last)
@@ -217,14 +217,14 @@ def score(root: Path, output: Path) -> int:
         on_isl = Path(json.loads((folder / "arm.json").read_text()).get("config", CONFIG)) != CONFIG
         if on_isl and isl is None:
             isl = isl_regions()
-            for name in ("demo-isl-regression", "demo-isl"):  # the shipped ISL bundles on the same strips
-                from napari_virtualstain.core.bundle import load_bundle
+            from napari_virtualstain.core.bundle import load_bundle
 
+            for name in ("demo-isl-regression", "demo-isl"):  # the shipped ISL bundles on the same strips
                 b = load_bundle(name)
                 shipped = results.setdefault(f"shipped {name}", {"options": [b.config.training.get("command", "")],
                                                                  "points": {}})
-                key = f"shipped {b.short_id}"  # one point per shipped version (the first was keyed "shipped")
-                if key not in shipped["points"] and shipped["points"].get("shipped", {}).get("bundle_id") != b.id:
+                key = f"shipped {b.short_id}"  # one point per shipped version (round 3b's was keyed "shipped")
+                if key not in shipped["points"]:
                     hist = b.config.training["history"][-1]
                     shipped["points"][key] = {"step": hist["step"], "train_seconds": hist["seconds"],
                                               "loss": hist["loss"], "bundle_id": b.id, **score_isl_bundle(b.path, isl)}

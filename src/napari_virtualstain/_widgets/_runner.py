@@ -118,8 +118,8 @@ def _hold_collector(runner, hold: bool) -> None:
     """Keep Python's full garbage collections from freezing napari during a run.
 
     A napari session with torch loaded tracks ~700 k objects; a full (generation 2) collection walks them all with
-    the GIL held, and allocating a layer's vispy visuals triggers one: measured 742 ms on a busy 2-core machine, the
-    largest single stall while results are added. ``gc.freeze`` (CPython's documented way to exempt long-lived
+    the GIL held, and allocating a layer's vispy visuals can trigger one: measured 742 ms on a busy 2-core machine,
+    on top of the ~210 ms a layer costs napari itself. ``gc.freeze`` (CPython's documented way to exempt long-lived
     objects) moves what exists at the start of a run out of the collector's reach — after a cheap young-generation
     collection — and the run's end gives everything back (``gc.unfreeze``), so nothing that dies later is kept (also
     when the widget was closed mid-run and never heard the end: :func:`_reap`)."""

@@ -179,6 +179,13 @@ def _sigma0(bundle: Bundle, stain: str) -> float:
     return SIGMA_FLOOR * float(getattr(norm, "vmax", 1.0) - getattr(norm, "vmin", 0.0))
 
 
+def conformity_scores(bundle: Bundle, ens: Ensemble, stain: str, truth: np.ndarray) -> np.ndarray:
+    """s = |y − ŷ| / (σ + σ0) per pixel of ``stain`` (module doc): what q̂ is the quantile of."""
+    c = ens.prediction.channel_names.index(stain)
+    err = np.abs(np.asarray(truth, np.float64) - ens.prediction.image[c])
+    return err / (ens.std[c] + _sigma0(bundle, stain))
+
+
 def conformal_quantile(scores: np.ndarray, level: float) -> float:
     """The ⌈(n + 1) level⌉ / n empirical quantile (finite-sample valid split conformal)."""
     s = np.sort(np.asarray(scores, dtype=np.float64).ravel())
@@ -211,15 +218,12 @@ def calibrate(bundle: Bundle, pairs, levels=(0.8, 0.9, 0.95), members: int = DEF
     n_images = 0
     for image, truths in pairs:
         ens = predict_ensemble(bundle, image, members, seed=seed, make_labels=False, **predict_options)
-        std = ens.std
         groups = pixel_groups(bundle, ens.prediction)
         n_images += 1
         for s in stains:
             if s not in truths:
                 continue
-            c = ens.prediction.channel_names.index(s)
-            err = np.abs(np.asarray(truths[s], np.float64) - ens.prediction.image[c])
-            score = err / (std[c] + _sigma0(bundle, s))
+            score = conformity_scores(bundle, ens, s, truths[s])
             scores[s].append([score[groups == g] for g in range(len(GROUPS))])
     out = {"bundle_id": bundle.id, "members": members, "sigma_floor": SIGMA_FLOOR, "images": n_images,
            "groups": list(GROUPS), "stains": {}}

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from ..core.bundle import DIFFUSION_OBJECTIVES, OBJECTIVES, BundleConfig, ChannelSpec
 from ..core.errors import VirtualStainError
-from ..core.metrics import image_metrics, percentile_range
+from ..core.metrics import image_metrics, normalize_pair
 from ..core.model import Denoiser, default_unet_config, downsample_factor
 from ..core.normalize import FixedNorm, PercentileNorm, fit_fixed_norm
 from ..core.postprocess import boundary_target, distance_target, foreground_target
@@ -211,15 +211,14 @@ def validation_window(height: int, width: int, max_side: int) -> tuple[int, int]
 
 
 def _validation_scale(pred: np.ndarray, truth: np.ndarray, kind: str) -> tuple[np.ndarray, np.ndarray]:
-    """A stain is scored on its truth's 1-99.8 % range, as ``virtualstain evaluate`` does (so the live curve and
-    evaluate agree); label maps (and a flat truth) on their fixed [0, 1] range."""
-    fixed = np.clip((pred + 1) / 2, 0, 1), np.clip((truth + 1) / 2, 0, 1)
-    if kind != "stain":
-        return fixed
-    lo, hi = percentile_range(truth)
-    if not hi > lo:
-        return fixed
-    return np.clip((pred - lo) / (hi - lo), 0, 1), np.clip((truth - lo) / (hi - lo), 0, 1)
+    """A stain is scored on its truth's 1-99.8 % range (``normalize_pair``, as ``virtualstain evaluate`` does, so the
+    live curve and evaluate agree); label maps, and a flat truth that has no range, on their fixed [0, 1] range."""
+    if kind == "stain":
+        try:
+            return normalize_pair(pred, truth)[:2]
+        except VirtualStainError:  # a constant truth
+            pass
+    return np.clip((pred + 1) / 2, 0, 1), np.clip((truth + 1) / 2, 0, 1)
 
 
 def validate(unet, config: BundleConfig, val_arrays, opts: TrainOptions, device, mean_unet=None) -> dict:
