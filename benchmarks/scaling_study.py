@@ -57,8 +57,16 @@ ARMS = {
     "isl_refine": ["--objective", "residual_shift", "--residual-source", "mean_prediction", "--mean-from",
                    str(REPO / "src/napari_virtualstain/checkpoints/demo-isl-regression"), "--kappa", "1",
                    "--channels", "16,32,64,64", "--crop-size", "128"],
+    # data-side: pretrain on another microscope's nuclei (ISL phase z06 -> DAPI, 3 quadrants), then fine-tune the
+    # aug_mse_dist recipe from it (--init: a new last layer for Hoechst + labels heads). Compare ft_isl_pre at step s
+    # with aug_mse_dist at s (same scratch-assay steps) and at s + 4,800 (same CPU minutes, pretraining included)
+    "pre_isl_dapi": ["--channels", "16,32,64,128", "--crop-size", "128", "--augment"],
+    "ft_isl_pre": ["--channels", "16,32,64,128", "--crop-size", "128", "--distance-head", "--augment",
+                   "--init", str(REPO / "runs/scaling/pre_isl_dapi/step_04800")],
 }
-ARM_CONFIGS = {"isl_aug": REPO / "configs/demo-isl.yaml", "isl_refine": REPO / "configs/demo-isl.yaml"}
+ARM_CONFIGS = {"isl_aug": REPO / "configs/demo-isl.yaml", "isl_refine": REPO / "configs/demo-isl.yaml",
+               "pre_isl_dapi": REPO / "configs/isl-dapi-phase.yaml"}
+UNSCORED = {"pre_isl_dapi"}  # a means, not an end: scored through the arm it starts
 # every other arm trains on CONFIG
 VAL_X = 490  # first validation column of the 576-wide frames (val_fraction 0.15)
 FIT_FRAMES = (3, 7)
@@ -213,7 +221,7 @@ def score_isl_bundle(path, regions: dict) -> dict:
 def score(root: Path, output: Path) -> int:
     frames, isl = None, None
     results = json.loads(output.read_text()) if output.is_file() else {}
-    for folder in sorted(p for p in root.iterdir() if (p / "arm.json").is_file()):
+    for folder in sorted(p for p in root.iterdir() if (p / "arm.json").is_file() and p.name not in UNSCORED):
         on_isl = Path(json.loads((folder / "arm.json").read_text()).get("config", CONFIG)) != CONFIG
         if on_isl and isl is None:
             isl = isl_regions()

@@ -215,6 +215,7 @@ class TilePlan:
             for i, tl in enumerate(chunk):
                 w = self._window_on(pred.device, start + i)
                 out[:, :, tl.y : tl.y + t, tl.x : tl.x + t] += pred[i * b : (i + 1) * b] * w
+            del batch, pred  # not alive while the next call runs: for a plan of blocks, a whole block's output
             if on_tile is not None:
                 on_tile(min(start + per_call, len(self.tiles)), len(self.tiles))
         out /= self.row_weight.to(out.device)[:, None]  # in place: no second canvas, no weight plane
