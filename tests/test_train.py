@@ -216,8 +216,10 @@ def test_cli_folder_training_names_bundle_announces_split_and_logs_plain_lines(d
     assert "right-hand 15 % of each of 2 image(s) (x >= 68 of 80)" in line and "x < 68" in line, line
     assert "--val-fraction" in line and "split: val" in line
     assert "\r" not in err and "step 2/2 (100 %)" in err and "steps/s" in err
-    assert main(["train", str(data_folder), "-o", str(tmp_path / "named"), "--name", "mine", *TINY_CLI]) == 0
-    assert load_bundle(tmp_path / "named").config.name == "mine"
+    assert main(["train", str(data_folder), "-o", str(tmp_path / "named"), "--name", "mine", "--weight-decay", "0.05",
+                 *TINY_CLI]) == 0
+    named = load_bundle(tmp_path / "named").config
+    assert named.name == "mine" and named.training["options"]["weight_decay"] == 0.05
 
 
 def test_config_keeps_its_name_and_announces_whole_val_images(tmp_path, capsys):

@@ -41,7 +41,7 @@ def cmd_train(args) -> int:
         spec.check_invariant()
     opts = TrainOptions(
         objective=args.objective or ("ddpm" if classcond else "residual_shift"), steps=args.steps, batch_size=args.batch_size, crop_size=args.crop_size, lr=args.lr,
-        ema_decay=args.ema_decay, val_every=args.val_every, seed=args.seed, device=args.device,
+        ema_decay=args.ema_decay, weight_decay=args.weight_decay, val_every=args.val_every, seed=args.seed, device=args.device,
         block_out_channels=tuple(int(v) for v in args.channels.split(",")), layers_per_block=args.layers_per_block,
         tile_size=args.tile_size, tile_overlap=args.tile_overlap, half_weights=args.half_weights,
         command="virtualstain " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
@@ -129,6 +129,8 @@ def add_parsers(sub) -> None:
     tr.add_argument("--lr", type=float, default=2e-4, help="AdamW learning rate (the peak with --lr-schedule cosine)")
     tr.add_argument("--lr-schedule", choices=["constant", "cosine"], default="constant",
                     help="cosine: 100-step warm-up, then cosine decay to 0 at --steps")
+    tr.add_argument("--weight-decay", type=float, default=1e-4,
+                    help="AdamW's decoupled weight decay (regularises a network that starts to memorise few images)")
     tr.add_argument("--ema-decay", type=float, default=0.999,
                     help="decay of the exponential moving average of the weights; the EMA weights are saved")
     tr.add_argument("--val-every", type=int, default=500,
