@@ -17,6 +17,7 @@ from qtpy.QtGui import QStandardItemModel
 from qtpy.QtWidgets import (
     QCheckBox,
     QComboBox,
+    QDoubleSpinBox,
     QFileDialog,
     QFormLayout,
     QHBoxLayout,
@@ -142,8 +143,13 @@ class RunChoices:
         return self.run.replace(progress=progress, should_cancel=should_cancel)
 
 
-def _spin(lo: int, hi: int, value: int, tip: str, step: int = 1) -> QSpinBox:
-    s = QSpinBox()
+GUIDANCE_TIP = "Classifier-free guidance scale (1 = plain conditional sampling)"
+
+
+def spin_box(lo: float, hi: float, value: float, tip: str, step: float = 1) -> QSpinBox | QDoubleSpinBox:
+    """A spin box with its range, value, step and tooltip; a QDoubleSpinBox when any of them is a float."""
+    floats = any(isinstance(v, float) for v in (lo, hi, value, step))
+    s = QDoubleSpinBox() if floats else QSpinBox()
     s.setRange(lo, hi)
     s.setSingleStep(step)
     s.setValue(value)
@@ -241,13 +247,13 @@ class ModelControls(QWidget):
         else:
             self.sampler.setParent(self)
             self.sampler.hide()
-        self.steps = _spin(1, 1000, 15, "Diffusion steps")
+        self.steps = spin_box(1, 1000, 15, "Diffusion steps")
         form.addRow("Steps", self.steps)
         self._sampling = Sampling(("residual_shift",), {"residual_shift": 15}, 15, False)
-        self.seed = _spin(0, MAX_SEED, 0, "Noise seed: the same seed gives the same result on any device or tiling")
+        self.seed = spin_box(0, MAX_SEED, 0, "Noise seed: the same seed gives the same result on any device or tiling")
         form.addRow("Seed", self.seed)
-        self.tile_size = _spin(8, 4096, 256, "Tile edge (pixels): larger is faster on a GPU, needs more memory")
-        self.tile_overlap = _spin(0, 2048, 32, "Overlap between tiles (pixels), blended smoothly")
+        self.tile_size = spin_box(8, 4096, 256, "Tile edge (pixels): larger is faster on a GPU, needs more memory")
+        self.tile_overlap = spin_box(0, 2048, 32, "Overlap between tiles (pixels), blended smoothly")
         tiles = QHBoxLayout()
         tiles.addWidget(self.tile_size)
         tiles.addWidget(QLabel("overlap"))
@@ -255,7 +261,7 @@ class ModelControls(QWidget):
         self._tiles_row = QWidget()
         self._tiles_row.setLayout(tiles)
         tiles.setContentsMargins(0, 0, 0, 0)
-        self.batch_size = _spin(1, 256, 4, "Tiles per network call")
+        self.batch_size = spin_box(1, 256, 4, "Tiles per network call")
         if show_tiles:
             form.addRow("Tile size", self._tiles_row)
         else:

@@ -8,11 +8,11 @@ layer with the samples on its leading axis, so the slider pages through them. A 
 from __future__ import annotations
 
 import numpy as np
-from qtpy.QtWidgets import QComboBox, QDoubleSpinBox, QFormLayout, QLabel, QSpinBox
+from qtpy.QtWidgets import QComboBox, QFormLayout, QLabel
 
 from ..core.errors import VirtualStainError
 from ._base import TaskWidget, describe_progress
-from ._controls import RunChoices, follow_layers
+from ._controls import GUIDANCE_TIP, RunChoices, follow_layers, spin_box
 from ._layers import iter_add_layers, json_safe, robust_limits, stain_colormap
 from ._runner import Job
 
@@ -55,20 +55,11 @@ class SynthesizeWidget(TaskWidget):
     def build_options(self, form: QFormLayout) -> None:
         self.class_name = QComboBox()
         form.addRow("Class", self.class_name)
-        self.count = QSpinBox()
-        self.count.setRange(1, 1024)
-        self.count.setValue(4)
-        self.count.setToolTip("Number of images; image i uses seed seed+i")
+        self.count = spin_box(1, 1024, 4, "Number of images; image i uses seed seed+i")
         form.addRow("Count", self.count)
-        self.size = QSpinBox()
-        self.size.setRange(8, 4096)
-        self.size.setToolTip("Edge of each square image (pixels; a multiple of the network's downsampling)")
+        self.size = spin_box(8, 4096, 8, "Edge of each square image (pixels; a multiple of the network's downsampling)")
         form.addRow("Size", self.size)
-        self.guidance = QDoubleSpinBox()
-        self.guidance.setRange(0.0, 20.0)
-        self.guidance.setSingleStep(0.5)
-        self.guidance.setValue(1.0)
-        self.guidance.setToolTip("Classifier-free guidance scale (1 = plain conditional sampling)")
+        self.guidance = spin_box(0.0, 20.0, 1.0, GUIDANCE_TIP, step=0.5)
         form.addRow("Guidance", self.guidance)
         self.condition = QComboBox()
         self.condition.setToolTip("The invariant channel(s) to generate for (e.g. a DNA image): the samples keep them")

@@ -25,7 +25,6 @@ from qtpy.QtWidgets import (
     QListWidgetItem,
     QProgressBar,
     QPushButton,
-    QSpinBox,
     QVBoxLayout,
     QWidget,
 )
@@ -33,7 +32,7 @@ from qtpy.QtWidgets import (
 from ..core.bundle import bundled_checkpoints
 from ..core.errors import Cancelled, VirtualStainError
 from ._base import PROGRESS_MAX, BackgroundRun, scroll_frame
-from ._controls import task_of, follow_layers, remember_checkpoint
+from ._controls import follow_layers, remember_checkpoint, spin_box, task_of
 from ._notify import notify_error, notify_info
 from ._plot import CurvePlot
 from ._runner import Job
@@ -95,11 +94,8 @@ class TrainWidget(BackgroundRun, QWidget):
         self.method = QComboBox()
         self.method.addItems(list(METHODS))
         form.addRow("Method", self.method)
-        self.steps = QSpinBox()
-        self.steps.setRange(10, 1_000_000)
-        self.steps.setValue(2000)
-        self.steps.setSingleStep(100)
-        self.steps.setToolTip("Optimiser steps (the recommended method adds half as many for the refinement)")
+        self.steps = spin_box(10, 1_000_000, 2000, "Optimiser steps (the recommended method adds half as many for "
+                              "the refinement)", step=100)
         form.addRow("Steps", self.steps)
         out_row = QHBoxLayout()
         self.output = QLineEdit(str(Path.home() / "virtualstain-models" / "my-model"))

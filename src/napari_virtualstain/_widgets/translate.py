@@ -8,11 +8,11 @@ is the class effect rather than inversion error. Difference layers use a divergi
 from __future__ import annotations
 
 import numpy as np
-from qtpy.QtWidgets import QComboBox, QDoubleSpinBox, QFormLayout, QPushButton, QVBoxLayout
+from qtpy.QtWidgets import QComboBox, QFormLayout, QPushButton, QVBoxLayout
 
 from ..core.errors import VirtualStainError
 from ._base import TaskWidget, describe_progress
-from ._controls import RunChoices
+from ._controls import GUIDANCE_TIP, RunChoices, spin_box
 from ._layers import (
     DIVERGING,
     InputSelection,
@@ -97,17 +97,10 @@ class TranslateWidget(TaskWidget):
         self.target.setToolTip("The condition to translate it to")
         form.addRow("Source class", self.source)
         form.addRow("Target class", self.target)
-        self.guidance = QDoubleSpinBox()
-        self.guidance.setRange(0.0, 20.0)
-        self.guidance.setSingleStep(0.5)
-        self.guidance.setValue(1.0)
-        self.guidance.setToolTip("Classifier-free guidance scale (1 = plain conditional sampling)")
+        self.guidance = spin_box(0.0, 20.0, 1.0, GUIDANCE_TIP, step=0.5)
         form.addRow("Guidance", self.guidance)
-        self.strength = QDoubleSpinBox()
-        self.strength.setRange(0.05, 1.0)
-        self.strength.setSingleStep(0.05)
-        self.strength.setValue(1.0)
-        self.strength.setToolTip("How far to invert (fraction of the schedule): lower keeps more of the layout")
+        self.strength = spin_box(0.05, 1.0, 1.0, "How far to invert (fraction of the schedule): lower keeps more of "
+                                 "the layout", step=0.05)
         form.addRow("Strength", self.strength)
 
     def build_extra(self, layout: QVBoxLayout) -> None:

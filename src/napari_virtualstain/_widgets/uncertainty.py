@@ -18,7 +18,6 @@ from qtpy.QtCore import Qt
 from qtpy.QtWidgets import (
     QCheckBox,
     QComboBox,
-    QDoubleSpinBox,
     QFileDialog,
     QFormLayout,
     QGroupBox,
@@ -26,7 +25,6 @@ from qtpy.QtWidgets import (
     QLabel,
     QPushButton,
     QSlider,
-    QSpinBox,
     QVBoxLayout,
     QWidget,
 )
@@ -35,7 +33,7 @@ from ..core.errors import VirtualStainError
 from ..core.io import output_name
 from ..core.review import merge
 from ._base import TaskWidget, describe_progress
-from ._controls import RunChoices
+from ._controls import RunChoices, spin_box
 from ._layers import (
     HEATMAP,
     InputSelection,
@@ -88,17 +86,10 @@ class UncertaintyWidget(TaskWidget):
         self.mode.setToolTip("steps: spread of the estimate along one chain; seeds: spread across noise seeds "
                              "(k runs as one batch); both")
         form.addRow("Maps from", self.mode)
-        self.n_seeds = QSpinBox()
-        self.n_seeds.setRange(2, 32)
-        self.n_seeds.setValue(4)
-        self.n_seeds.setToolTip("Seeds seed, seed+1, …; each is a full chain (run as one batch)")
+        self.n_seeds = spin_box(2, 32, 4, "Seeds seed, seed+1, …; each is a full chain (run as one batch)")
         form.addRow("Seeds", self.n_seeds)
-        self.window_low, self.window_high = QDoubleSpinBox(), QDoubleSpinBox()
-        for box, value in ((self.window_low, 0.3), (self.window_high, 0.8)):
-            box.setRange(0.0, 1.0)
-            box.setSingleStep(0.05)
-            box.setDecimals(2)
-            box.setValue(value)
+        self.window_low = spin_box(0.0, 1.0, 0.3, "The window's first t/T", step=0.05)
+        self.window_high = spin_box(0.0, 1.0, 0.8, "The window's last t/T", step=0.05)
         row = QHBoxLayout()
         row.addWidget(self.window_low)
         row.addWidget(QLabel("to"))
@@ -137,10 +128,7 @@ class UncertaintyWidget(TaskWidget):
         holder.setLayout(row)
         row.setContentsMargins(0, 0, 0, 0)
         form.addRow("Threshold", holder)
-        self.min_area = QSpinBox()
-        self.min_area.setRange(0, 1_000_000)
-        self.min_area.setValue(16)
-        self.min_area.setToolTip("Drop flagged regions smaller than this (pixels)")
+        self.min_area = spin_box(0, 1_000_000, 16, "Drop flagged regions smaller than this (pixels)")
         form.addRow("Min area", self.min_area)
         self.flag_summary = QLabel("")
         self.flag_summary.setWordWrap(True)
