@@ -15,7 +15,9 @@ the training region (x < 490 of t3 and t7: the fit): Hoechst Pearson r, and per 
 thresholds and at the ones that score best on the validation strip ("tuned", as the bundle's sampling defaults
 are chosen; the fit is scored at the same thresholds). Held-out time points 8/9 are never read here. ISL arms
 (``isl_aug``) are scored by DAPI / MAP2 / NFH r on their config's whole validation strips and on training pixels,
-beside the shipped ``demo-isl-regression`` on the same strips; the held-out quadrant is never read here.
+beside the shipped ``demo-isl-regression`` on the same strips; the held-out quadrant is never read here. A
+pretraining arm (``pre_isl_dapi``: ISL phase -> DAPI) is not scored itself: it is measured through the arm that
+fine-tunes from it (``ft_isl_pre``), whose minutes do not include the pretraining's (its own ``train_seconds``).
 """
 
 from __future__ import annotations
