@@ -303,10 +303,12 @@ def _plot(curves: dict, path: Path) -> None:
 
     from PIL import Image, ImageDraw
 
-    colours = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75)]
+    colours = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75),
+               (227, 119, 194), (23, 190, 207), (188, 189, 34), (0, 0, 0)]
     titles = ["validation Hoechst r", "validation nuclei F1@0.5", "fit (training pixels) r", "fit nuclei F1@0.5"]
     W, H, pad = 360, 240, 34
-    img = Image.new("RGB", (2 * W, 2 * H + 40), "white")
+    rows = -(-len(curves) // 6)  # legend rows of six arms
+    img = Image.new("RGB", (2 * W, 2 * H + 20 + 16 * rows), "white")
     d = ImageDraw.Draw(img)
     steps = [p[0] for c in curves.values() for p in c]
     lx0, lx1 = math.log2(min(steps)), math.log2(max(steps)) + 1e-9
@@ -334,7 +336,7 @@ def _plot(curves: dict, path: Path) -> None:
             for x, y in xy:
                 d.ellipse([x - 2, y - 2, x + 2, y + 2], fill=colours[i % len(colours)])
     for i, arm in enumerate(curves):
-        d.text((10 + 120 * i, 2 * H + 14), arm, fill=colours[i % len(colours)])
+        d.text((10 + 120 * (i % 6), 2 * H + 14 + 16 * (i // 6)), arm, fill=colours[i % len(colours)])
     path.parent.mkdir(parents=True, exist_ok=True)
     img.save(path)
 
