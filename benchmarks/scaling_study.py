@@ -39,6 +39,8 @@ BASE_STEPS = 2400  # the shipped demo-stain-regression budget
 SNAPSHOTS = (600, 1200, 2400, 4800, 7200, 9600, 14400, 19200, 28800, 38400)
 COMMON = ["--objective", "regression", "--batch-size", "8", "--lr", "5e-4", "--lr-schedule", "constant",
           "--val-every", "600", "--tile-size", "128", "--tile-overlap", "16", "--seed", "0", "--precision", "auto"]
+AUG_DIST = ["--channels", "16,32,64,128", "--crop-size", "128", "--distance-head", "--augment"]  # aug_mse_dist's
+# recipe (the shipped mean network's), which the regularisation and pretraining arms change one thing of
 ARMS = {
     "w16_c128": ["--channels", "16,32,64,128", "--crop-size", "128"],  # today's mean network, constant lr
     "w32_c128": ["--channels", "32,64,128,256", "--crop-size", "128"],
@@ -48,13 +50,12 @@ ARMS = {
     "obj_mse_dist": ["--channels", "16,32,64,128", "--crop-size", "128", "--distance-head"],
     "obj_spotlight_dist": ["--channels", "16,32,64,128", "--crop-size", "128", "--distance-head", "--loss", "spotlight"],
     "obj_l1msssim_dist": ["--channels", "16,32,64,128", "--crop-size", "128", "--distance-head", "--loss", "l1_msssim"],
-    "aug_mse_dist": ["--channels", "16,32,64,128", "--crop-size", "128", "--distance-head", "--augment"],
+    "aug_mse_dist": AUG_DIST,
     # the width question asked again under augmentation (without it, more capacity only overfits faster)
     "aug_w32_dist": ["--channels", "32,64,128,256", "--crop-size", "128", "--distance-head", "--augment"],
     # regularisation: past 4x the fit keeps rising while validation falls (memorising eight frames); AdamW's
     # decoupled weight decay at the usual 0.05 instead of 1e-4
-    "aug_wd_dist": ["--channels", "16,32,64,128", "--crop-size", "128", "--distance-head", "--augment",
-                    "--weight-decay", "0.05"],
+    "aug_wd_dist": [*AUG_DIST, "--weight-decay", "0.05"],
     # the ISL demo's mean network under augmentation (3 quadrants of 13 phase planes -> DAPI/MAP2/NFH; no labels, so
     # no centre head); ``score`` measures it by r per stain on the whole validation strips (score_isl_bundle)
     "isl_aug": ["--channels", "16,32,64,128", "--crop-size", "128", "--augment"],
@@ -67,8 +68,7 @@ ARMS = {
     # aug_mse_dist recipe from its 2,400-step snapshot (--init: a new last layer for Hoechst + labels heads).
     # Compare ft_isl_pre at s with aug_mse_dist at s (same scratch-assay steps) and at the same CPU minutes
     "pre_isl_dapi": ["--channels", "16,32,64,128", "--crop-size", "128", "--augment"],
-    "ft_isl_pre": ["--channels", "16,32,64,128", "--crop-size", "128", "--distance-head", "--augment",
-                   "--init", str(REPO / "runs/scaling/pre_isl_dapi/step_02400")],
+    "ft_isl_pre": [*AUG_DIST, "--init", str(REPO / "runs/scaling/pre_isl_dapi/step_02400")],
 }
 ARM_CONFIGS = {"isl_aug": REPO / "configs/demo-isl.yaml", "isl_refine": REPO / "configs/demo-isl.yaml",
                "pre_isl_dapi": REPO / "configs/isl-dapi-phase.yaml"}

@@ -6,12 +6,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from qtpy.QtWidgets import QCheckBox, QComboBox, QFileDialog, QFormLayout, QPushButton, QSpinBox, QVBoxLayout, QWidget
+from qtpy.QtWidgets import QCheckBox, QComboBox, QFileDialog, QFormLayout, QPushButton, QVBoxLayout, QWidget
 
 from ..core.errors import VirtualStainError
 from ..core.inputs import pixel_size_warning
 from ._base import TaskWidget, per_plane
-from ._controls import RunChoices
+from ._controls import RunChoices, spin_box
 from ._layers import InputSelection, LayerTuple, iter_add_layers, stack_planes, stain_layer_tuples
 from ._notify import notify_error, notify_info, notify_warning
 from ._runner import Job
@@ -98,10 +98,8 @@ class StainWidget(TaskWidget):
     run_text = "Predict"
 
     def build_options(self, form: QFormLayout) -> None:
-        self.samples = QSpinBox()
-        self.samples.setRange(1, 16)
-        self.samples.setToolTip("Average this many samples (seeds run as one batch): more accurate, less textured; "
-                                "1 = one realistic sample")
+        self.samples = spin_box(1, 16, 1, "Average this many samples (seeds run as one batch): more accurate, less "
+                                "textured; 1 = one realistic sample")
         form.addRow("Samples averaged", self.samples)
         self.labels_from = QComboBox()
         self.labels_from.setToolTip("Nuclei from the predicted boundary channels, or by segmenting the predicted "

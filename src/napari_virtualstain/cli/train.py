@@ -41,7 +41,8 @@ def cmd_train(args) -> int:
         spec.check_invariant()
     opts = TrainOptions(
         objective=args.objective or ("ddpm" if classcond else "residual_shift"), steps=args.steps, batch_size=args.batch_size, crop_size=args.crop_size, lr=args.lr,
-        ema_decay=args.ema_decay, weight_decay=args.weight_decay, val_every=args.val_every, seed=args.seed, device=args.device,
+        ema_decay=args.ema_decay, weight_decay=args.weight_decay, val_every=args.val_every, seed=args.seed,
+        device=args.device,
         block_out_channels=tuple(int(v) for v in args.channels.split(",")), layers_per_block=args.layers_per_block,
         tile_size=args.tile_size, tile_overlap=args.tile_overlap, half_weights=args.half_weights,
         command="virtualstain " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
