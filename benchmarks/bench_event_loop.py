@@ -229,6 +229,9 @@ def main(argv=None) -> int:
     parser.add_argument("--collector", nargs="+", default=["held"], choices=["held", "free"],
                         help="held: the runner freezes Python's garbage collector's old objects during a run (the "
                         "plugin's behaviour); free: it does not (what it did before), to compare in one run")
+    parser.add_argument("--turn-ms", nargs="+", type=int, default=None,
+                        help="the runner's timer between two added layers (default: the plugin's, 1 ms); 0 is what "
+                        "it did before (a posted event, run ahead of the repaint), to compare in one run")
     parser.add_argument("--checkpoint", default="demo-stain")
     parser.add_argument("--tick-ms", type=int, default=5)
     parser.add_argument("--cancel-at", type=float, default=0.3, help="fraction of the run at which Cancel is clicked")
@@ -265,20 +268,24 @@ def main(argv=None) -> int:
     results = []
     from napari_virtualstain._widgets import _runner
 
-    held = _runner._hold_collector
-    variants = [(b, c) for b in args.backends for c in args.collector]
+    held, plugin_turn = _runner._hold_collector, _runner._BETWEEN_LAYERS_MS
+    turns = args.turn_ms or [plugin_turn]
+    variants = [(b, c, t) for b in args.backends for c in args.collector for t in turns]
     for round_ in range(args.repeats):
-        for backend, collector in variants if round_ % 2 == 0 else variants[::-1]:
+        for backend, collector, turn in variants if round_ % 2 == 0 else variants[::-1]:
             _runner._hold_collector = held if collector == "held" else (lambda *_: None)
+            _runner._BETWEEN_LAYERS_MS = turn
             r = measure(backend, image, args.checkpoint, args.tick_ms, args.cancel_at)
-            r["round"], r["collector"] = round_, collector
+            r["round"], r["collector"], r["turn_ms"] = round_, collector, turn
             print(json.dumps(r), flush=True)
             results.append(r)
-    _runner._hold_collector = held
+    _runner._hold_collector, _runner._BETWEEN_LAYERS_MS = held, plugin_turn
     summary = {}
-    for backend, collector in variants:
-        rs = [r for r in results if r["backend"] == backend and r["collector"] == collector]
-        summary[backend if len(args.collector) == 1 else f"{backend}, collector {collector}"] = {
+    for backend, collector, turn in variants:
+        rs = [r for r in results if (r["backend"], r["collector"], r["turn_ms"]) == (backend, collector, turn)]
+        key = ", ".join([backend] + ([f"collector {collector}"] if len(args.collector) > 1 else [])
+                        + ([f"turn {turn} ms"] if len(turns) > 1 else []))
+        summary[key] = {
             "max_stall_while_computing_ms": max(r["while_computing"]["max_stall_ms"] for r in rs),
             "p99_gap_while_computing_ms": max(r["while_computing"]["p99_gap_ms"] for r in rs),
             "max_stall_incl_adding_layers_ms": max(r["whole_run_incl_adding_layers"]["max_stall_ms"] for r in rs),

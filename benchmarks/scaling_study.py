@@ -56,6 +56,9 @@ ARMS = {
     # regularisation: past 4x the fit keeps rising while validation falls (memorising eight frames); AdamW's
     # decoupled weight decay at the usual 0.05 instead of 1e-4
     "aug_wd_dist": [*AUG_DIST, "--weight-decay", "0.05"],
+    # crop size under augmentation: 256² crops at batch 2 see the same pixels per step as 8 crops of 128² (equal
+    # CPU time per step), trading crop diversity for context; the 210-px-high frames are reflect-padded to 256
+    "aug_c256_dist": [*AUG_DIST, "--crop-size", "256", "--batch-size", "2"],
     # the ISL demo's mean network under augmentation (3 quadrants of 13 phase planes -> DAPI/MAP2/NFH; no labels, so
     # no centre head); ``score`` measures it by r per stain on the whole validation strips (score_isl_bundle)
     "isl_aug": ["--channels", "16,32,64,128", "--crop-size", "128", "--augment"],

@@ -17,6 +17,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+pytest_plugins = ["gui_support"]  # the napari widget tests' fixtures (tests/gui_support.py)
 
 
 @pytest.fixture(scope="session")

@@ -6,12 +6,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from test_widgets import _no_thread_left, notes, scratch, wait_done  # noqa: F401 - fixtures
+from gui_support import wait_done
 
 pytestmark = pytest.mark.gui
 
 
-def test_confidence_per_nucleus_features_colour_hide_and_step(make_napari_viewer, qtbot, scratch, notes):  # noqa: F811
+def test_confidence_per_nucleus_features_colour_hide_and_step(make_napari_viewer, qtbot, scratch, notes):
     from napari.utils.colormaps import DirectLabelColormap
 
     from napari_virtualstain._widgets import StainWidget
@@ -69,7 +69,7 @@ def test_every_dock_widget_fits_a_laptop_screen(make_napari_viewer):
     assert heights["StainWidget"] + heights["UncertaintyWidget"] <= 768 - 150  # menus, title bar, layer list
 
 
-def test_compare_with_the_real_stain_in_one_click(make_napari_viewer, qtbot, scratch, tiny_bundle_dir, notes):  # noqa: F811
+def test_compare_with_the_real_stain_in_one_click(make_napari_viewer, qtbot, scratch, tiny_bundle_dir, notes):
     from napari_virtualstain._widgets import StainWidget
 
     viewer = make_napari_viewer()
@@ -92,7 +92,7 @@ def test_compare_with_the_real_stain_in_one_click(make_napari_viewer, qtbot, scr
 
 
 def test_a_second_uncertainty_run_replaces_its_layers_instead_of_stacking_duplicates(make_napari_viewer, qtbot,
-                                                                                    scratch, tiny_bundle_dir, notes):  # noqa: F811
+                                                                                    scratch, tiny_bundle_dir, notes):
     from napari_virtualstain._widgets import UncertaintyWidget
 
     viewer = make_napari_viewer()

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from test_widgets import _no_thread_left, notes, wait_done  # noqa: F401 - fixtures
+from gui_support import wait_done
 
 pytestmark = pytest.mark.gui
 SCALE = (1.0, 0.619, 0.619)
@@ -51,7 +51,7 @@ def train_setup(make_napari_viewer, assay, tmp_path):
     return viewer, widget, copies
 
 
-def test_train_widget_writes_a_checkpoint_the_stain_widget_lists_and_predicts(train_setup, qtbot, notes):  # noqa: F811
+def test_train_widget_writes_a_checkpoint_the_stain_widget_lists_and_predicts(train_setup, qtbot, notes):
     from napari_virtualstain._widgets import StainWidget
     from napari_virtualstain.core.bundle import load_bundle
     from napari_virtualstain.core.tasks.stain import predict_stain
@@ -81,7 +81,7 @@ def test_train_widget_writes_a_checkpoint_the_stain_widget_lists_and_predicts(tr
     assert any("already holds a checkpoint" in m for m in notes.errors())
 
 
-def test_train_widget_cancel_and_bad_picks(train_setup, qtbot, notes, tmp_path):  # noqa: F811
+def test_train_widget_cancel_and_bad_picks(train_setup, qtbot, notes, tmp_path):
     viewer, widget, _ = train_setup
     widget.set_targets([])
     assert not widget.run()

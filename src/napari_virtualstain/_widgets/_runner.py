@@ -70,6 +70,9 @@ class _Run:
 _RUNS: list[_Run] = []
 
 
+_BETWEEN_LAYERS_MS = 1  # the event loop's turn between two added layers (see Runner._drain)
+
+
 def _execute(fn, signals: _Signals, run: _Run) -> None:
     """Body of every worker: run ``fn`` and turn whatever happens into exactly one ``outcome`` signal."""
     cancel_event = run.cancel
@@ -315,7 +318,9 @@ class Runner(QObject):
         except Exception as exc:  # noqa: BLE001
             self._finish(*self._failure(exc))
             return
-        QTimer.singleShot(0, lambda: None if _is_deleted(self) else self._drain(steps, payload))
+        # a 1 ms timer, not 0: Qt runs a 0 ms single shot as a posted event, ahead of the repaint's timers and
+        # input, so two layers were added back to back in one stall (214 ms, benchmarks/bench_event_loop.py)
+        QTimer.singleShot(_BETWEEN_LAYERS_MS, lambda: None if _is_deleted(self) else self._drain(steps, payload))
 
     @staticmethod
     def _failure(exc: Exception) -> tuple[str, Exception]:
