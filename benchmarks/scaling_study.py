@@ -6,7 +6,8 @@
 ``run ARM`` trains one arm of the study with ``virtualstain train`` at a *constant* learning rate (so that no
 schedule ending makes its own plateau) in segments that end at the snapshot steps; after each segment the bundle is
 copied to ``ROOT/ARM/step_NNNNN`` and the next segment resumes the same run (``--resume``: the same random streams
-as one long run). A killed run picks up at the last saved state; snapshots already written are kept. 1x is the
+as one long run). A killed run picks up at the last saved state; snapshots already written are kept. An annealed arm
+(``ANNEALED``) trains in one run to its step instead: a cosine schedule's length is its run's. 1x is the
 shipped mean network's budget (2,400 steps of 8 crops), so 4x = 9,600 and 16x = 38,400 steps.
 
 ``score`` measures every snapshot of the ndev arms on the validation strip (x >= 490 of t0-t7: never trained on) and on a sample of
@@ -59,6 +60,10 @@ ARMS = {
     # crop size under augmentation: 256² crops at batch 2 see the same pixels per step as 8 crops of 128² (equal
     # CPU time per step), trading crop diversity for context; the 210-px-high frames are reflect-padded to 256
     "aug_c256_dist": [*AUG_DIST, "--crop-size", "256", "--batch-size", "2"],
+    # the decay phase of a warm-up-stable-decay schedule: the shipped 4x network (constant rate, 9,600 steps) trained
+    # on with the rate annealed to zero by cosine; one run of ANNEALED[arm] steps (a schedule's length is the run's)
+    "aug_anneal_dist": [*AUG_DIST, "--lr-schedule", "cosine", "--init",
+                        str(REPO / "src/napari_virtualstain/checkpoints/demo-stain-regression")],
     # the ISL demo's mean network under augmentation (3 quadrants of 13 phase planes -> DAPI/MAP2/NFH; no labels, so
     # no centre head); ``score`` measures it by r per stain on the whole validation strips (score_isl_bundle)
     "isl_aug": ["--channels", "16,32,64,128", "--crop-size", "128", "--augment"],
@@ -75,6 +80,9 @@ ARMS = {
 }
 ARM_CONFIGS = {"isl_aug": REPO / "configs/demo-isl.yaml", "isl_refine": REPO / "configs/demo-isl.yaml",
                "pre_isl_dapi": REPO / "configs/isl-dapi-phase.yaml"}
+# arms trained in one run to this step (cosine: no snapshots along the way), after the steps of the network they start
+# from (the shipped 4x snapshot of aug_mse_dist): the table and figure count both
+ANNEALED = {"aug_anneal_dist": (2400, 9600)}
 UNSCORED = {"pre_isl_dapi"}  # a means, not an end: scored through the arm it starts
 # every other arm trains on CONFIG
 VAL_X = 490  # first validation column of the 576-wide frames (val_fraction 0.15)
@@ -102,7 +110,8 @@ def run(arm: str, root: Path, until: int, extra: list[str]) -> int:
     options = arm_options(arm) + extra
     config = ARM_CONFIGS.get(arm, CONFIG)
     (folder / "arm.json").write_text(json.dumps({"arm": arm, "options": options, "config": str(config)}, indent=1))
-    for target in (s for s in SNAPSHOTS if s <= until):
+    targets = [ANNEALED[arm][0]] if arm in ANNEALED else [s for s in SNAPSHOTS if s <= until]
+    for target in targets:
         snap = folder / f"step_{target:05d}"
         if snap.is_dir():
             continue
@@ -285,13 +294,14 @@ def report(scores: Path, figure: Path | None) -> str:
                                 f"{v['MAP2_r']:.3f} / {v['NFH_r']:.3f} | {f['DAPI_r']:.3f} / {f['MAP2_r']:.3f} / "
                                 f"{f['NFH_r']:.3f} |")
                 continue
+            step = pt["step"] + ANNEALED.get(arm, (0, 0))[1]
             route, vf1 = best_route(pt)
             ff1 = pt["fit"][f"nuclei_f1_05_{route}_tuned"]
             off = pt["val"][f"centroid_offset_px_{route}_tuned"]
-            rows.append(f"| {arm} | {pt['step']} | {pt['step'] / BASE_STEPS:g} | {pt['train_seconds'] / 60:.0f} | "
+            rows.append(f"| {arm} | {step} | {step / BASE_STEPS:g} | {pt['train_seconds'] / 60:.0f} | "
                         f"{pt['val']['hoechst_r']:.3f} | {vf1:.3f} ({route}) | {pt['fit']['hoechst_r']:.3f} | "
                         f"{ff1:.3f} | {'–' if off is None else f'{off:.2f}'} |")
-            curves.setdefault(arm, []).append((pt["step"], pt["val"]["hoechst_r"], vf1, pt["fit"]["hoechst_r"], ff1))
+            curves.setdefault(arm, []).append((step, pt["val"]["hoechst_r"], vf1, pt["fit"]["hoechst_r"], ff1))
     if figure is not None:
         _plot(curves, figure)
     if isl_rows:
@@ -307,7 +317,8 @@ def _plot(curves: dict, path: Path) -> None:
     from PIL import Image, ImageDraw
 
     colours = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75),
-               (227, 119, 194), (23, 190, 207), (188, 189, 34), (0, 0, 0)]
+               (227, 119, 194), (23, 190, 207), (188, 189, 34), (0, 0, 0), (127, 127, 127), (0, 0, 139),
+               (139, 0, 0), (0, 100, 0)]
     titles = ["validation Hoechst r", "validation nuclei F1@0.5", "fit (training pixels) r", "fit nuclei F1@0.5"]
     W, H, pad = 360, 240, 34
     rows = -(-len(curves) // 6)  # legend rows of six arms
