@@ -280,3 +280,23 @@ def test_big_fields_are_labelled_block_by_block_with_the_same_objects():
         assert not blocked["nuclei"][:, -140:].any()  # nothing invented in the empty band
     small = labels_from_channels(cfg, image[:, :200, :200], "boundaries", block=100)  # not over block + 2 halos
     np.testing.assert_array_equal(small["nuclei"], labels_from_channels(cfg, image[:, :200, :200])["nuclei"])
+
+
+def test_big_field_labels_are_uint16_until_their_ids_need_more():
+    """A big field's labels cost half the memory while ids fit in uint16; past 65,535 objects none is lost."""
+    from napari_virtualstain.core.postprocess import labels_in_blocks
+
+    def one_object_per_pixel(ys, xs):
+        h, w = ys.stop - ys.start, xs.stop - xs.start
+        return {"specks": np.arange(1, h * w + 1, dtype=np.int64).reshape(h, w)}
+
+    def one_object(ys, xs):
+        lab = np.zeros((ys.stop - ys.start, xs.stop - xs.start), np.int32)
+        lab[:4, :4] = 1  # a small object at each crop's corner: kept by the block whose core holds it
+        return {"spot": lab}
+
+    few = labels_in_blocks(one_object, (400, 400), 200, halo=8)["spot"]
+    assert few.dtype == np.uint16 and few.max() >= 1
+    many = labels_in_blocks(one_object_per_pixel, (400, 300), 100, halo=8)["specks"]  # 120,000 objects
+    assert many.dtype == np.uint32
+    assert many.min() == 1 and many.max() == 400 * 300 == len(np.unique(many))

@@ -188,8 +188,9 @@ def labels_in_blocks(label_crop, shape: tuple[int, int], block: int, halo: int =
     plus ``halo`` on every side; the block keeps the objects whose centroid lies in its own core and pastes them with
     new ids, so an object at a seam is drawn once, by the block that sees it whole (its centre is at least ``halo``
     from the crop's edge). Working memory is one crop's (the watershed of a 16.7 M pixel field needed ~0.8 GB by
-    itself) plus the uint32 outputs. Ids are not in the order a whole-field run would give. ``on_block(done, total)``
-    after every block (progress; it may raise to cancel).
+    itself) plus the outputs, held as uint16 until a set passes 65,535 objects (then uint32: one copy): half the
+    memory of a big field's labels, and what the label files store anyway (``io.write_labels``). Ids are not in the
+    order a whole-field run would give. ``on_block(done, total)`` after every block (progress; it may raise to cancel).
     """
     h, w = shape
     out: dict[str, np.ndarray] = {}
@@ -199,10 +200,12 @@ def labels_in_blocks(label_crop, shape: tuple[int, int], block: int, halo: int =
         y1, x1 = min(h, y0 + block), min(w, x0 + block)
         cy0, cx0, cy1, cx1 = max(0, y0 - halo), max(0, x0 - halo), min(h, y1 + halo), min(w, x1 + halo)
         for name, lab in label_crop(slice(cy0, cy1), slice(cx0, cx1)).items():
-            dst = out.setdefault(name, np.zeros((h, w), np.uint32))
+            dst = out.setdefault(name, np.zeros((h, w), np.uint16))
             n = int(lab.max())
             if n == 0:
                 continue
+            if dst.dtype == np.uint16 and count.get(name, 0) + n > np.iinfo(np.uint16).max:
+                dst = out[name] = dst.astype(np.uint32)  # more objects than uint16 ids
             ys, xs = np.nonzero(lab)
             ids = lab[ys, xs].astype(np.int64)
             area = np.maximum(np.bincount(ids, minlength=n + 1), 1)
@@ -211,7 +214,7 @@ def labels_in_blocks(label_crop, shape: tuple[int, int], block: int, halo: int =
             keep = (cy >= y0) & (cy < y1) & (cx >= x0) & (cx < x1)
             keep[0] = False
             kept = np.flatnonzero(keep)
-            new = np.zeros(n + 1, np.uint32)
+            new = np.zeros(n + 1, dst.dtype)
             new[kept] = count.get(name, 0) + np.arange(1, len(kept) + 1)
             count[name] = count.get(name, 0) + len(kept)
             region = dst[cy0:cy1, cx0:cx1]
