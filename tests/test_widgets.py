@@ -213,6 +213,25 @@ def test_napari_gets_a_turn_between_two_added_layers(qtbot):
     assert seen[1] > seen[0] and seen[2] > seen[1], f"no timer ran between the layers: {seen}"
 
 
+def test_a_new_layer_is_drawn_on_the_turn_after_its_append(make_napari_viewer):
+    """napari's append and the first paint of the data fall in two event-loop turns; a layer meant to be hidden stays
+    hidden, and every other one ends visible."""
+    from napari_virtualstain._widgets._layers import iter_add_layers
+
+    viewer = make_napari_viewer()
+    img = np.zeros((16, 16), np.float32)
+    added = []
+    steps = iter_add_layers(viewer, [(img, {"name": "shown"}, "image"), (img, {"name": "off", "visible": False},
+                                                                         "image")], into=added)
+    next(steps)
+    assert [la.name for la in added] == ["shown"] and not viewer.layers["shown"].visible  # appended, not drawn yet
+    next(steps)
+    assert viewer.layers["shown"].visible
+    for _ in steps:
+        pass
+    assert [la.name for la in added] == ["shown", "off"] and not viewer.layers["off"].visible
+
+
 def test_one_run_at_a_time(stain_setup, qtbot, notes):
     """A second run, from the same widget or another one, is refused with a message while the first runs."""
     from napari_virtualstain._widgets import StainWidget, UncertaintyWidget

@@ -354,8 +354,11 @@ def confidence_colormap(rows: list[dict], hide_below: float = 0.0):
 
 
 def add_layers(viewer, tuples: list[LayerTuple]) -> list:
-    """Add layer tuples to ``viewer`` (in order, on top) and return the layers."""
-    return list(iter_add_layers(viewer, tuples))
+    """Add layer tuples to ``viewer`` (in order, on top) at once and return the layers."""
+    added: list = []
+    for _ in iter_add_layers(viewer, tuples, into=added):
+        pass
+    return added
 
 
 def _same_output(layer, kwargs: dict, kind: str) -> bool:
@@ -366,13 +369,21 @@ def _same_output(layer, kwargs: dict, kind: str) -> bool:
             and old.get("kind") == new.get("kind"))
 
 
-def iter_add_layers(viewer, tuples: list[LayerTuple], replace: bool = False):
-    """Add layers one at a time, yielding each: as a Job's ``on_result`` generator, napari repaints in between.
+_SHOW_ON_NEXT_TURN = True  # a new layer is appended hidden and shown a turn later (iter_add_layers)
 
+
+def iter_add_layers(viewer, tuples: list[LayerTuple], replace: bool = False, into: list | None = None):
+    """Add layers one event-loop turn at a time (a Job's ``on_result`` generator: napari repaints in between),
+    appending each added layer to ``into``.
+
+    A new visible layer is appended hidden and shown on the next turn: napari's append (its visual, the layer
+    controls, a Labels layer's overlays) and the first paint of its data then stall napari in two turns, not one
+    (worst stall 117–137 → 97–112 ms; docs/benchmarks.md, "napari widgets").
     ``replace``: a layer of the same name that is this plugin's earlier output for the same input, plane and
     channel gets the new data and provenance in place (no ``[1]`` duplicates stacked on it)."""
     from napari.layers import Layer
 
+    added = into if into is not None else []
     for data, kwargs, kind in tuples:
         kwargs = dict(kwargs)
         contour = kwargs.pop("contour", None)  # a Labels property that its constructor does not take
@@ -383,10 +394,16 @@ def iter_add_layers(viewer, tuples: list[LayerTuple], replace: bool = False):
             layer.metadata = kwargs.get("metadata", {})
             if "contrast_limits" in kwargs:
                 layer.contrast_limits = kwargs["contrast_limits"]
-            yield layer
+            added.append(layer)
+            yield
             continue
-        layer = Layer.create(data, kwargs, kind)
+        later = kwargs.get("visible", True) and _SHOW_ON_NEXT_TURN
+        layer = Layer.create(data, {**kwargs, "visible": False} if later else kwargs, kind)
         if contour is not None:
             layer.contour = contour
         viewer.layers.append(layer)
-        yield layer
+        added.append(layer)
+        yield
+        if later:
+            layer.visible = True
+            yield

@@ -207,9 +207,7 @@ class StainWidget(TaskWidget):
         def done(payload):
             stacked, tuples = payload
             added = []
-            for layer in iter_add_layers(self.viewer, tuples):
-                added.append(layer)
-                yield layer
+            yield from iter_add_layers(self.viewer, tuples, into=added)
             if stacked.objects:
                 self._confident = [(la, stacked.objects[la.metadata["channel"]]) for la in added
                                    if la.metadata.get("kind") == "labels" and la.metadata.get("channel")

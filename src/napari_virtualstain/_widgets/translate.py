@@ -164,10 +164,9 @@ class TranslateWidget(TaskWidget):
             return translation_layer_tuples(result, sel, source, target)
 
         def done(tuples):
-            names = []
-            for added in iter_add_layers(self.viewer, tuples):
-                names.append(added.name)
-                yield
+            added = []
+            yield from iter_add_layers(self.viewer, tuples, into=added)
+            names = [layer.name for layer in added]
             translated = next(n for n in names if n.endswith("(translated)"))
             control = next(n for n in names if n.endswith("(control)"))
             difference = next(n for n in names if " difference (" in n)
