@@ -378,7 +378,7 @@ def iter_add_layers(viewer, tuples: list[LayerTuple], replace: bool = False, int
 
     A new visible layer is appended hidden and shown on the next turn: napari's append (its visual, the layer
     controls, a Labels layer's overlays) and the first paint of its data then stall napari in two turns, not one
-    (worst stall 117–137 → 97–112 ms; docs/benchmarks.md, "napari widgets").
+    (worst stall 115–120 → 95–108.5 ms in one run; docs/benchmarks.md, "napari widgets").
     ``replace``: a layer of the same name that is this plugin's earlier output for the same input, plane and
     channel gets the new data and provenance in place (no ``[1]`` duplicates stacked on it)."""
     from napari.layers import Layer
