@@ -268,9 +268,7 @@ def main(argv=None) -> int:
         return 0
     warm_up(image, args.checkpoint)
     results = []
-    from napari_virtualstain._widgets import _runner
-
-    from napari_virtualstain._widgets import _layers
+    from napari_virtualstain._widgets import _layers, _runner
 
     held, plugin_turn, plugin_show = _runner._hold_collector, _runner._BETWEEN_LAYERS_MS, _layers._SHOW_ON_NEXT_TURN
     turns = args.turn_ms or [plugin_turn]

@@ -12,7 +12,6 @@ import sys
 import numpy as np
 import pytest
 
-
 SCALE = (1.0, 0.619, 0.619)
 
 

@@ -6,10 +6,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from gui_support import wait_done
+from gui_support import SCALE, wait_done
 
 pytestmark = pytest.mark.gui
-SCALE = (1.0, 0.619, 0.619)
 
 
 @pytest.fixture(autouse=True)
