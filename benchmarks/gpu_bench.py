@@ -105,7 +105,7 @@ def tile_throughput(bundle, device, clock: Clock, batch_sizes, tile: int, repeat
     nets = {"refinement": bundle.unet} | ({"mean": bundle.mean_unet} if bundle.config.anchored else {})
     for name, unet in nets.items():
         den = Denoiser(unet.to(device)).eval()
-        cin = unet.config.in_channels
+        cin = unet.in_channels
         flops_per_tile = network_flops(unet, torch.zeros(1, cin, tile, tile, device=device),
                                        torch.zeros(1, device=device))
         rows = []
@@ -145,7 +145,7 @@ def seed_batching(bundle, image, device, clock: Clock, ks, budget: Budget) -> li
 
 def compiled(bundle, device, clock: Clock, batch: int, tile: int, repeats: int, modes, budget: Budget) -> dict:
     unet = bundle.unet.to(device)
-    x = torch.randn(batch, unet.config.in_channels, tile, tile, device=device)
+    x = torch.randn(batch, unet.in_channels, tile, tile, device=device)
     t = torch.zeros(batch, device=device)
     dtype = autocast_dtype(device, None)
 

@@ -77,6 +77,9 @@ ARMS = {
     # Compare ft_isl_pre at s with aug_mse_dist at s (same scratch-assay steps) and at the same CPU minutes
     "pre_isl_dapi": ["--channels", "16,32,64,128", "--crop-size", "128", "--augment"],
     "ft_isl_pre": [*AUG_DIST, "--init", str(REPO / "runs/scaling/pre_isl_dapi/step_02400")],
+    # the shipped recipe again under another seed (crops, augmentation draws, initial weights): how much of the
+    # differences between arms is seed noise, and a second member for a deep ensemble (Lakshminarayanan et al. 2017)
+    "aug_mse_dist_s1": [*AUG_DIST, "--seed", "1"],
 }
 ARM_CONFIGS = {"isl_aug": REPO / "configs/demo-isl.yaml", "isl_refine": REPO / "configs/demo-isl.yaml",
                "pre_isl_dapi": REPO / "configs/isl-dapi-phase.yaml"}

@@ -1,11 +1,12 @@
-"""The network: a plain diffusers ``UNet2DModel``, with attention only at the coarsest level (CPU-friendly)."""
+"""The network: a UNet in diffusers' ``UNet2DModel`` layout (``unet.py``), with attention only at the coarsest level
+(CPU-friendly)."""
 
 from __future__ import annotations
 
 import torch
-from diffusers import UNet2DModel
 
 from .errors import BundleError
+from .unet import UNet
 
 
 def default_unet_config(
@@ -40,11 +41,11 @@ def downsample_factor(unet_config: dict) -> int:
     return 2 ** (len(unet_config["block_out_channels"]) - 1)
 
 
-def build_unet(unet_config: dict) -> UNet2DModel:
+def build_unet(unet_config: dict) -> UNet:
     try:
-        return UNet2DModel(**unet_config)
+        return UNet(**unet_config)
     except (TypeError, ValueError) as exc:
-        raise BundleError(f"config.json field 'unet' does not describe a diffusers UNet2DModel: {exc}") from None
+        raise BundleError(f"config.json field 'unet' does not describe a UNet this plugin builds: {exc}") from None
 
 
 def fast_bf16(device: torch.device) -> bool:
@@ -91,7 +92,7 @@ class Denoiser(torch.nn.Module):
     ``anchor_channels`` planes of its input (mean-anchored residual shift); the output is mu + residual.
     """
 
-    def __init__(self, unet: UNet2DModel, half: bool | None = None, anchor_channels: int = 0,
+    def __init__(self, unet: UNet, half: bool | None = None, anchor_channels: int = 0,
                  channels_last: bool | None = None):
         super().__init__()
         self.unet = unet

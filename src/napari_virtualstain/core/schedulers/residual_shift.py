@@ -25,7 +25,8 @@ eqs. (4)-(5) with eta_{t-1} replaced by eta_s:
 
 A model trained on all T steps can therefore be sampled on any subset that ends at the first step (``set_timesteps``).
 
-Written in diffusers' style (a ``ConfigMixin`` with ``set_timesteps``, ``step`` and ``add_noise``). Timesteps are
+Written in diffusers' style (a ``config``, ``from_config``, ``set_timesteps``, ``step`` and ``add_noise``), without
+importing diffusers (whose import costs ~70 MB and seconds before a prediction starts). Timesteps are
 0-based as in diffusers: index ``i`` holds eta_{i+1}, i.e. timestep ``T - 1`` is the noisiest and ``0`` the last.
 """
 
@@ -35,14 +36,12 @@ import math
 from dataclasses import dataclass
 
 import torch
-from diffusers.configuration_utils import ConfigMixin, register_to_config
-from diffusers.utils import BaseOutput
 
 __all__ = ["ResidualShiftScheduler", "ResidualShiftSchedulerOutput", "randn_per_item"]
 
 
 @dataclass
-class ResidualShiftSchedulerOutput(BaseOutput):
+class ResidualShiftSchedulerOutput:
     """What one reverse step returns.
 
     prev_sample: x_{t-1}, the input of the next step.
@@ -65,13 +64,27 @@ def randn_per_item(shape, generator) -> torch.Tensor:
     return torch.randn(tuple(shape), generator=generator)
 
 
-class ResidualShiftScheduler(ConfigMixin):
+class SchedulerConfig(dict):
+    """A scheduler's settings: a dict (stored as the bundle's ``scheduler``), read as attributes too (``config.kappa``)
+    as diffusers' configs are."""
+
+    def __getattr__(self, name):
+        try:
+            return self[name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+
+class ResidualShiftScheduler:
     """Scheduler for residual-shift diffusion; see the module docstring for the equations."""
 
-    config_name = "scheduler_config.json"
     order = 1
 
-    @register_to_config
+    @classmethod
+    def from_config(cls, config: dict) -> ResidualShiftScheduler:
+        """From a stored config; diffusers' bookkeeping keys (``_class_name``, ``_use_default_values``, ...) ignored."""
+        return cls(**{k: v for k, v in dict(config).items() if not k.startswith("_")})
+
     def __init__(
         self,
         num_train_timesteps: int = 15,
@@ -90,6 +103,8 @@ class ResidualShiftScheduler(ConfigMixin):
             raise ValueError("min_noise must be positive and give sqrt(eta_1) = min(min_noise/kappa, min_noise) < max_noise")
         if power <= 0:
             raise ValueError("power must be positive")
+        self.config = SchedulerConfig(num_train_timesteps=num_train_timesteps, kappa=kappa, power=power,
+                                      min_noise=min_noise, max_noise=max_noise)
         self.sqrt_etas = self._sqrt_eta_schedule(num_train_timesteps, kappa, power, min_noise, max_noise)
         self.etas = self.sqrt_etas**2
         # eta_{t-1} for every t; eta_0 = 0 makes the last step deterministic (eq. 5).
