@@ -234,6 +234,9 @@ def main(argv=None) -> int:
                         "it did before (a posted event, run ahead of the repaint), to compare in one run")
     parser.add_argument("--show", nargs="+", default=None, choices=["next-turn", "same-turn"],
                         help="a new layer shown a turn after its append (the plugin's default) or at once (before)")
+    parser.add_argument("--overlays", nargs="+", default=None, choices=["next-turn", "same-turn"],
+                        help="a new labels layer's drawing-tool overlays added a turn after its append (the plugin's "
+                             "default) or with it (before)")
     parser.add_argument("--checkpoint", default="demo-stain")
     parser.add_argument("--tick-ms", type=int, default=5)
     parser.add_argument("--cancel-at", type=float, default=0.3, help="fraction of the run at which Cancel is clicked")
@@ -271,25 +274,31 @@ def main(argv=None) -> int:
     from napari_virtualstain._widgets import _layers, _runner
 
     held, plugin_turn, plugin_show = _runner._hold_collector, _runner._BETWEEN_LAYERS_MS, _layers._SHOW_ON_NEXT_TURN
+    plugin_tools = _layers._DEFER_OVERLAYS
     turns = args.turn_ms or [plugin_turn]
     shows = args.show or ["next-turn" if plugin_show else "same-turn"]
-    variants = [(b, c, t, w) for b in args.backends for c in args.collector for t in turns for w in shows]
+    tools = args.overlays or ["next-turn" if plugin_tools else "same-turn"]
+    variants = [(b, c, t, w, o) for b in args.backends for c in args.collector for t in turns for w in shows
+                for o in tools]
     for round_ in range(args.repeats):
-        for backend, collector, turn, show in variants if round_ % 2 == 0 else variants[::-1]:
+        for backend, collector, turn, show, tool in variants if round_ % 2 == 0 else variants[::-1]:
             _runner._hold_collector = held if collector == "held" else (lambda *_: None)
             _runner._BETWEEN_LAYERS_MS = turn
             _layers._SHOW_ON_NEXT_TURN = show == "next-turn"
+            _layers._DEFER_OVERLAYS = tool == "next-turn"
             r = measure(backend, image, args.checkpoint, args.tick_ms, args.cancel_at)
-            r["round"], r["collector"], r["turn_ms"], r["show"] = round_, collector, turn, show
+            r["round"], r["collector"], r["turn_ms"], r["show"], r["overlays"] = round_, collector, turn, show, tool
             print(json.dumps(r), flush=True)
             results.append(r)
     _runner._hold_collector, _runner._BETWEEN_LAYERS_MS, _layers._SHOW_ON_NEXT_TURN = held, plugin_turn, plugin_show
+    _layers._DEFER_OVERLAYS = plugin_tools
     summary = {}
-    for backend, collector, turn, show in variants:
-        rs = [r for r in results
-              if (r["backend"], r["collector"], r["turn_ms"], r["show"]) == (backend, collector, turn, show)]
+    for backend, collector, turn, show, tool in variants:
+        rs = [r for r in results if (r["backend"], r["collector"], r["turn_ms"], r["show"], r["overlays"])
+              == (backend, collector, turn, show, tool)]
         key = ", ".join([backend] + ([f"collector {collector}"] if len(args.collector) > 1 else [])
-                        + ([f"turn {turn} ms"] if len(turns) > 1 else []) + ([f"show {show}"] if len(shows) > 1 else []))
+                        + ([f"turn {turn} ms"] if len(turns) > 1 else []) + ([f"show {show}"] if len(shows) > 1 else [])
+                        + ([f"overlays {tool}"] if len(tools) > 1 else []))
         summary[key] = {
             "max_stall_while_computing_ms": max(r["while_computing"]["max_stall_ms"] for r in rs),
             "p99_gap_while_computing_ms": max(r["while_computing"]["p99_gap_ms"] for r in rs),

@@ -232,6 +232,33 @@ def test_a_new_layer_is_drawn_on_the_turn_after_its_append(make_napari_viewer):
     assert [la.name for la in added] == ["shown", "off"] and not viewer.layers["off"].visible
 
 
+def test_a_new_labels_layer_gets_its_drawing_tools_a_turn_after_its_append(make_napari_viewer):
+    """The polygon and brush overlays' visuals are built on their own turn, and every added labels layer can be
+    painted on afterwards, also when the adding stopped right after the append (a widget closed mid-way)."""
+    from napari_virtualstain._widgets._layers import iter_add_layers
+
+    viewer = make_napari_viewer()
+    lab = np.zeros((16, 16), np.uint16)
+    lab[4:8, 4:8] = 1
+    steps = iter_add_layers(viewer, [(lab, {"name": "nuclei"}, "labels"), (lab, {"name": "cells"}, "labels")])
+    next(steps)
+    layer = viewer.layers["nuclei"]
+    assert "brush_stroke" not in layer._overlays  # appended without them
+    next(steps)
+    assert {"polygon", "brush_stroke"} <= set(layer._overlays)
+    canvas = viewer.window._qt_viewer.canvas
+    tools = {layer._overlays["polygon"], layer._overlays["brush_stroke"]}
+    assert tools <= set(canvas._layer_overlay_to_visual[layer])  # their visuals exist
+    next(steps)  # shown
+    next(steps)  # "cells" appended, then the adding stops
+    steps.close()
+    for la in viewer.layers:
+        la.mode = "paint"
+        la.paint((5, 5), 2)
+        assert la.data[5, 5] == 2
+    assert {"polygon", "brush_stroke"} <= set(viewer.layers["cells"]._overlays)
+
+
 def test_one_run_at_a_time(stain_setup, qtbot, notes):
     """A second run, from the same widget or another one, is refused with a message while the first runs."""
     from napari_virtualstain._widgets import StainWidget, UncertaintyWidget

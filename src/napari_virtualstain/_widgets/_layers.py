@@ -370,15 +370,29 @@ def _same_output(layer, kwargs: dict, kind: str) -> bool:
 
 
 _SHOW_ON_NEXT_TURN = True  # a new layer is appended hidden and shown a turn later (iter_add_layers)
+# napari 0.9 gives every Labels layer two drawing-tool overlays whose vispy visuals (~45 ms) are built in its append;
+# a new labels layer is appended without them and gets them back on the next turn (iter_add_layers)
+_LATER_OVERLAYS = ("polygon", "brush_stroke")
+_DEFER_OVERLAYS = True
+
+
+def _take_overlays(layer) -> dict:
+    """The drawing-tool overlays of a new, not yet appended Labels layer, taken out of it (empty where this napari
+    has none of that name: nothing is deferred then)."""
+    overlays = getattr(layer, "_overlays", None)
+    if not _DEFER_OVERLAYS or overlays is None:
+        return {}
+    return {key: overlays.pop(key) for key in _LATER_OVERLAYS if key in overlays}
 
 
 def iter_add_layers(viewer, tuples: list[LayerTuple], replace: bool = False, into: list | None = None):
     """Add layers one event-loop turn at a time (a Job's ``on_result`` generator: napari repaints in between),
     appending each added layer to ``into``.
 
-    A new visible layer is appended hidden and shown on the next turn: napari's append (its visual, the layer
-    controls, a Labels layer's overlays) and the first paint of its data then stall napari in two turns, not one
-    (worst stall 115–120 → 95–108.5 ms in one run; docs/benchmarks.md, "napari widgets").
+    A new visible layer is appended hidden and shown on the next turn, and a new labels layer gets its drawing-tool
+    overlays (polygon, brush) a turn after its append: napari's append (its visual, the layer controls), the
+    overlays' visuals and the first paint of the data then stall napari in separate turns, not one (worst stall
+    115–120 → 95–108.5 ms in one run with the show alone; docs/benchmarks.md, "napari widgets").
     ``replace``: a layer of the same name that is this plugin's earlier output for the same input, plane and
     channel gets the new data and provenance in place (no ``[1]`` duplicates stacked on it)."""
     from napari.layers import Layer
@@ -401,9 +415,15 @@ def iter_add_layers(viewer, tuples: list[LayerTuple], replace: bool = False, int
         layer = Layer.create(data, {**kwargs, "visible": False} if later else kwargs, kind)
         if contour is not None:
             layer.contour = contour
+        tools = _take_overlays(layer) if kind == "labels" else {}
         viewer.layers.append(layer)
         added.append(layer)
-        yield
+        try:
+            yield
+        finally:  # back even when the adding stops here (a closed widget): painting needs them
+            layer._overlays.update(tools)  # the canvas builds their visuals now (it listens to the overlay dict)
+        if tools:
+            yield
         if later:
             layer.visible = True
             yield
