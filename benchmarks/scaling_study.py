@@ -80,8 +80,11 @@ ARMS = {
     # the shipped recipe again under another seed (crops, augmentation draws, initial weights): how much of the
     # differences between arms is seed noise, and a second member for a deep ensemble (Lakshminarayanan et al. 2017)
     "aug_mse_dist_s1": [*AUG_DIST, "--seed", "1"],
+    # isl_aug's recipe under another seed: a second ISL member for a deep ensemble (issue 23)
+    "isl_aug_s1": ["--channels", "16,32,64,128", "--crop-size", "128", "--augment", "--seed", "1"],
 }
-ARM_CONFIGS = {"isl_aug": REPO / "configs/demo-isl.yaml", "isl_refine": REPO / "configs/demo-isl.yaml",
+ARM_CONFIGS = {"isl_aug": REPO / "configs/demo-isl.yaml", "isl_aug_s1": REPO / "configs/demo-isl.yaml",
+               "isl_refine": REPO / "configs/demo-isl.yaml",
                "pre_isl_dapi": REPO / "configs/isl-dapi-phase.yaml"}
 # arms trained in one run to this step (cosine: no snapshots along the way), after the steps of the network they start
 # from (the shipped 4x snapshot of aug_mse_dist): the table and figure count both

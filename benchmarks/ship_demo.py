@@ -6,7 +6,8 @@ the validation regions of its training config (never the held-out frames).
 
 The bundle keeps its training record (``training``: every command, the validation history) and gains
 ``training.shipped_from`` (the snapshot and why). Then, for the mean-anchored ``demo-stain``, train the refinement on
-it (docs/training.md, "Mean-anchored models") and run ``choose_defaults.py`` on that bundle.
+it (docs/training.md, "Mean-anchored models") and run ``choose_defaults.py`` on that bundle. ``--member`` adds
+independently trained snapshots of the same recipe: the shipped network is then the mean of all (a deep ensemble).
 """
 
 from __future__ import annotations
@@ -30,16 +31,27 @@ def main(argv=None) -> int:
     p.add_argument("--config", default="configs/demo-stain.yaml", help="its training config (validation regions)")
     p.add_argument("--note", default="", help="why this snapshot (e.g. the scaling study's validation winner)")
     p.add_argument("--results", default=None, help="write the defaults sweep (JSON) here")
+    p.add_argument("--member", action="append", default=[],
+                   help="a snapshot of the same recipe trained independently (another seed): its one-pass network "
+                        "joins the bundle's, which then answers as their mean (a deep ensemble); repeatable")
     args = p.parse_args(argv)
     src = load_bundle(args.snapshot)
     config = src.config
     config.name = args.name
     if args.description:
         config.description = args.description
+    others = [load_bundle(m) for m in args.member]
     config.training = {**config.training, "shipped_from": {"snapshot": str(args.snapshot), "id": src.id,
                                                            "note": args.note}}
+    if others:  # each member's own record: its recipe (seed) and validation history
+        config.training["members"] = [{"snapshot": m, "id": b.id, "commands": b.config.training.get("commands"),
+                                       "history": b.config.training.get("history")}
+                                      for m, b in zip(args.member, others)]
+    config.members = [f"member_{i}.safetensors" for i in range(1, len(others) + 1)]
     config.sampling = {}
-    bundle = save_bundle(args.output, config, src.unet, half=True, mean_unet=src.mean_unet if config.anchored else None)
+    one_pass = lambda b: b.mean_unet if b.config.anchored else b.unet  # noqa: E731
+    bundle = save_bundle(args.output, config, src.unet, half=True, mean_unet=src.mean_unet if config.anchored else None,
+                         members=[one_pass(b) for b in others])
     result = choose_sampling(bundle, load_config(args.config), log=print)
     bundle = write_sampling(args.output, result["chosen"], "napari_virtualstain.train.defaults on the validation "
                                                           "regions (benchmarks/ship_demo.py)")

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import cached_property
 from pathlib import Path
 
@@ -62,15 +62,29 @@ class Bundle:
     """A loaded checkpoint: validated config + UNet weights (+ scheduler); cheap to keep in a small cache."""
 
     def __init__(self, config: BundleConfig, state_dict: dict[str, torch.Tensor], path: Path | None, bundle_id: str,
-                 mean_state_dict: dict[str, torch.Tensor] | None = None):
+                 mean_state_dict: dict[str, torch.Tensor] | None = None,
+                 member_state_dicts: list[dict[str, torch.Tensor]] | None = None):
         self.config = config
         self.state_dict = state_dict
         self.mean_state_dict = mean_state_dict
+        self.member_state_dicts = member_state_dicts or []  # config.members' weights, in order
         self.path = path
         self.id = bundle_id
 
+    def _one_pass(self, unet_config: dict, state: dict, weights_name: str, field_name: str):
+        """The one-pass network: one UNet, or the mean of it and the bundle's further members (config.members)."""
+        first = _loaded_unet(unet_config, state, weights_name, field_name)
+        if not self.member_state_dicts:
+            return first
+        from .unet import NetworkMean
+
+        return NetworkMean([first] + [_loaded_unet(unet_config, m, name, field_name)
+                                      for m, name in zip(self.member_state_dicts, self.config.members)])
+
     @cached_property
     def unet(self):
+        if self.config.objective == "regression":
+            return self._one_pass(self.config.unet, self.state_dict, WEIGHTS_NAME, "unet")
         return _loaded_unet(self.config.unet, self.state_dict, WEIGHTS_NAME, "unet")
 
     @cached_property
@@ -78,7 +92,7 @@ class Bundle:
         """The one-pass mean predictor mu(x) of a mean-anchored bundle (None otherwise)."""
         if not self.config.anchored:
             return None
-        return _loaded_unet(self.config.mean_unet, self.mean_state_dict, MEAN_WEIGHTS_NAME, "mean_model.unet")
+        return self._one_pass(self.config.mean_unet, self.mean_state_dict, MEAN_WEIGHTS_NAME, "mean_model.unet")
 
     def make_scheduler(self, sampler: str | None = None, steps: int | None = None):
         """The bundle's sampler with timesteps set (None for regression); see ``schedulers.make_scheduler``.
@@ -113,7 +127,8 @@ class Bundle:
               else f"  inputs: {', '.join(c.input_names)}\n  outputs: {outs}\n")
         return (
             f"{c.name} [{self.short_id}] task={c.task} objective={c.objective}"
-            f"{(' (mean-anchored: mu(x) + ' + ('DDPM on the residual' if c.objective == 'ddpm' else 'residual-shift refinement') + ')') if c.anchored else ''}\n"
+            f"{(' (mean-anchored: mu(x) + ' + ('DDPM on the residual' if c.objective == 'ddpm' else 'residual-shift refinement') + ')') if c.anchored else ''}"
+            f"{f'; its one-pass network is the mean of {len(c.members) + 1} independently trained ones' if c.members else ''}\n"
             f"{io}"
             f"  tile {c.tile_size} overlap {c.tile_overlap}; pixel size "
             f"{f'{c.pixel_size_um} um' if c.pixel_size_um else 'not recorded (train with --pixel-size)'}\n"
@@ -180,25 +195,37 @@ def load_bundle(path: str | Path) -> Bundle:
     if weights.suffix.lower() != ".safetensors":
         raise BundleError(f"config.json: 'weights' is {weights.name!r}; weights load only from .safetensors. {_PICKLE_EXPLANATION}")
     state = _read_weights(weights, path)
+    members = [path / name for name in config.members]
+    member_states = [_read_weights(m, path) for m in members]
     if not config.anchored:
-        return Bundle(config, state, path, sha256_file(weights))
+        return Bundle(config, state, path, sha256_file(weights, *members), None, member_states)
     mean_weights = path / MEAN_WEIGHTS_NAME
     mean_state = _read_weights(mean_weights, path)
-    return Bundle(config, state, path, sha256_file(weights, mean_weights), mean_state)
+    return Bundle(config, state, path, sha256_file(weights, mean_weights, *members), mean_state, member_states)
 
 
 def save_bundle(path: str | Path, config: BundleConfig, unet: torch.nn.Module, half: bool = False,
-                mean_unet: torch.nn.Module | None = None) -> Bundle:
-    """Write ``config.json`` + ``model.safetensors`` (+ ``mean_model.safetensors`` for a mean-anchored bundle);
-    fp16 when ``half``: half the size, same predictions ±1e-3."""
+                mean_unet: torch.nn.Module | None = None, members: list[torch.nn.Module] = ()) -> Bundle:
+    """Write ``config.json`` + ``model.safetensors`` (+ ``mean_model.safetensors`` for a mean-anchored bundle, + one
+    file per name in ``config.members`` for ``members``, further one-pass networks); fp16 when ``half``: half the
+    size, same predictions ±1e-3."""
     from safetensors.torch import save_file
 
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     if config.anchored != (mean_unet is not None):
         raise ValueError("a mean-anchored bundle needs its mean network, and only it has one")
+    from .unet import NetworkMean
+
+    one_pass = mean_unet if config.anchored else unet
+    if isinstance(one_pass, NetworkMean) and not members:  # e.g. a refinement trained on a deep ensemble's mean
+        first, members = one_pass.members[0], list(one_pass.members[1:])
+        config = replace(config, members=config.members or [f"member_{i}.safetensors" for i in range(1, len(members) + 1)])
+        unet, mean_unet = (unet, first) if config.anchored else (first, mean_unet)
+    if len(members) != len(config.members):
+        raise ValueError(f"config.members names {len(config.members)} weights files; {len(members)} networks given")
     dtype = torch.float16 if half else torch.float32
-    for net, name in ((unet, WEIGHTS_NAME), (mean_unet, MEAN_WEIGHTS_NAME)):
+    for net, name in ((unet, WEIGHTS_NAME), (mean_unet, MEAN_WEIGHTS_NAME), *zip(members, config.members)):
         if net is None:
             continue
         state = {k: v.detach().to("cpu", dtype).contiguous() for k, v in net.state_dict().items()}
