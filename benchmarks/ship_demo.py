@@ -6,7 +6,7 @@ the validation regions of its training config (never the held-out frames).
 
 The bundle keeps its training record (``training``: every command, the validation history) and gains
 ``training.shipped_from`` (the snapshot and why). Then, for the mean-anchored ``demo-stain``, train the refinement on
-it (docs/training.md, "Mean-anchored models") and run ``choose_defaults.py`` on that bundle. ``--member`` adds
+it (docs/training.md, "Mean-anchored models") and run ``choose_defaults.py`` on that bundle. ``--network`` adds
 independently trained snapshots of the same recipe: the shipped network is then the mean of all (a deep ensemble).
 """
 
@@ -31,7 +31,7 @@ def main(argv=None) -> int:
     p.add_argument("--config", default="configs/demo-stain.yaml", help="its training config (validation regions)")
     p.add_argument("--note", default="", help="why this snapshot (e.g. the scaling study's validation winner)")
     p.add_argument("--results", default=None, help="write the defaults sweep (JSON) here")
-    p.add_argument("--member", action="append", default=[],
+    p.add_argument("--network", action="append", default=[],
                    help="a snapshot of the same recipe trained independently (another seed): its one-pass network "
                         "joins the bundle's, which then answers as their mean (a deep ensemble); repeatable")
     args = p.parse_args(argv)
@@ -40,18 +40,18 @@ def main(argv=None) -> int:
     config.name = args.name
     if args.description:
         config.description = args.description
-    others = [load_bundle(m) for m in args.member]
+    others = [load_bundle(m) for m in args.network]
     config.training = {**config.training, "shipped_from": {"snapshot": str(args.snapshot), "id": src.id,
                                                            "note": args.note}}
-    if others:  # each member's own record: its recipe (seed) and validation history
-        config.training["members"] = [{"snapshot": m, "id": b.id, "commands": b.config.training.get("commands"),
+    if others:  # each further network's own record: its recipe (seed) and validation history
+        config.training["networks"] = [{"snapshot": m, "id": b.id, "commands": b.config.training.get("commands"),
                                        "history": b.config.training.get("history")}
-                                      for m, b in zip(args.member, others)]
-    config.members = [f"member_{i}.safetensors" for i in range(1, len(others) + 1)]
+                                      for m, b in zip(args.network, others)]
+    config.networks = [f"network_{i}.safetensors" for i in range(2, len(others) + 2)]
     config.sampling = {}
     one_pass = lambda b: b.mean_unet if b.config.anchored else b.unet  # noqa: E731
     bundle = save_bundle(args.output, config, src.unet, half=True, mean_unet=src.mean_unet if config.anchored else None,
-                         members=[one_pass(b) for b in others])
+                         networks=[one_pass(b) for b in others])
     result = choose_sampling(bundle, load_config(args.config), log=print)
     bundle = write_sampling(args.output, result["chosen"], "napari_virtualstain.train.defaults on the validation "
                                                           "regions (benchmarks/ship_demo.py)")

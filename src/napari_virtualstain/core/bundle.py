@@ -63,23 +63,23 @@ class Bundle:
 
     def __init__(self, config: BundleConfig, state_dict: dict[str, torch.Tensor], path: Path | None, bundle_id: str,
                  mean_state_dict: dict[str, torch.Tensor] | None = None,
-                 member_state_dicts: list[dict[str, torch.Tensor]] | None = None):
+                 network_state_dicts: list[dict[str, torch.Tensor]] | None = None):
         self.config = config
         self.state_dict = state_dict
         self.mean_state_dict = mean_state_dict
-        self.member_state_dicts = member_state_dicts or []  # config.members' weights, in order
+        self.network_state_dicts = network_state_dicts or []  # config.networks' weights, in order
         self.path = path
         self.id = bundle_id
 
     def _one_pass(self, unet_config: dict, state: dict, weights_name: str, field_name: str):
-        """The one-pass network: one UNet, or the mean of it and the bundle's further members (config.members)."""
+        """The one-pass network: one UNet, or the mean of it and the bundle's further networks (config.networks)."""
         first = _loaded_unet(unet_config, state, weights_name, field_name)
-        if not self.member_state_dicts:
+        if not self.network_state_dicts:
             return first
         from .unet import NetworkMean
 
         return NetworkMean([first] + [_loaded_unet(unet_config, m, name, field_name)
-                                      for m, name in zip(self.member_state_dicts, self.config.members)])
+                                      for m, name in zip(self.network_state_dicts, self.config.networks)])
 
     @cached_property
     def unet(self):
@@ -128,7 +128,7 @@ class Bundle:
         return (
             f"{c.name} [{self.short_id}] task={c.task} objective={c.objective}"
             f"{(' (mean-anchored: mu(x) + ' + ('DDPM on the residual' if c.objective == 'ddpm' else 'residual-shift refinement') + ')') if c.anchored else ''}"
-            f"{f'; its one-pass network is the mean of {len(c.members) + 1} independently trained ones' if c.members else ''}\n"
+            f"{f'; its one-pass network is the mean of {len(c.networks) + 1} independently trained ones' if c.networks else ''}\n"
             f"{io}"
             f"  tile {c.tile_size} overlap {c.tile_overlap}; pixel size "
             f"{f'{c.pixel_size_um} um' if c.pixel_size_um else 'not recorded (train with --pixel-size)'}\n"
@@ -195,19 +195,19 @@ def load_bundle(path: str | Path) -> Bundle:
     if weights.suffix.lower() != ".safetensors":
         raise BundleError(f"config.json: 'weights' is {weights.name!r}; weights load only from .safetensors. {_PICKLE_EXPLANATION}")
     state = _read_weights(weights, path)
-    members = [path / name for name in config.members]
-    member_states = [_read_weights(m, path) for m in members]
+    others = [path / name for name in config.networks]
+    other_states = [_read_weights(m, path) for m in others]
     if not config.anchored:
-        return Bundle(config, state, path, sha256_file(weights, *members), None, member_states)
+        return Bundle(config, state, path, sha256_file(weights, *others), None, other_states)
     mean_weights = path / MEAN_WEIGHTS_NAME
     mean_state = _read_weights(mean_weights, path)
-    return Bundle(config, state, path, sha256_file(weights, mean_weights, *members), mean_state, member_states)
+    return Bundle(config, state, path, sha256_file(weights, mean_weights, *others), mean_state, other_states)
 
 
 def save_bundle(path: str | Path, config: BundleConfig, unet: torch.nn.Module, half: bool = False,
-                mean_unet: torch.nn.Module | None = None, members: list[torch.nn.Module] = ()) -> Bundle:
+                mean_unet: torch.nn.Module | None = None, networks: list[torch.nn.Module] = ()) -> Bundle:
     """Write ``config.json`` + ``model.safetensors`` (+ ``mean_model.safetensors`` for a mean-anchored bundle, + one
-    file per name in ``config.members`` for ``members``, further one-pass networks); fp16 when ``half``: half the
+    file per name in ``config.networks`` for ``networks``, further one-pass networks); fp16 when ``half``: half the
     size, same predictions ±1e-3."""
     from safetensors.torch import save_file
 
@@ -218,14 +218,14 @@ def save_bundle(path: str | Path, config: BundleConfig, unet: torch.nn.Module, h
     from .unet import NetworkMean
 
     one_pass = mean_unet if config.anchored else unet
-    if isinstance(one_pass, NetworkMean) and not members:  # e.g. a refinement trained on a deep ensemble's mean
-        first, members = one_pass.members[0], list(one_pass.members[1:])
-        config = replace(config, members=config.members or [f"member_{i}.safetensors" for i in range(1, len(members) + 1)])
+    if isinstance(one_pass, NetworkMean) and not networks:  # e.g. a refinement trained on a deep ensemble's mean
+        first, networks = one_pass.networks[0], list(one_pass.networks[1:])
+        config = replace(config, networks=config.networks or [f"network_{i}.safetensors" for i in range(2, len(networks) + 2)])
         unet, mean_unet = (unet, first) if config.anchored else (first, mean_unet)
-    if len(members) != len(config.members):
-        raise ValueError(f"config.members names {len(config.members)} weights files; {len(members)} networks given")
+    if len(networks) != len(config.networks):
+        raise ValueError(f"config.networks names {len(config.networks)} weights files; {len(networks)} networks given")
     dtype = torch.float16 if half else torch.float32
-    for net, name in ((unet, WEIGHTS_NAME), (mean_unet, MEAN_WEIGHTS_NAME), *zip(members, config.members)):
+    for net, name in ((unet, WEIGHTS_NAME), (mean_unet, MEAN_WEIGHTS_NAME), *zip(networks, config.networks)):
         if net is None:
             continue
         state = {k: v.detach().to("cpu", dtype).contiguous() for k, v in net.state_dict().items()}

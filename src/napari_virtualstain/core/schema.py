@@ -67,7 +67,7 @@ class BundleConfig:
     image_channels: list[str] = field(default_factory=list)
     # further weights files of the one-pass network (``unet`` of a regression bundle, ``mean_model`` of a
     # mean-anchored one), trained independently: the network answers as the mean of all (a deep ensemble)
-    members: list[str] = field(default_factory=list)
+    networks: list[str] = field(default_factory=list)
 
     @property
     def anchored(self) -> bool:
@@ -142,7 +142,7 @@ class BundleConfig:
         ) | ({"sampling": dict(self.sampling)} if self.sampling else {}) | (
             {"labels_from_stain": dict(self.labels_from_stain)} if self.labels_from_stain else {}) | (
             {"image_channels": list(self.image_channels)} if self.image_channels else {}) | (
-            {"members": list(self.members)} if self.members else {})
+            {"networks": list(self.networks)} if self.networks else {})
 
     @classmethod
     def from_dict(cls, d: dict) -> BundleConfig:
@@ -260,7 +260,7 @@ class BundleConfig:
             sampling=_sampling(d.get("sampling", {})),
             labels_from_stain=_labels_from_stain(d.get("labels_from_stain", {}), outputs),
             image_channels=list(d.get("image_channels", [])) if task == "classcond" else [],
-            members=_members(d.get("members", []), objective, residual),
+            networks=_networks(d.get("networks", []), objective, residual),
         )
 
 
@@ -285,19 +285,19 @@ def _mean_model(d: dict, residual: str, objective: str, n_in: int, n_out: int) -
     return unet
 
 
-def _members(names, objective: str, residual: str) -> list[str]:
-    """Weights files of the one-pass network's further members: plain .safetensors names in the bundle folder."""
+def _networks(names, objective: str, residual: str) -> list[str]:
+    """Weights files of the one-pass network's further networks: plain .safetensors names in the bundle folder."""
     if not names:
         return []
     if objective != "regression" and residual != "mean_prediction":
-        raise BundleError(f"config.json: 'members' are further one-pass networks; a {objective} bundle without a mean "
+        raise BundleError(f"config.json: 'networks' are further one-pass networks; a {objective} bundle without a mean "
                           "network has none")
     ok = (isinstance(names, list) and all(isinstance(n, str) and n.endswith(".safetensors") and "/" not in n
                                           and "\\" not in n and n not in (WEIGHTS_NAME, MEAN_WEIGHTS_NAME) for n in names)
           and len(set(names)) == len(names))
     if not ok:
-        raise BundleError("config.json: 'members' must be a list of distinct .safetensors file names in the bundle "
-                          f"folder (other than {WEIGHTS_NAME} and {MEAN_WEIGHTS_NAME}), e.g. [\"member_1.safetensors\"]")
+        raise BundleError("config.json: 'networks' must be a list of distinct .safetensors file names in the bundle "
+                          f"folder (other than {WEIGHTS_NAME} and {MEAN_WEIGHTS_NAME}), e.g. [\"network_2.safetensors\"]")
     return list(names)
 
 

@@ -256,19 +256,19 @@ class NetworkMean(nn.Module):
     """Several independently trained networks of one architecture, answering as their mean: a deep ensemble
     (Lakshminarayanan et al. 2017). Their errors are partly independent, so the mean is more accurate than either,
     and where they disagree the prediction is less certain (``core/confidence.py`` ensembles the mean). Costs one
-    pass per member."""
+    pass per network."""
 
-    def __init__(self, members: list[UNet]):
+    def __init__(self, networks: list[UNet]):
         super().__init__()
-        if len(members) < 2:
+        if len(networks) < 2:
             raise ValueError("a mean of networks needs at least two")
-        self.members = nn.ModuleList(members)
-        first = members[0]
+        self.networks = nn.ModuleList(networks)
+        first = networks[0]
         self.sample_size, self.in_channels, self.out_channels = first.sample_size, first.in_channels, first.out_channels
 
     def forward(self, sample: torch.Tensor, timestep, class_labels: torch.Tensor | None = None) -> UNetOutput:
         total = None
-        for net in self.members:
+        for net in self.networks:
             out = net(sample, timestep, class_labels=class_labels).sample.float()
             total = out if total is None else total + out
-        return UNetOutput(sample=total / len(self.members))
+        return UNetOutput(sample=total / len(self.networks))

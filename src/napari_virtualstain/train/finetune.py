@@ -53,7 +53,7 @@ def load_init_weights(unet, init: Bundle, config: BundleConfig) -> None:
     """Copy the source network's weights into ``unet`` (same architecture, checked by ``init_unet_config``)."""
     c = init.config
     source = init.unet if (c.objective == config.objective and c.anchored == config.anchored) else init.mean_unet
-    source = getattr(source, "members", [source])[0]  # a mean of networks: fine-tune its first (the bundle's own)
+    source = getattr(source, "networks", [source])[0]  # a mean of networks: fine-tune its first (the bundle's own)
     own = unet.state_dict()
     weights = {k: v for k, v in source.state_dict().items() if k in own and own[k].shape == v.shape}
     skipped = sorted(set(own) - set(weights))

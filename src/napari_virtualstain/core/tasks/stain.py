@@ -240,7 +240,7 @@ def run_stain_model(denoiser, config: BundleConfig, cond: torch.Tensor, plan: Ti
 
 def network_passes(config: BundleConfig, scheduler) -> int:
     """Network passes of one prediction: one per step of the chain, plus mu's for a mean-anchored bundle; one for a
-    one-pass model (what progress counts: a mean of networks, ``config.members``, is one step)."""
+    one-pass model (what progress counts: a mean of networks, ``config.networks``, is one step)."""
     return len(scheduler.timesteps) + int(config.anchored) if scheduler is not None else 1
 
 
@@ -352,7 +352,7 @@ def predict_stain(
         "samples": len(arrays),
         "sampler": sampler_name(config, scheduler),
         "steps": len(scheduler.timesteps) if scheduler is not None else 1,
-        "network_passes": (passes + len(config.members)) * n_tta,  # each member of a mean of networks runs too
+        "network_passes": (passes + len(config.networks)) * n_tta,  # every network of a mean of networks runs
         "labels_from": route,
         **run.provenance(np.shape(image), input_name),
         "input_pixel_size_um": pixel_size_um,

@@ -35,13 +35,13 @@ def pair(tmp_path):
     single_a = save_bundle(tmp_path / "a", make_tiny_config("regression"), a)
     single_b = save_bundle(tmp_path / "b", make_tiny_config("regression"), b)
     both = make_tiny_config("regression")
-    both.members = ["member_1.safetensors"]
-    return single_a, single_b, save_bundle(tmp_path / "ab", both, a, members=[b])
+    both.networks = ["network_2.safetensors"]
+    return single_a, single_b, save_bundle(tmp_path / "ab", both, a, networks=[b])
 
 
 def test_a_bundle_of_two_networks_predicts_their_mean(pair):
     single_a, single_b, both = pair
-    assert isinstance(both.unet, NetworkMean) and (both.path / "member_1.safetensors").is_file()
+    assert isinstance(both.unet, NetworkMean) and (both.path / "network_2.safetensors").is_file()
     image = np.random.default_rng(0).random((48, 40)).astype(np.float32) * 1000
     pa, pb, pab = (predict_stain(b, image, make_labels=False, settings=EXACT) for b in (single_a, single_b, both))
     # the networks' outputs are averaged: a stain (linear in them) is the mean of the two predictions; boundary and
@@ -53,33 +53,33 @@ def test_a_bundle_of_two_networks_predicts_their_mean(pair):
     assert "mean of 2 independently trained" in both.summary()
 
 
-def test_the_id_covers_every_member_and_a_missing_member_is_named(pair):
+def test_the_id_covers_every_network_and_a_missing_one_is_named(pair):
     single_a, _, both = pair
     assert both.id != single_a.id
-    path = both.path / "member_1.safetensors"
+    path = both.path / "network_2.safetensors"
     data = bytearray(path.read_bytes())
     data[-1] ^= 1
     path.write_bytes(bytes(data))
     assert load_bundle(both.path).id != both.id
     path.unlink()
-    with pytest.raises(BundleError, match="member_1.safetensors"):
+    with pytest.raises(BundleError, match="network_2.safetensors"):
         load_bundle(both.path)
 
 
-@pytest.mark.parametrize("members, words", [(["model.safetensors"], "distinct"), (["m.pt"], ".safetensors"),
+@pytest.mark.parametrize("networks, words", [(["model.safetensors"], "distinct"), (["m.pt"], ".safetensors"),
                                             (["../x.safetensors"], "file names")])
-def test_bad_members_are_a_clear_error(pair, members, words):
+def test_bad_networks_are_a_clear_error(pair, networks, words):
     _, _, both = pair
     cfg = json.loads((both.path / "config.json").read_text())
-    (both.path / "config.json").write_text(json.dumps(cfg | {"members": members}))
-    with pytest.raises(BundleError, match="members") as err:
+    (both.path / "config.json").write_text(json.dumps(cfg | {"networks": networks}))
+    with pytest.raises(BundleError, match="networks") as err:
         load_bundle(both.path)
     assert words in str(err.value)
 
 
-def test_members_of_an_anchored_bundle_are_its_mean_networks(tmp_path):
-    """A mean-anchored bundle's members join mu(x); the refinement is one network; saving a mean of networks as mu
-    writes it back as the same members."""
+def test_the_networks_of_an_anchored_bundle_are_its_mean_networks(tmp_path):
+    """A mean-anchored bundle's further networks join mu(x); the refinement is one network; saving a mean of networks as mu
+    writes it back as the same networks."""
     from conftest import make_tiny_config as tiny
 
     config = tiny()
@@ -90,7 +90,7 @@ def test_members_of_an_anchored_bundle_are_its_mean_networks(tmp_path):
     torch.manual_seed(2)
     refine = build_unet(anchored.unet)
     bundle = save_bundle(tmp_path / "anchored", anchored, refine, mean_unet=NetworkMean([mu_a, mu_b]))
-    assert bundle.config.members == ["member_1.safetensors"]
+    assert bundle.config.networks == ["network_2.safetensors"]
     assert isinstance(bundle.mean_unet, NetworkMean) and not isinstance(bundle.unet, NetworkMean)
     image = np.random.default_rng(1).random((40, 40)).astype(np.float32) * 1000
     res = predict_stain(bundle, image, make_labels=False, steps=2, settings=EXACT)
