@@ -18,6 +18,7 @@ import sys
 from pathlib import Path
 
 from napari_virtualstain.core.bundle import load_bundle, save_bundle
+from napari_virtualstain.core.export import one_pass_network
 from napari_virtualstain.train.data import load_config
 from napari_virtualstain.train.defaults import choose_sampling, write_sampling
 
@@ -49,9 +50,8 @@ def main(argv=None) -> int:
                                       for m, b in zip(args.network, others)]
     config.networks = [f"network_{i}.safetensors" for i in range(2, len(others) + 2)]
     config.sampling = {}
-    one_pass = lambda b: b.mean_unet if b.config.anchored else b.unet  # noqa: E731
     bundle = save_bundle(args.output, config, src.unet, half=True, mean_unet=src.mean_unet if config.anchored else None,
-                         networks=[one_pass(b) for b in others])
+                         networks=[one_pass_network(b)[0] for b in others])
     result = choose_sampling(bundle, load_config(args.config), log=print)
     bundle = write_sampling(args.output, result["chosen"], "napari_virtualstain.train.defaults on the validation "
                                                           "regions (benchmarks/ship_demo.py)")

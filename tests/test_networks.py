@@ -105,3 +105,20 @@ def test_fine_tuning_from_a_bundle_of_networks_starts_from_its_first(pair):
     load_init_weights(fresh, both, both.config)
     for k, v in single_a.unet.state_dict().items():
         torch.testing.assert_close(fresh.state_dict()[k], v)
+
+
+def test_the_mean_network_of_an_anchored_ensemble_exports_as_all_its_networks(tmp_path):
+    """The one-pass view of an anchored bundle (what bioimage.io export writes) keeps every network of mu."""
+    from napari_virtualstain.core.export import _mean_only
+
+    config = make_tiny_config()
+    anchored = type(config)(**{**config.__dict__, "residual_source": "mean_prediction",
+                               "unet": {**config.unet, "in_channels": config.unet["in_channels"] + 3},
+                               "mean_unet": make_tiny_config("regression").unet})
+    mu_a, mu_b = _nets(make_tiny_config("regression"), (0, 1))
+    bundle = save_bundle(tmp_path / "anchored", anchored, build_unet(anchored.unet), mean_unet=NetworkMean([mu_a, mu_b]))
+    mean = _mean_only(bundle)
+    assert isinstance(mean.unet, NetworkMean) and len(mean.unet.networks) == 2
+    image = np.random.default_rng(2).random((40, 40)).astype(np.float32) * 1000
+    res = predict_stain(mean, image, make_labels=False, settings=EXACT)
+    assert res.provenance["network_passes"] == 2

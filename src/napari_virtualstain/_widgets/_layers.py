@@ -421,7 +421,8 @@ def iter_add_layers(viewer, tuples: list[LayerTuple], replace: bool = False, int
         try:
             yield
         finally:  # back even when the adding stops here (a closed widget): painting needs them
-            layer._overlays.update(tools)  # the canvas builds their visuals now (it listens to the overlay dict)
+            if tools:  # the canvas builds their visuals now (it listens to the overlay dict)
+                layer._overlays.update(tools)
         if tools:
             yield
         if later:

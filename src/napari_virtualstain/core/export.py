@@ -183,7 +183,7 @@ def _mean_only(bundle: Bundle) -> Bundle:
     c = bundle.config
     config = replace(c, objective="regression", unet=c.mean_unet, mean_unet=None, scheduler=None,
                      residual_source="mean_input")
-    return Bundle(config, bundle.mean_state_dict, bundle.path, bundle.id)
+    return Bundle(config, bundle.mean_state_dict, bundle.path, bundle.id, None, bundle.network_state_dicts)
 
 
 def _ident(name: str) -> str:

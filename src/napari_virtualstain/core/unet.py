@@ -1,9 +1,9 @@
 """The project's UNet: the layout of diffusers' ``UNet2DModel`` for the blocks our bundles use, as plain modules.
 
 Why not diffusers' class itself: importing it pulls in torch._dynamo, sympy and scipy.stats (~160 MB resident and
-~4 s before a CLI prediction starts, measured on this CPU) for a network of a few plain layers. This module holds
-the same layers under the same parameter names, so every bundle's safetensors load unchanged and the outputs match
-``UNet2DModel`` (``tests/test_unet.py`` checks both against diffusers). Supported: ``DownBlock2D`` /
+2–4 s before a CLI prediction starts on this project's CPUs; docs/benchmarks.md, "Memory") for a network of a few
+plain layers. This module holds the same layers under the same parameter names, so every bundle's safetensors load
+unchanged and the outputs match ``UNet2DModel`` (``tests/test_unet.py`` checks both against diffusers). Supported: ``DownBlock2D`` /
 ``AttnDownBlock2D`` down, ``UpBlock2D`` / ``AttnUpBlock2D`` up, a mid block of resnet-attention-resnet, sinusoidal
 ("positional") timestep embedding and an optional class embedding (``num_class_embeds``).
 
