@@ -80,6 +80,7 @@ ARMS = {
     # the shipped recipe again under another seed (crops, augmentation draws, initial weights): how much of the
     # differences between arms is seed noise, and a second member for a deep ensemble (Lakshminarayanan et al. 2017)
     "aug_mse_dist_s1": [*AUG_DIST, "--seed", "1"],
+    "aug_mse_dist_s2": [*AUG_DIST, "--seed", "2"],  # a third member (issue 20: does a third network still pay?)
     # isl_aug's recipe under another seed: a second ISL member for a deep ensemble (issue 23)
     "isl_aug_s1": ["--channels", "16,32,64,128", "--crop-size", "128", "--augment", "--seed", "1"],
 }

@@ -17,10 +17,10 @@ import json
 import sys
 from pathlib import Path
 
-from napari_virtualstain.core.bundle import load_bundle, save_bundle
-from napari_virtualstain.core.export import one_pass_network
+from napari_virtualstain.core.bundle import load_bundle
 from napari_virtualstain.train.data import load_config
 from napari_virtualstain.train.defaults import choose_sampling, write_sampling
+from napari_virtualstain.train.ensemble import join_networks
 
 
 def main(argv=None) -> int:
@@ -41,17 +41,11 @@ def main(argv=None) -> int:
     config.name = args.name
     if args.description:
         config.description = args.description
-    others = [load_bundle(m) for m in args.network]
     config.training = {**config.training, "shipped_from": {"snapshot": str(args.snapshot), "id": src.id,
                                                            "note": args.note}}
-    if others:  # each further network's own record: its recipe (seed) and validation history
-        config.training["networks"] = [{"snapshot": m, "id": b.id, "commands": b.config.training.get("commands"),
-                                       "history": b.config.training.get("history")}
-                                      for m, b in zip(args.network, others)]
-    config.networks = [f"network_{i}.safetensors" for i in range(2, len(others) + 2)]
     config.sampling = {}
-    bundle = save_bundle(args.output, config, src.unet, half=True, mean_unet=src.mean_unet if config.anchored else None,
-                         networks=[one_pass_network(b)[0] for b in others])
+    # each further network's own record (its recipe, seed, validation history) lands in training.networks
+    bundle = join_networks(src, args.network, args.output, config=config, half=True)
     result = choose_sampling(bundle, load_config(args.config), log=print)
     bundle = write_sampling(args.output, result["chosen"], "napari_virtualstain.train.defaults on the validation "
                                                           "regions (benchmarks/ship_demo.py)")

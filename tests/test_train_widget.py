@@ -103,3 +103,20 @@ def test_train_widget_cancel_and_bad_picks(train_setup, qtbot, notes, tmp_path):
     assert widget.runner.last_outcome == "cancelled"
     assert not (tmp_path / "cancelled" / "config.json").exists()  # before the first validation: no checkpoint
     assert "no checkpoint was written" in widget.status.text()
+
+
+def test_train_widget_trains_a_deep_ensemble_with_one_progress(train_setup, qtbot, notes):
+    from napari_virtualstain.core.bundle import load_bundle
+
+    viewer, widget, copies = train_setup
+    widget.networks.setValue(2)
+    assert widget.run()
+    wait_done(qtbot, widget, timeout=180000)
+    assert widget.runner.last_outcome == "done", notes.all()
+    bundle = load_bundle(widget.last_output)
+    assert bundle.config.networks == ["network_2.safetensors"]  # predicts with the mean of two seeds' networks
+    assert [n["commands"] for n in bundle.config.training["networks"]]
+    widget._refresh_plots()
+    steps = [x for x, _ in widget._curves["loss 1"]]
+    assert steps == sorted(steps) and max(steps) == 20  # the second network's steps follow the first's on one axis
+    assert not notes.errors()

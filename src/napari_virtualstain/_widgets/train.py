@@ -97,6 +97,10 @@ class TrainWidget(BackgroundRun, QWidget):
         self.steps = spin_box(10, 1_000_000, 2000, "Optimiser steps (the recommended method adds half as many for "
                               "the refinement)", step=100)
         form.addRow("Steps", self.steps)
+        self.networks = spin_box(1, 8, 1, "Train the network this many times under different seeds and predict with "
+                                 "their mean (a deep ensemble): more accurate, N times the training time and the "
+                                 "network passes (docs/training.md)")
+        form.addRow("Networks", self.networks)
         out_row = QHBoxLayout()
         self.output = QLineEdit(str(Path.home() / "virtualstain-models" / "my-model"))
         self.output.setToolTip("The checkpoint folder to write (config.json + safetensors); resume reads it")
@@ -255,9 +259,11 @@ class TrainWidget(BackgroundRun, QWidget):
         method = METHODS[self.method.currentText()]
         steps = int(self.steps.value())
         init = self.start_from.currentData()
+        networks = int(self.networks.value())
         opts = TrainOptions(objective="regression", steps=steps, val_every=max(1, steps // 20), init=init,
-                            command=f"napari Train widget: {spec.source}")
-        total = steps + (refinement_steps(steps) if method == "recommended" else 0)
+                            networks=networks, command=f"napari Train widget: {spec.source}")
+        first = networks * steps  # the networks' steps, counted on across them (train/ensemble.py)
+        total = first + (refinement_steps(steps) if method == "recommended" else 0)
         with self._lock:
             self._curves = {}
         self.loss_plot.clear()
@@ -269,8 +275,14 @@ class TrainWidget(BackgroundRun, QWidget):
             def on_step(stage, step, loss):
                 if should_cancel():
                     raise Cancelled()
-                done = step + (steps if stage == 2 else 0)  # the bar adds the time left (BackgroundRun)
-                progress(done / total, f"{'refinement' if stage == 2 else 'network'} step {step}")
+                done = step + (first if stage == 2 else 0)  # the bar adds the time left (BackgroundRun)
+                if stage == 2:
+                    label = f"refinement step {step}"
+                elif networks > 1:
+                    label = f"network {(step - 1) // steps + 1}/{networks} step {(step - 1) % steps + 1}"
+                else:
+                    label = f"network step {step}"
+                progress(done / total, label)
                 with lock:
                     curves.setdefault(f"loss {stage}", []).append((done, loss))
 
@@ -278,7 +290,7 @@ class TrainWidget(BackgroundRun, QWidget):
                 with lock:
                     for ch, m in (record.get("val") or {}).items():
                         if ch in spec.stain_names or ch.endswith("foreground"):
-                            curves.setdefault(f"r {ch}", []).append((record["step"] + (steps if stage == 2 else 0),
+                            curves.setdefault(f"r {ch}", []).append((record["step"] + (first if stage == 2 else 0),
                                                                      m["pearson"]))
 
             # in a child process: target prep, saving and choosing defaults hold the interpreter lock in C calls,

@@ -46,6 +46,7 @@ class TrainOptions:
     augment: bool = False  # rotation/zoom + intensity augmentation (train/augment.py) on top of flips/rot90
     stage: str = ""  # shown before the progress (the recipe's "stage 1/3 mean network")
     init: str | None = None  # fine-tune: start from this bundle's weights (train/finetune.py)
+    networks: int = 1  # a deep ensemble: the one-pass network trained under this many seeds (train/ensemble.py)
     command: str = ""
     extra: dict = field(default_factory=dict)
 

@@ -45,8 +45,13 @@ def _child(payload: dict, messages, cancel) -> None:
             bundle, _ = train_recommended(spec, out, opts, resume=resume, log=lambda text: None, on_step=on_step,
                                           on_validate=on_validate)
         else:
-            bundle, _ = train(spec, out, opts, resume=resume, on_step=lambda s, v: on_step(1, s, v),
-                              on_validate=lambda r: on_validate(1, r))
+            hooks = {"on_step": lambda s, v: on_step(1, s, v), "on_validate": lambda r: on_validate(1, r)}
+            if opts.networks > 1:
+                from .ensemble import train_ensemble
+
+                bundle, _ = train_ensemble(spec, out, opts, resume=resume, hooks=hooks)
+            else:
+                bundle, _ = train(spec, out, opts, resume=resume, **hooks)
         messages.put(("done", str(bundle.path)))
     except Cancelled:
         messages.put(("cancelled",))

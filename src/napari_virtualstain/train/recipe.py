@@ -4,7 +4,8 @@
 (``--objective residual_shift`` CellResDM as published, ``regression`` the one-pass network alone, ``ddpm``).
 
 1. mean network mu (``--objective regression``, with the run's loss, distance head and augmentation), written to
-   ``B/training_state/mean_network`` (resume state, not a bundle to use);
+   ``B/training_state/mean_network`` (resume state, not a bundle to use); with ``--networks N`` N of them under N
+   seeds (``mean_network``, ``mean_network_2``, ...), and mu is their mean (``train/ensemble.py``);
 2. refinement (mean-anchored residual shift, kappa 1, MSE; half the steps): starts as mu exactly and is stored in
    ``B`` with mu inside — one folder, one id;
 3. sampling defaults (steps, samples, labels route, TTA) chosen on the validation regions (``train/defaults.py``).
@@ -22,15 +23,12 @@ from pathlib import Path
 
 from ..core.errors import VirtualStainError
 from .defaults import choose_sampling, write_sampling
+from .ensemble import check_networks, join_networks, member_folders, saved_step, train_members
 from .loop import STATE_DIR, TrainOptions, train
 
 MEAN_DIR = f"{STATE_DIR}/mean_network"
+MEAN_ENSEMBLE_DIR = f"{STATE_DIR}/mean_networks"  # --networks N > 1: the members joined, what the refinement refines
 RECIPE = "recommended: mean network, refinement on it (kappa 1), sampling defaults chosen on validation"
-
-
-def saved_step(folder: Path) -> int:
-    state = folder / STATE_DIR / "state.json"
-    return int(json.loads(state.read_text())["step"]) if state.is_file() else 0
 
 
 def refinement_steps(steps: int) -> int:
@@ -52,16 +50,21 @@ def train_recommended(spec, out: str | Path, opts: TrainOptions, resume: bool = 
     mean_dir = out / MEAN_DIR
     mean_opts = replace(opts, objective="regression", residual_source="mean_input", mean_from=None,
                         stage="stage 1/3 mean network", extra={**opts.extra, "recipe_stage": "mean network"})
+    mean_dirs = member_folders(mean_dir, check_networks(opts.networks), "mean_network_{i}")
     mean_step, ref_step = saved_step(mean_dir), saved_step(out)
     if resume and not mean_step:
         raise VirtualStainError(f"nothing to resume: {mean_dir} holds no saved training state; start without --resume")
-    mean_moved = False
-    if mean_step < opts.steps or not resume:
-        train(spec, mean_dir, mean_opts, resume=resume and mean_step > 0, **_hooks(1, on_step, on_validate))
-        mean_moved = True
-    else:
-        say(f"stage 1/3 mean network: done ({mean_step} steps)")
-    ref_opts = replace(opts, objective="residual_shift", residual_source="mean_prediction", mean_from=str(mean_dir),
+    mean_moved = train_members(spec, mean_dirs, mean_opts, resume, "stage 1/3 mean network", _hooks(1, on_step,
+                                                                                                  on_validate))
+    if not mean_moved:
+        say(f"stage 1/3 mean network: done ({mean_step} steps{f', {len(mean_dirs)} networks' if len(mean_dirs) > 1 else ''})")
+    mean_src = mean_dir
+    if len(mean_dirs) > 1:
+        mean_src = out / MEAN_ENSEMBLE_DIR
+        join_networks(mean_dir, mean_dirs[1:], mean_src)
+        say(f"stage 1/3 mean network: mu is the mean of {len(mean_dirs)} networks (seeds {opts.seed}-"
+            f"{opts.seed + len(mean_dirs) - 1})")
+    ref_opts = replace(opts, objective="residual_shift", residual_source="mean_prediction", mean_from=str(mean_src),
                        kappa=1.0, steps=refinement_steps(opts.steps), loss="mse", distance_head=False, augment=False,
                        init=None, stage="stage 2/3 refinement",
                        extra={**opts.extra, "recipe": RECIPE})
