@@ -100,8 +100,10 @@ def test_bad_requests_are_refused(trained, tiny_bundle_dir):
 
 
 def test_synthesis_is_seeded_per_sample(trained):
-    a = synthesize(trained, "C", 3, seed=5, steps=8, size=16, guidance=2.0, settings=RunSettings(batch_size=2))
-    b = synthesize(trained, "C", 1, seed=6, steps=8, size=16, guidance=2.0)
+    # float32: under bf16 with several threads, oneDNN's kernels (and rounding) depend on the batch size
+    a = synthesize(trained, "C", 3, seed=5, steps=8, size=16, guidance=2.0,
+                   settings=RunSettings(batch_size=2, half=False))
+    b = synthesize(trained, "C", 1, seed=6, steps=8, size=16, guidance=2.0, settings=RunSettings(half=False))
     assert a.images.shape == (3, 2, 16, 16) and a.provenance["seeds"] == [5, 6, 7]
     np.testing.assert_allclose(a.images[1], b.images[0], rtol=1e-4, atol=1e-2)
     assert not np.allclose(a.images[0], a.images[1])

@@ -94,9 +94,13 @@ def test_maps_equal_the_stack_of_step_estimates(ddpm, image, monkeypatch):
 
 def test_seeds_batched_equal_seeds_one_by_one(ddpm, image):
     seeds = [0, 1, 2]
+    # float32: under bf16 autocast with several threads oneDNN picks kernels per batch size, and their rounding,
+    # amplified over the chain, reaches ~8 % (a batch of 3 is not 3 batches of 1 then; the seeds are still the same)
+    exact = {"half": False}
     both = predict_uncertainty(ddpm, image, mode="both", seeds=seeds, steps=8, make_labels=False,
-                               settings=RunSettings(batch_size=4))
-    singles = [predict_uncertainty(ddpm, image, mode="steps", seeds=[s], steps=8, make_labels=False) for s in seeds]
+                               settings=RunSettings(batch_size=4, **exact))
+    singles = [predict_uncertainty(ddpm, image, mode="steps", seeds=[s], steps=8, make_labels=False,
+                                   settings=RunSettings(**exact)) for s in seeds]
     avgs = np.stack([r.maps["avg"] for r in singles])
     np.testing.assert_allclose(both.maps["avg"], avgs.mean(0), rtol=1e-4, atol=0.25)  # Hoechst range 1000: batch-order float noise
     np.testing.assert_allclose(both.maps["std_seeds"], avgs.std(0), rtol=1e-3, atol=0.25)
@@ -104,7 +108,7 @@ def test_seeds_batched_equal_seeds_one_by_one(ddpm, image):
     np.testing.assert_allclose(both.maps["std_steps"], rms, rtol=1e-3, atol=0.25)
     assert both.maps["std_seeds"].max() > 1.0  # different seeds really differ (Hoechst units)
     # the prediction is the first seed's final sample, exactly what plain prediction gives for that seed
-    plain = predict_stain(ddpm, image, seed=0, steps=8, make_labels=False)
+    plain = predict_stain(ddpm, image, seed=0, steps=8, make_labels=False, settings=RunSettings(**exact))
     np.testing.assert_allclose(both.stain.image, plain.image, rtol=1e-4, atol=0.25)  # Hoechst range 1000: batch-order float noise
     assert both.provenance["seeds"] == seeds and both.provenance["sampler"] == "ddim"
 

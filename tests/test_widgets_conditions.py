@@ -159,12 +159,14 @@ def test_synthesize_stack_per_channel(make_napari_viewer, qtbot, tiny_classcond_
     wait_done(qtbot, widget)
     assert widget.runner.last_outcome == "done", notes.all()
     assert layer_names(viewer) == ["NF-kB synthetic (A12)", "DNA synthetic (A12)"]
+    # the widget's batch size: under bf16 with several threads the rounding depends on it (that a sample's seed
+    # does not is tests/test_classcond.py's, in float32)
     expected = synthesize(get_bundle(tiny_classcond_dir), "A12", 3, seed=7, steps=3, size=32,
-                          settings=RunSettings(batch_size=4))
+                          settings=RunSettings(batch_size=2))
     for c, name in enumerate(layer_names(viewer)):
         out = viewer.layers[name]
         assert out.data.shape == (3, 32, 32)
-        # sample i uses seed 7 + i whatever the batching (2 here, 4 in the reference)
+        # sample i uses seed 7 + i
         np.testing.assert_allclose(out.data, expected.images[:, c], rtol=1e-4, atol=1e-2)
         assert out.metadata["seeds"] == [7, 8, 9] and out.metadata["class"] == "A12"
 
