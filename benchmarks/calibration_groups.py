@@ -17,6 +17,11 @@ calibrated on the others and the 90 % interval's coverage is measured on it, for
 - ``field_max`` (not a grouping): the largest of the calibration regions' own q̂ — pixels of one field are not
   independent, so the spread between fields, not the pixel count, decides how a new field is covered.
 
+``--sigma-floors`` sweeps σ0 of the score |y − ŷ| / (σ + σ0), as a fraction of the stain's fixed scale (the
+shipped ``core.confidence.SIGMA_FLOOR`` is one of them; ``inf`` = a constant-width interval, q̂ in stain units),
+with one q̂ for all pixels: how much of the interval should follow the ensemble's spread when the spread is 5-10x
+smaller than the error? Each floor reports the left-out regions' coverage and the mean half-width (stain units).
+
 A grouping that matches how the error varies keeps the coverage near 90 % on a region whose mix of bright and dim
 pixels differs from the calibration regions' — the failure the ISL quadrant showed (DAPI 82–83 %).
 """
@@ -25,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -35,6 +41,8 @@ from scaling_study import _frames, isl_regions  # noqa: E402
 
 from napari_virtualstain.core.bundle import load_bundle  # noqa: E402
 from napari_virtualstain.core.confidence import (  # noqa: E402
+    SIGMA_FLOOR,
+    _sigma0,
     conformal_quantile,
     conformity_scores,
     pixel_groups,
@@ -62,12 +70,38 @@ def regions(isl: bool):
             yield f"t{t}", bf, {"Hoechst": hoechst}, None
 
 
+def sweep_floors(items, stain: str, floors) -> dict:
+    """Leave-one-region-out 90 % coverage and mean half-width per σ0 fraction (one q̂ for all pixels)."""
+    out = {}
+    for f in floors:
+        def score(d):
+            return d["err"] if math.isinf(f) else d["err"] / (d["std"] + f * d["unit"])
+
+        def half(d, q):
+            return np.full(d["err"].shape, q) if math.isinf(f) else q * (d["std"] + f * d["unit"])
+
+        cov, width = [], []
+        for k, (_, per) in enumerate(items):
+            cal = np.concatenate([score(it[1][stain]) for j, it in enumerate(items) if j != k])
+            q = conformal_quantile(cal, LEVEL)
+            test = per[stain]
+            cov.append(float(np.mean(score(test) <= q)))
+            width.append(float(np.mean(half(test, q))))
+        out[f"{f:g}"] = {"per_region": [round(v, 4) for v in cov], "mean": round(float(np.mean(cov)), 4),
+                         "min": round(float(np.min(cov)), 4),
+                         "mean_abs_error": round(float(np.mean(np.abs(np.array(cov) - LEVEL))), 4),
+                         "half_width": round(float(np.mean(width)), 2)}
+    return out
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("bundle")
     p.add_argument("--isl", action="store_true", help="the ISL config's validation strips (else the scratch assay's)")
+    p.add_argument("--sigma-floors", default="", help="comma-separated σ0 fractions to sweep, e.g. 0,0.01,0.1,inf")
     p.add_argument("-o", "--output", required=True)
     args = p.parse_args(argv)
+    floors = [float(f) for f in args.sigma_floors.split(",") if f.strip()]
     bundle = load_bundle(args.bundle)
     items = []
     for name, image, truths, axis in regions(args.isl):
@@ -75,7 +109,10 @@ def main(argv=None) -> int:
                                settings=RunSettings(threads=1))
         pred = ens.prediction
         fg = pixel_groups(bundle, pred).ravel()
-        per = {s: {"score": conformity_scores(bundle, ens, s, truth).ravel(), "pred": pred.channel(s).ravel(), "fg": fg}
+        per = {s: {"score": conformity_scores(bundle, ens, s, truth).ravel(), "pred": pred.channel(s).ravel(), "fg": fg,
+                   "err": np.abs(np.asarray(truth, np.float64) - pred.channel(s)).ravel(),
+                   "std": ens.std[pred.channel_names.index(s)].ravel().astype(np.float64),
+                   "unit": _sigma0(bundle, s) / SIGMA_FLOOR}
                for s, truth in truths.items()}
         items.append((name, per))
         print("predicted", name, flush=True)
@@ -106,6 +143,10 @@ def main(argv=None) -> int:
                                   "mean_abs_error": round(float(np.mean(np.abs(np.array(vs) - LEVEL))), 4)}
                               for g, vs in rows.items()}
         print(s, json.dumps({g: (v["mean"], v["min"], v["mean_abs_error"]) for g, v in out["coverage"][s].items()}))
+        if floors:
+            out.setdefault("sigma_floor", {})[s] = sweep_floors(items, s, floors)
+            print(s, "sigma floors", json.dumps({f: (v["mean"], v["min"], v["half_width"])
+                                                 for f, v in out["sigma_floor"][s].items()}))
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)
     Path(args.output).write_text(json.dumps(out, indent=1))
     return 0
