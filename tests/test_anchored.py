@@ -83,6 +83,47 @@ def test_anchored_prediction_fewer_steps_and_sample_averaging(anchored_pair):
         predict_stain(bundle, bf, steps=16)
 
 
+def test_zero_steps_is_the_mean_network_alone(anchored_pair, tmp_path):
+    """0 steps = mu(x) in one pass, whatever the seed; a checkpoint without a mean network refuses 0 steps."""
+    mean, bundle, _ = anchored_pair
+    bf, _, _ = _synthetic_field(7)
+    plain = RunSettings(half=False)
+    mu = predict_stain(mean, bf, make_labels=False, settings=plain).image
+    zero = predict_stain(bundle, bf, make_labels=False, steps=0, seed=5, samples=3, settings=plain)
+    np.testing.assert_allclose(zero.image, mu, atol=1e-5 * np.abs(mu).max())
+    assert zero.provenance["steps"] == 0 and zero.provenance["network_passes"] == 1
+    assert zero.provenance["sampler"] == "mean network" and float(np.abs(zero.sample_std).max()) < 1e-5 * np.abs(mu).max()
+    cfg = json.loads((tmp_path / "anchored" / "config.json").read_text())
+    cfg["sampling"] = {"steps": 0}
+    (tmp_path / "anchored" / "config.json").write_text(json.dumps(cfg))
+    default = predict_stain(load_bundle(tmp_path / "anchored"), bf, make_labels=False, settings=plain)
+    assert default.provenance["steps"] == 0  # a validated default of 0 steps is used as such
+    with pytest.raises(VirtualStainError, match="mean-anchored"):
+        predict_stain(mean, bf, steps=0)
+    spec = load_folder(tmp_path / "data", input_names=["brightfield"], stain_names=["Hoechst"])  # data_folder's
+    plain_rs, _ = train(spec, tmp_path / "rs0", TrainOptions(**{**TINY, "steps": 1}))
+    with pytest.raises(VirtualStainError, match="1 or more steps"):
+        predict_stain(plain_rs, bf, steps=0)
+
+
+def test_validated_defaults_offer_the_mean_network_alone(anchored_pair, tmp_path):
+    """choose_sampling scores 0 steps (mu alone) beside the chains; a chosen 0 is written, reloads and is used."""
+    from napari_virtualstain.train.defaults import choose_sampling, write_sampling
+
+    _, bundle, _ = anchored_pair
+    spec = load_folder(tmp_path / "data", input_names=["brightfield"], stain_names=["Hoechst"])  # data_folder's
+    result = choose_sampling(bundle, spec, steps=(1, 15), samples=(1, 2), tta=(1,))
+    rows = {r["steps"]: r["r"] for r in result["steps_sweep"]}
+    assert sorted(rows) == [0, 1, 15]
+    chosen = result["chosen"]["steps"]
+    assert chosen == min(s for s, r in rows.items() if r >= max(rows.values()) - result["tolerance"])
+    again = write_sampling(tmp_path / "anchored", result["chosen"], "test")
+    bf, _, _ = _synthetic_field(7)
+    assert predict_stain(again, bf, make_labels=False).provenance["steps"] == chosen
+    forced = write_sampling(tmp_path / "anchored", {**result["chosen"], "steps": 0}, "test")
+    assert forced.config.sampling["steps"] == 0 and predict_stain(forced, bf).provenance["network_passes"] == 1
+
+
 def test_mean_prediction_needs_a_matching_regression_bundle(data_folder, tmp_path):  # noqa: F811
     spec = load_folder(data_folder, input_names=["brightfield"], stain_names=["Hoechst"])
     with pytest.raises(VirtualStainError, match="--mean-from"):

@@ -78,18 +78,21 @@ class Sampling:
     steps: dict
     max_steps: int
     editable: bool
+    min_steps: int = 1  # 0: a mean-anchored residual-shift checkpoint's mean network alone
 
 
 def sampling_options(bundle: Bundle, fast_default: bool = True) -> Sampling:
-    """Residual shift: 1 to its trained chain (default: the checkpoint's validated count, or the whole chain with
-    ``fast_default=False``, as step maps need); regression: one pass; DDPM: DDIM (50 steps) or DDPM (every step)."""
+    """Residual shift: 1 to its trained chain, or 0 (the mean network alone) for a mean-anchored one (default: the
+    checkpoint's validated count; the whole chain, from 1 step, with ``fast_default=False``, as step maps need);
+    regression: one pass; DDPM: DDIM (50 steps) or DDPM (every step)."""
     objective = bundle.config.objective
     if objective == "regression":
         return Sampling(("one pass",), {"one pass": 1}, 1, False)
     if objective == "residual_shift":
         n = int((bundle.config.scheduler or {}).get("num_train_timesteps", 15))
         default = int(bundle.config.sampling.get("steps", n)) if fast_default else n
-        return Sampling(("residual_shift",), {"residual_shift": default}, n, True)
+        return Sampling(("residual_shift",), {"residual_shift": default}, n, True,
+                        0 if fast_default and bundle.config.anchored else 1)
     from ..core.schedulers import DEFAULT_DDIM_STEPS, DIFFUSION_SAMPLERS
 
     total = int((bundle.config.scheduler or {}).get("num_train_timesteps", 1000))
@@ -360,7 +363,7 @@ class ModelControls(QWidget):
             self.sampler.addItems(list(sampling.samplers))
             self.sampler.blockSignals(False)
             self.sampler.setEnabled(len(sampling.samplers) > 1)
-            self.steps.setMaximum(sampling.max_steps)
+            self.steps.setRange(sampling.min_steps, sampling.max_steps)
             self._on_sampler_changed(sampling.samplers[0])
             self.steps.setEnabled(sampling.editable)
             if not sampling.editable:
@@ -380,8 +383,10 @@ class ModelControls(QWidget):
         if name in self._sampling.steps:
             self.steps.setValue(self._sampling.steps[name])
             if self._sampling.editable:
-                self.steps.setToolTip(f"Diffusion steps (1 to {self._sampling.max_steps}; {name} default "
-                                      f"{self._sampling.steps[name]})")
+                lo = self._sampling.min_steps
+                self.steps.setToolTip(f"Diffusion steps ({lo} to {self._sampling.max_steps}; {name} default "
+                                      f"{self._sampling.steps[name]})" + ("; 0 = the mean network alone, no "
+                                                                           "refinement" if lo == 0 else ""))
 
     # -- devices -----------------------------------------------------------------------------------------------
     def _fill_devices(self) -> None:

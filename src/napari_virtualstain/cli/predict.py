@@ -108,7 +108,8 @@ def add_parsers(sub) -> None:
                     help="ddpm checkpoints: ddim (default, --steps 50) or ddpm (every training step)")
     pr.add_argument("--steps", type=int, default=None,
                     help="sampling steps: ddpm checkpoints (DDIM default 50); residual-shift checkpoints: an evenly "
-                         "spaced subset of their chain (default: the checkpoint's validated count, else all)")
+                         "spaced subset of their chain, 0 = a mean-anchored checkpoint's mean network alone (default: the "
+                         "checkpoint's validated count, else all)")
     pr.add_argument("--samples", type=int, default=None,
                     help="average this many samples (seeds SEED..SEED+k-1, one batch): more accurate, less textured; "
                          "default: the checkpoint's validated count (else 1)")

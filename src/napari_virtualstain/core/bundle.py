@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import BundleError
+from .errors import BundleError, VirtualStainError
 from .schema import (  # noqa: F401 - re-exported: the names every module imports from bundle
     DIFFUSION_OBJECTIVES,
     FORMAT,
@@ -98,11 +98,16 @@ class Bundle:
         """The bundle's sampler with timesteps set (None for regression); see ``schedulers.make_scheduler``.
 
         Residual shift without ``steps``: the bundle's validated default (``sampling.steps``), else its full chain.
+        0 steps: a mean-anchored bundle's mean prediction mu(x) alone, no refinement (the default where refining did
+        not pay on validation, ``train.defaults``); a chain of no steps has no timesteps.
         """
         from .schedulers import make_scheduler
 
         if steps is None and self.config.objective == "residual_shift":
             steps = self.config.sampling.get("steps")
+        if steps == 0 and not (self.config.objective == "residual_shift" and self.config.anchored):
+            raise VirtualStainError(f"0 steps (the mean network alone) applies to a mean-anchored residual-shift "
+                                    f"checkpoint; {self.config.name!r} is not one: use 1 or more steps")
         return make_scheduler(self.config.objective, self.config.scheduler, sampler, steps)
 
     @property

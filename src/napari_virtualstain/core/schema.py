@@ -257,7 +257,8 @@ class BundleConfig:
             training=training,
             classes=list(classes),
             mean_unet=mean_unet,
-            sampling=_sampling(d.get("sampling", {})),
+            sampling=_sampling(d.get("sampling", {}), mean_only=objective == "residual_shift"
+                               and residual == "mean_prediction"),
             labels_from_stain=_labels_from_stain(d.get("labels_from_stain", {}), outputs),
             image_channels=list(d.get("image_channels", [])) if task == "classcond" else [],
             networks=_networks(d.get("networks", []), objective, residual),
@@ -301,15 +302,16 @@ def _networks(names, objective: str, residual: str) -> list[str]:
     return list(names)
 
 
-def _sampling(d) -> dict:
-    """Defaults a bundle was validated with: steps (residual-shift chain), samples (seeds averaged), labels_from,
-    tta (test-time flips/turns averaged);
+def _sampling(d, mean_only: bool = False) -> dict:
+    """Defaults a bundle was validated with: steps (residual-shift chain; 0 = a mean-anchored bundle's mean network
+    alone, ``mean_only``), samples (seeds averaged), labels_from, tta (test-time flips/turns averaged);
     classcond: guidance and strength of a translation."""
     if not isinstance(d, dict):
         raise BundleError("config.json: 'sampling' must be an object")
     for key in ("steps", "samples"):
-        if key in d and (not isinstance(d[key], int) or isinstance(d[key], bool) or d[key] < 1):
-            raise BundleError(f"config.json: 'sampling.{key}' must be a positive integer")
+        lowest = 0 if key == "steps" and mean_only else 1
+        if key in d and (not isinstance(d[key], int) or isinstance(d[key], bool) or d[key] < lowest):
+            raise BundleError(f"config.json: 'sampling.{key}' must be an integer >= {lowest}")
     if "guidance" in d and (not isinstance(d["guidance"], (int, float)) or isinstance(d["guidance"], bool)
                             or d["guidance"] < 0):
         raise BundleError("config.json: 'sampling.guidance' must be a number >= 0")

@@ -4,6 +4,9 @@ The candidates are predicted on exactly the regions training held out (``split_r
 of each stain (truth's 1–99.8 % scale, as ``virtualstain evaluate``) and nuclei/cell F1@0.5 of each labels route.
 Rules, in order (fewest network passes that are within ``tolerance`` of the best):
 - steps (diffusion bundles): the fewest whose mean stain r is within the tolerance of the best step count (k = 1);
+  a mean-anchored residual-shift bundle also offers 0 steps, its mean network alone: predict-then-refine refines
+  only where refining pays on the user's own validation regions (on the scratch assay a better mean network left
+  the refinement nothing to add, docs/benchmarks.md);
 - samples: the fewest k at those steps whose mean stain r is within the tolerance of the best k;
 - labels route: boundaries, stain or distance — the one with the highest F1 for the first labels set;
 - labels thresholds, model-free on the predictions: per route, the foreground threshold (0.3-0.6) and, for the
@@ -97,12 +100,13 @@ def choose_sampling(bundle: Bundle, spec: TrainingSpec, *, steps=(1, 2, 3, 4, 8,
     diffusion = c.objective != "regression"
     if diffusion and c.objective == "residual_shift":
         T = c.scheduler["num_train_timesteps"]
-        rows = [run(steps=s) for s in steps if s <= T]
+        candidates = ((0,) if c.anchored else ()) + tuple(s for s in steps if 1 <= s <= T)
+        rows = [run(steps=s) for s in candidates]
         n_steps = _fewest(rows, "steps", r_of, tolerance)
     else:
         rows, n_steps = [run()], None
     krows = [next(r for r in rows if r["steps"] == n_steps)]
-    if diffusion:
+    if diffusion and n_steps != 0:  # the mean network alone draws no noise: every sample is the same
         krows += [run(steps=n_steps, samples=k) for k in samples if k > 1]
     n_samples = _fewest(krows, "samples", r_of, tolerance)
     chosen = next(r for r in krows if r["samples"] == n_samples)
@@ -123,7 +127,8 @@ def choose_sampling(bundle: Bundle, spec: TrainingSpec, *, steps=(1, 2, 3, 4, 8,
             row["f1_tuned"] = max((g["f1"] for g in tuned[row["tta"]][1]), default=f1_of(row))
             say(f"tta {row['tta']}: F1 {first_set} with the best route and thresholds {row['f1_tuned']:.3f}")
     n_tta = _fewest(keeps_r, "tta", lambda r: r.get("f1_tuned", f1_of(r)), tolerance)
-    picked = {"samples": n_samples, "labels_from": route, "tta": n_tta} | ({"steps": n_steps} if n_steps else {})
+    picked = {"samples": n_samples, "labels_from": route, "tta": n_tta} | ({"steps": n_steps} if n_steps is not None
+                                                                          else {})
     result = {"bundle_id": bundle.id, "validation_regions": len(regions), "chosen": picked, "steps_sweep": rows,
               "samples_sweep": krows, "tta_sweep": trows, "tolerance": tolerance}
     if n_tta in tuned:

@@ -125,12 +125,13 @@ class ResidualShiftScheduler:
     # -- diffusers scheduler API -------------------------------------------------------------------------------
     def set_timesteps(self, num_inference_steps: int | None = None, device: str | torch.device | None = None):
         """Sample over all T trained steps (default) or an evenly spaced subset of ``num_inference_steps`` of them
-        that always holds the noisiest and the last step (eq. 6)."""
+        that always holds the noisiest and the last step (eq. 6). 0: no step (a mean-anchored bundle's mean
+        prediction alone, ``Bundle.make_scheduler``)."""
         T = self.config.num_train_timesteps
         n = T if num_inference_steps is None else int(num_inference_steps)
-        if not 1 <= n <= T:
+        if not 0 <= n <= T:
             raise ValueError(f"steps must be between 1 and {T} (the steps this residual-shift model was trained with); got {n}")
-        picked = sorted({int(round(v)) for v in torch.linspace(T - 1, 0, n).tolist()}, reverse=True)
+        picked = sorted({int(round(v)) for v in torch.linspace(T - 1, 0, n).tolist()}, reverse=True) if n else []
         self.num_inference_steps = len(picked)
         self.timesteps = torch.tensor(picked, dtype=torch.long, device=device)
         # eta_s of the step each timestep goes to (0 after the last one)
