@@ -8,7 +8,8 @@
    seeds (``mean_network``, ``mean_network_2``, ...), and mu is their mean (``train/ensemble.py``);
 2. refinement (mean-anchored residual shift, kappa 1, MSE; half the steps): starts as mu exactly and is stored in
    ``B`` with mu inside — one folder, one id;
-3. sampling defaults (steps, samples, labels route, TTA) chosen on the validation regions (``train/defaults.py``).
+3. sampling defaults (steps, samples, labels route, TTA) chosen on the validation regions (``train/defaults.py``);
+   0 steps — mu alone — where the refinement does not beat it there.
 
 ``--resume`` continues whichever stage was running; if the mean network trains on (a larger ``--steps``), the
 refinement starts again, because it was fitted to the old mu.
@@ -83,4 +84,7 @@ def train_recommended(spec, out: str | Path, opts: TrainOptions, resume: bool = 
     bundle = write_sampling(out, result["chosen"], "napari_virtualstain.train.recipe on the validation regions")
     (out / "defaults.json").write_text(json.dumps(result, indent=1))
     say(f"  chosen: {result['chosen']}")
+    if result["chosen"].get("steps") == 0:
+        say("  the refinement did not beat the mean network on the validation regions: predictions default to the "
+            "mean network alone (--steps 1 or more runs the refinement; uncertainty maps use its chain)")
     return bundle, history
