@@ -340,16 +340,19 @@ def test_checkpoint_picker(make_napari_viewer, tmp_path, notes, tiny_bundle_dir,
     assert "demo-stain" in items and items[-1] == "Choose folder…"
     assert set(items[:-1]) <= set(bundled_checkpoints())
     assert controls.bundle.config.name == "demo-stain" and "Hoechst" in controls.summary.text()
-    # residual shift: 1 to its trained chain, defaulting to the count the checkpoint was validated with
+    # residual shift: 1 to its trained chain (0: a mean-anchored one's mean network alone), defaulting to the count
+    # the checkpoint was validated with
     cfg = controls.bundle.config
     assert controls.steps.isEnabled() and controls.steps.maximum() == cfg.scheduler["num_train_timesteps"]
+    assert controls.steps.minimum() == (0 if cfg.anchored else 1)
     assert controls.steps.value() == cfg.sampling.get("steps", cfg.scheduler["num_train_timesteps"])
     assert widget.samples.value() == cfg.sampling.get("samples", 1) and widget.samples.isEnabled()
     assert widget.labels_from.currentText() == cfg.sampling.get("labels_from", "boundaries")
     # uncertainty: step maps need the whole chain, whatever the fast predict default is
     from napari_virtualstain._widgets.uncertainty import UncertaintyWidget
 
-    assert UncertaintyWidget(viewer).controls.steps.value() == cfg.scheduler["num_train_timesteps"]
+    unc = UncertaintyWidget(viewer).controls
+    assert unc.steps.value() == cfg.scheduler["num_train_timesteps"] and unc.steps.minimum() == 1
     (tmp_path / "empty").mkdir()
     assert controls.set_checkpoint(tmp_path / "empty") is None
     assert "config.json" in notes.errors()[-1]
