@@ -122,6 +122,7 @@ def test_validated_defaults_offer_the_mean_network_alone(anchored_pair, tmp_path
     assert predict_stain(again, bf, make_labels=False).provenance["steps"] == chosen
     forced = write_sampling(tmp_path / "anchored", {**result["chosen"], "steps": 0}, "test")
     assert forced.config.sampling["steps"] == 0 and predict_stain(forced, bf).provenance["network_passes"] == 1
+    assert "steps 0 (the mean network alone" in forced.summary()  # what `virtualstain info` prints
 
 
 def test_mean_prediction_needs_a_matching_regression_bundle(data_folder, tmp_path):  # noqa: F811

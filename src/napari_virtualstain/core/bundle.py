@@ -138,7 +138,19 @@ class Bundle:
             f"  tile {c.tile_size} overlap {c.tile_overlap}; pixel size "
             f"{f'{c.pixel_size_um} um' if c.pixel_size_um else 'not recorded (train with --pixel-size)'}\n"
             f"  trained on: {c.training.get('data', 'unknown')}"
+            f"{self._defaults_line()}"
         )
+
+    def _defaults_line(self) -> str:
+        """The validated sampling defaults, if any ('' otherwise); 0 steps said in words."""
+        s = {k: v for k, v in self.config.sampling.items() if k != "chosen_by"}
+        if not s:
+            return ""
+        parts = [f"{k.replace('_', ' ')} {v}" for k, v in s.items() if k != "steps"]
+        if "steps" in s:
+            parts.insert(0, "steps 0 (the mean network alone: refining did not pay on validation)" if s["steps"] == 0
+                         else f"steps {s['steps']}")
+        return "\n  defaults (validated): " + ", ".join(parts)
 
 
 def _loaded_unet(unet_config: dict, state: dict, weights_name: str, field_name: str):
