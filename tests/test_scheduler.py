@@ -100,10 +100,12 @@ def test_set_timesteps():
     assert s.timesteps.tolist() == [5, 2, 0]
     s.set_timesteps(1)
     assert s.timesteps.tolist() == [5]
-    for n in (0, 7, 50):
+    for n in (-1, 7, 50):
         with pytest.raises(ValueError, match="6"):
             s.set_timesteps(n)
     assert s.timesteps.tolist() == [5]  # a refused call leaves the scheduler usable
+    s.set_timesteps(0)  # no step: what Bundle.make_scheduler allows only for a mean-anchored bundle (mu alone)
+    assert s.timesteps.tolist() == []
 
 
 def test_config_round_trip():
