@@ -92,7 +92,7 @@ def sampling_options(bundle: Bundle, fast_default: bool = True) -> Sampling:
         n = int((bundle.config.scheduler or {}).get("num_train_timesteps", 15))
         default = int(bundle.config.sampling.get("steps", n)) if fast_default else n
         return Sampling(("residual_shift",), {"residual_shift": default}, n, True,
-                        0 if fast_default and bundle.config.anchored else 1)
+                        0 if fast_default and bundle.config.takes_zero_steps else 1)
     from ..core.schedulers import DEFAULT_DDIM_STEPS, DIFFUSION_SAMPLERS
 
     total = int((bundle.config.scheduler or {}).get("num_train_timesteps", 1000))

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import BundleError, VirtualStainError
+from .errors import BundleError
 from .schema import (  # noqa: F401 - re-exported: the names every module imports from bundle
     DIFFUSION_OBJECTIVES,
     FORMAT,
@@ -105,10 +105,8 @@ class Bundle:
 
         if steps is None and self.config.objective == "residual_shift":
             steps = self.config.sampling.get("steps")
-        if steps == 0 and not (self.config.objective == "residual_shift" and self.config.anchored):
-            raise VirtualStainError(f"0 steps (the mean network alone) applies to a mean-anchored residual-shift "
-                                    f"checkpoint; {self.config.name!r} is not one: use 1 or more steps")
-        return make_scheduler(self.config.objective, self.config.scheduler, sampler, steps)
+        return make_scheduler(self.config.objective, self.config.scheduler, sampler, steps,
+                              zero_steps=self.config.takes_zero_steps)
 
     @property
     def short_id(self) -> str:

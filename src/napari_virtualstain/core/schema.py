@@ -75,6 +75,11 @@ class BundleConfig:
         return self.residual_source == "mean_prediction"
 
     @property
+    def takes_zero_steps(self) -> bool:
+        """0 steps — the mean network alone, no refinement — is a sampling choice of this bundle."""
+        return takes_zero_steps(self.objective, self.residual_source)
+
+    @property
     def null_class(self) -> int:
         """The class index trained as 'no class' (condition dropout), used for classifier-free guidance."""
         return len(self.classes)
@@ -257,8 +262,7 @@ class BundleConfig:
             training=training,
             classes=list(classes),
             mean_unet=mean_unet,
-            sampling=_sampling(d.get("sampling", {}), mean_only=objective == "residual_shift"
-                               and residual == "mean_prediction"),
+            sampling=_sampling(d.get("sampling", {}), mean_only=takes_zero_steps(objective, residual)),
             labels_from_stain=_labels_from_stain(d.get("labels_from_stain", {}), outputs),
             image_channels=list(d.get("image_channels", [])) if task == "classcond" else [],
             networks=_networks(d.get("networks", []), objective, residual),
@@ -300,6 +304,12 @@ def _networks(names, objective: str, residual: str) -> list[str]:
         raise BundleError("config.json: 'networks' must be a list of distinct .safetensors file names in the bundle "
                           f"folder (other than {WEIGHTS_NAME} and {MEAN_WEIGHTS_NAME}), e.g. [\"network_2.safetensors\"]")
     return list(names)
+
+
+def takes_zero_steps(objective: str, residual_source: str) -> bool:
+    """A mean-anchored residual-shift bundle can skip its refinement: its chain starts from mu(x), which it can
+    return alone (``BundleConfig.takes_zero_steps``; a DDPM's chain starts from noise)."""
+    return objective == "residual_shift" and residual_source == "mean_prediction"
 
 
 def _sampling(d, mean_only: bool = False) -> dict:

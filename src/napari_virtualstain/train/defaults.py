@@ -100,7 +100,7 @@ def choose_sampling(bundle: Bundle, spec: TrainingSpec, *, steps=(1, 2, 3, 4, 8,
     diffusion = c.objective != "regression"
     if diffusion and c.objective == "residual_shift":
         T = c.scheduler["num_train_timesteps"]
-        candidates = ((0,) if c.anchored else ()) + tuple(s for s in steps if 1 <= s <= T)
+        candidates = ((0,) if c.takes_zero_steps else ()) + tuple(s for s in steps if 1 <= s <= T)
         rows = [run(steps=s) for s in candidates]
         n_steps = _fewest(rows, "steps", r_of, tolerance)
     else:

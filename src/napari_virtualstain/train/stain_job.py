@@ -227,7 +227,8 @@ def validate(unet, config: BundleConfig, val_arrays, opts: TrainOptions, device,
     anchor = len(config.output_channels) if config.anchored and config.objective == "residual_shift" else 0
     denoiser = Denoiser(unet, anchor_channels=anchor, channels_last=False)  # the model being trained: keep its layout
     mean_denoiser = Denoiser(mean_unet, channels_last=False) if mean_unet is not None else None
-    scheduler = make_scheduler(config.objective, config.scheduler, steps=opts.val_steps)
+    scheduler = make_scheduler(config.objective, config.scheduler, steps=opts.val_steps,
+                               zero_steps=config.takes_zero_steps)
     factor = downsample_factor(config.unet)
     per_channel: dict[str, list[dict]] = {n: [] for n in config.output_names}
     for cond, tgt in val_arrays:

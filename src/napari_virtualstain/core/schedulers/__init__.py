@@ -32,14 +32,21 @@ def default_ddpm_config(num_train_timesteps: int = 1000, prediction_type: str = 
     return {k: v for k, v in sched.config.items() if not k.startswith("_")}
 
 
-def make_scheduler(objective: str, config: dict | None, sampler: str | None = None, steps: int | None = None):
+def make_scheduler(objective: str, config: dict | None, sampler: str | None = None, steps: int | None = None,
+                   zero_steps: bool = False):
     """A scheduler with its timesteps set, or None for a one-pass regression model.
 
     residual_shift: its full short chain, or ``steps`` evenly spaced steps of it (eq. 6 of ``residual_shift.py``).
     ddpm: ``sampler`` "ddim" (default, ``steps`` default 50, eta 0) or "ddpm" (``steps`` default: every training step);
     "ddim_inverse" runs DDIM forwards (image -> noise) on the same timesteps, for translation.
+    ``zero_steps``: 0 steps (a chain with no timesteps: the mean network alone) is allowed — only for a
+    mean-anchored residual-shift bundle (``BundleConfig.takes_zero_steps``).
     """
     from ..errors import VirtualStainError
+
+    if steps == 0 and not zero_steps:
+        raise VirtualStainError("0 steps (the mean network alone) applies to a mean-anchored residual-shift "
+                                "checkpoint only: use 1 or more steps")
 
     if objective == "regression":
         if sampler not in (None, "") or steps is not None:

@@ -223,11 +223,9 @@ def run_stain_model(denoiser, config: BundleConfig, cond: torch.Tensor, plan: Ti
             cond = with_mean_prediction(mean_denoiser, cond, plan, batch_size, hooks.tile_callback(0, passes + 1))
             hooks = _shifted(hooks, passes + 1)
             passes += 1
-            if passes == 1 and config.objective == "residual_shift":  # 0 steps: mu(x) alone, as every seed's output
+            if len(scheduler.timesteps) == 0:  # 0 steps (config.takes_zero_steps): mu(x) alone, every seed's output
                 n = 1 if isinstance(seed, int) else len(seed)
                 return cond[:, -len(config.output_channels):].expand(n, -1, -1, -1).clone(), passes
-        if passes == 0:
-            raise VirtualStainError(f"checkpoint {config.name!r} has no mean network to predict with in 0 steps")
         mu = cond[:, -len(config.output_channels):] if config.anchored and config.objective == "ddpm" else None
         if mu is not None and hooks.on_step is not None:  # the chain's x̂0 is a residual: report mu + residual
             inner = hooks.on_step
