@@ -81,6 +81,8 @@ ARMS = {
     # differences between arms is seed noise, and a second member for a deep ensemble (Lakshminarayanan et al. 2017)
     "aug_mse_dist_s1": [*AUG_DIST, "--seed", "1"],
     "aug_mse_dist_s2": [*AUG_DIST, "--seed", "2"],  # a third member (issue 20: does a third network still pay?)
+    # elastic deformation on top (Ronneberger et al. 2015): augmentation is what moved the plateau; does more of it?
+    "aug_elastic_dist": [*AUG_DIST, "--elastic", "3"],
     # isl_aug's recipe under another seed: a second ISL member for a deep ensemble (issue 23)
     "isl_aug_s1": ["--channels", "16,32,64,128", "--crop-size", "128", "--augment", "--seed", "1"],
 }

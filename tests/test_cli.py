@@ -132,15 +132,17 @@ def test_bundled_checkpoints_predict_held_out_real_crop(shared_data, tmp_path, n
 @pytest.mark.parametrize("name", ["demo-stain", "demo-stain-regression"])
 def test_shipped_stain_demos_keep_their_held_out_nuclei_quality(shared_data, name):
     """Held-out t=9 (never trained or tuned on), the bundle's validated defaults: nuclei F1@0.5 and Hoechst r may not
-    fall below what round 3b shipped (measured 0.655-0.659 / 0.648-0.650; round 3a 0.595 / 0.635; round 2 F1 ~0.47)."""
+    fall below what round 5 ships (both demos' default is the two-network mean: measured 0.712 / 0.662 on AMD EPYC
+    bf16, 1 and 2 threads; round 3b 0.655-0.659 / 0.648-0.650; round 2 F1 ~0.47). The margin is ~2 nuclei of t9's
+    ~80, for another CPU's bf16 kernels."""
     from napari_virtualstain.core.bundle import load_bundle
     from napari_virtualstain.core.metrics import match_labels, pearson
     from napari_virtualstain.core.tasks.stain import predict_stain
 
     data = tifffile.imread(shared_data / "ndev_scratch_assay" / "scratch-assay-labeled-10T-2Ch.tiff")
     res = predict_stain(load_bundle(name), data[1, 9], settings=RunSettings(threads=1))
-    assert match_labels(data[2, 9], res.labels["nuclei"], 0.5)["f1"] > 0.63
-    assert pearson(res.channel("Hoechst"), data[0, 9].astype(np.float64)) > 0.63
+    assert match_labels(data[2, 9], res.labels["nuclei"], 0.5)["f1"] > 0.68
+    assert pearson(res.channel("Hoechst"), data[0, 9].astype(np.float64)) > 0.64
 
 
 @pytest.mark.skipif("demo-stain" not in bundled_checkpoints(), reason="demo checkpoint not bundled")
@@ -154,9 +156,10 @@ def test_demo_command_runs_offline_on_sample_data(tmp_path, capsys):
     assert (tmp_path / "scratch_assay_nuclei_labels.tif").exists()
 
 
-@pytest.mark.parametrize("name, min_r", [("demo-isl", 0.6), ("demo-isl-regression", 0.7)])
+@pytest.mark.parametrize("name, min_r", [("demo-isl", 0.87), ("demo-isl-regression", 0.88)])
 def test_isl_checkpoints_predict_held_out_quadrant(shared_data, tmp_path, name, min_r):
-    """13 phase-contrast planes (channels first) -> MAP2 on a crop of the held-out quadrant (measured r 0.81 / 0.90)."""
+    """13 phase-contrast planes (channels first) -> MAP2 on a crop of the held-out quadrant: may not fall below what
+    the shipped bundles reach (round 3d / 3c: measured r 0.901 / 0.910; round 1 0.81 / 0.90)."""
     if name not in bundled_checkpoints():
         pytest.skip(f"{name} not bundled")
     from napari_virtualstain.core.io import read_image

@@ -13,7 +13,7 @@ from napari_virtualstain.core.errors import VirtualStainError
 from napari_virtualstain.core.metrics import match_labels
 from napari_virtualstain.core.postprocess import boundaries_to_labels, distance_target, distance_to_labels
 from napari_virtualstain.core.tasks.stain import labels_from_channels, predict_stain
-from napari_virtualstain.train.augment import augment_batch
+from napari_virtualstain.train.augment import augment_batch, elastic_field
 from napari_virtualstain.train.data import load_folder
 from napari_virtualstain.train.loop import TrainOptions, train
 from napari_virtualstain.train.objectives import ms_ssim, reconstruction_loss, soft_dice
@@ -97,6 +97,22 @@ def test_augmentation_moves_input_and_target_together_and_leaves_appended_planes
     assert not torch.allclose(c2[:, 0], cond[:, 0])
     again = augment_batch(cond, target, np.random.default_rng(3), n_image_inputs=1)
     assert torch.equal(again[0], c2) and torch.equal(again[1], t2)  # the run's generator decides: resumable
+
+
+def test_elastic_deformation_bends_input_and_target_alike_and_is_off_by_default():
+    yy, xx = np.mgrid[:64, :64]
+    blob = torch.from_numpy(((yy - 32) ** 2 + (xx - 32) ** 2 < 100).astype(np.float32))
+    cond = torch.stack([blob, blob * 0.5])[None].repeat(16, 1, 1, 1)
+    target = blob[None, None].repeat(16, 1, 1, 1)
+    plain = augment_batch(cond, target, np.random.default_rng(5), n_image_inputs=1)
+    off = augment_batch(cond, target, np.random.default_rng(5), n_image_inputs=1, elastic=0.0)
+    assert torch.equal(plain[0], off[0]) and torch.equal(plain[1], off[1])  # 0 draws nothing: old runs unchanged
+    c2, t2 = augment_batch(cond, target, np.random.default_rng(5), n_image_inputs=1, elastic=3.0)
+    assert torch.allclose(c2[:, 1] * 2, t2[:, 0], atol=1e-5)  # the same displacement moved both
+    assert not torch.allclose(t2, plain[1])  # ... and it did move something
+    field = elastic_field((64, 64), 3.0, np.random.default_rng(0))
+    assert field.shape == (2, 64, 64) and 1.0 < float(field.std()) < 6.0  # px, about sigma
+    assert float((field[:, 1:] - field[:, :-1]).abs().max()) < 1.0  # smooth: neighbours move together
 
 
 @pytest.mark.parametrize("loss", ["spotlight", "l1_msssim"])

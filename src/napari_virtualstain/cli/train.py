@@ -49,6 +49,7 @@ def cmd_train(args) -> int:
         prediction_type=args.prediction_type, precision=args.precision, lr_schedule=args.lr_schedule,
         residual_source=args.residual_source or "mean_input", mean_from=args.mean_from, kappa=args.kappa,
         max_minutes=args.max_minutes, init=args.init, loss=args.loss, distance_head=args.distance_head, augment=args.augment,
+        elastic=args.elastic,
         networks=args.networks,
         extra={"cond_dropout": args.cond_dropout} if args.cond_dropout is not None else {},
     )
@@ -138,6 +139,9 @@ def add_parsers(sub) -> None:
                     help="rotation (any angle), zoom 0.8-1.25, gamma/contrast/gain, noise and blur of the input, on "
                          "top of the flips and quarter turns (for few training images; with --distance-head it "
                          "paid from ~5,000 steps of 8 crops on, and lost below: docs/training.md)")
+    tr.add_argument("--elastic", type=float, default=0.0, metavar="PX",
+                    help="with --augment: also deform half of the crops elastically (a smooth random displacement "
+                         "of PX px standard deviation; Ronneberger et al. 2015); 0 = off")
     tr.add_argument("--networks", type=int, default=1,
                     help="a deep ensemble: train the one-pass (mean) network N times under seeds SEED..SEED+N-1 and "
                          "predict with their mean (N times the training time and passes; on the scratch assay 2 "

@@ -142,9 +142,8 @@ def setup_run(bundle, height: int, width: int, settings: RunSettings = DEFAULT, 
     dev = pick_device(settings.device)
     used = use_threads(settings.threads) if dev.type == "cpu" else None
     plan = TilePlan(height, width, *tile_settings(config, settings), tile_multiple(config))
-    anchor = len(config.output_channels) if config.anchored and config.objective == "residual_shift" else 0
     mean = Denoiser(bundle.mean_unet.to(dev), half=settings.half) if config.anchored else None
-    net = Denoiser(bundle.unet.to(dev), half=settings.half, anchor_channels=anchor)
+    net = Denoiser(bundle.unet.to(dev), half=settings.half, anchor_channels=config.anchor_channels)
     if tta != 1:
         net, mean = TTADenoiser(net, tta), (TTADenoiser(mean, tta) if mean is not None else None)
     return RunSetup(dev, plan, net, time.perf_counter(), mean, used, tta, settings)

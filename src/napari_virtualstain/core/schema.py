@@ -80,6 +80,12 @@ class BundleConfig:
         return takes_zero_steps(self.objective, self.residual_source)
 
     @property
+    def anchor_channels(self) -> int:
+        """Channels of mu(x) the refinement network reads beside its input: one per output in a mean-anchored
+        residual-shift bundle (its chain starts at mu), none otherwise."""
+        return len(self.output_channels) if self.takes_zero_steps else 0
+
+    @property
     def null_class(self) -> int:
         """The class index trained as 'no class' (condition dropout), used for classifier-free guidance."""
         return len(self.classes)

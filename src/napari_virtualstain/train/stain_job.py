@@ -224,8 +224,8 @@ def _validation_scale(pred: np.ndarray, truth: np.ndarray, kind: str) -> tuple[n
 def validate(unet, config: BundleConfig, val_arrays, opts: TrainOptions, device, mean_unet=None) -> dict:
     """Full sampling on the held-out regions (each whole up to max_val_size² pixels: :func:`validation_window`);
     Pearson r, PSNR and SSIM per channel, stains on their truth's percentile range (:func:`_validation_scale`)."""
-    anchor = len(config.output_channels) if config.anchored and config.objective == "residual_shift" else 0
-    denoiser = Denoiser(unet, anchor_channels=anchor, channels_last=False)  # the model being trained: keep its layout
+    # the model being trained: keep its layout
+    denoiser = Denoiser(unet, anchor_channels=config.anchor_channels, channels_last=False)
     mean_denoiser = Denoiser(mean_unet, channels_last=False) if mean_unet is not None else None
     scheduler = make_scheduler(config.objective, config.scheduler, steps=opts.val_steps,
                                zero_steps=config.takes_zero_steps)
@@ -247,6 +247,9 @@ def stain_job(spec: TrainingSpec, opts: TrainOptions) -> TrainingJob:
     train_regions, val_regions = split_regions(spec)
     if not train_regions:
         raise VirtualStainError("no training images: every image is marked split: val")
+    if opts.elastic < 0 or (opts.elastic > 0 and not opts.augment):
+        raise VirtualStainError(f"--elastic {opts.elastic:g}: the elastic deformation's sigma is a number of px >= 0, "
+                                "and it is part of the augmentation: add --augment")
     mean = load_mean_bundle(spec, opts)
     init = None
     if opts.init:
@@ -269,7 +272,7 @@ def stain_job(spec: TrainingSpec, opts: TrainOptions) -> TrainingJob:
 
     def next_batch(rng):
         batch = random_batch(train_arrays, opts.batch_size, opts.crop_size, rng)
-        return augment_batch(*batch, rng, n_inputs) if opts.augment else batch
+        return augment_batch(*batch, rng, n_inputs, opts.elastic) if opts.augment else batch
 
     return TrainingJob(
         config,
