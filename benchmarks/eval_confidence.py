@@ -9,6 +9,8 @@ scored once on the held-out data (ndev t8/t9; the ISL bottom-right quadrant):
 
 - per-nucleus confidence AUROC for "this predicted nucleus matches a true nucleus at IoU >= 0.5" (nuclei bundles),
   for ``agreement`` (the shipped confidence), ``found_by`` and the (negated) stain std inside the nucleus;
+- per-nucleus intervals: the fraction of predicted nuclei whose real mean Hoechst (inside the predicted outline)
+  lies in the nucleus table's calibrated 80/90/95 % interval, and the mean width;
 - coverage of the 80/90/95 % intervals (fraction of held-out pixels whose real stain lies inside), and the mean
   interval width in the stain's units;
 - CRPS of the ensemble beside the MAE of the prediction, and the spread-skill ratio (mean std / RMSE);
@@ -34,7 +36,9 @@ from napari_virtualstain.core.confidence import (
     calibrate,
     crps_ensemble,
     interval_channels,
+    load_calibration,
     nucleus_table,
+    object_tables,
     predict_ensemble,
     save_calibration,
 )
@@ -81,6 +85,7 @@ def score(bundle, items, members: int, seed: int, multi: bool) -> dict:
     width = {s: {f"{lv:g}": [] for lv in LEVELS} for s in stains}
     crps, mae, spread, rmse = ({s: [] for s in stains} for _ in range(4))
     conf_rows, matched = [], []
+    obj_cover, obj_width = {}, {}  # per predicted nucleus, per level: its mean Hoechst inside its interval?
     for image, truths, nuclei in items:
         ens = predict_ensemble(bundle, image, members, seed=seed, make_labels=nuclei is not None,
                                channel_axis=0 if multi else None, settings=RunSettings(threads=1))
@@ -109,6 +114,17 @@ def score(bundle, items, members: int, seed: int, multi: bool) -> dict:
             hits = {p for _, p, _ in match_labels(nuclei, pred.labels["nuclei"], 0.5, return_matches=True)["matches"]}
             conf_rows += rows
             matched += [r["label"] in hits for r in rows]
+            if rows and "objects" in load_calibration(bundle):  # per-nucleus intervals of the mean Hoechst
+                from scipy import ndimage as ndi
+
+                real = ndi.mean(np.asarray(truths["Hoechst"], np.float64), pred.labels["nuclei"],
+                                [r["label"] for r in rows])
+                for lv in LEVELS:
+                    tab = object_tables(bundle, ens, lv)["nuclei"]
+                    low, high = f"Hoechst_low_{100 * lv:g}", f"Hoechst_high_{100 * lv:g}"
+                    for r, y in zip(tab, real):
+                        obj_cover.setdefault(f"{lv:g}", []).append(r[low] <= y <= r[high])
+                        obj_width.setdefault(f"{lv:g}", []).append(r[high] - r[low])
     out = {"stains": {s: {"coverage": {k: float(np.mean(v)) for k, v in cover[s].items()},
                           "coverage_in_nuclei": {k: float(np.mean(v)) for k, v in cover_in[s].items() if v},
                           "mean_width": {k: float(np.mean(v)) for k, v in width[s].items()},
@@ -120,6 +136,9 @@ def score(bundle, items, members: int, seed: int, multi: bool) -> dict:
         out["nuclei"] = {"n": len(pos), "matched_fraction": float(pos.mean()),
                          "auroc": {k: auroc(np.array([(-1 if k.startswith("std") else 1) * r[k] for r in conf_rows],
                                                      float), pos) for k in ("agreement", "found_by", "std_Hoechst")}}
+        if obj_cover:
+            out["nuclei"]["interval_coverage"] = {k: float(np.mean(v)) for k, v in obj_cover.items()}
+            out["nuclei"]["interval_mean_width"] = {k: float(np.mean(v)) for k, v in obj_width.items()}
     return out
 
 
@@ -157,7 +176,9 @@ def main(argv=None) -> int:
                 print(f"   shifted input: coverage " + ", ".join(f"{k}: {v:.3f}" for k, v in sc.items()))
         if "nuclei" in h:
             print(f"{name} nuclei: n {h['nuclei']['n']}, AUROC " +
-                  ", ".join(f"{k} {v:.3f}" for k, v in h["nuclei"]["auroc"].items()))
+                  ", ".join(f"{k} {v:.3f}" for k, v in h["nuclei"]["auroc"].items()) +
+                  "".join(f"; mean Hoechst interval coverage {k}: {v:.3f}"
+                          for k, v in h["nuclei"].get("interval_coverage", {}).items()))
         shutil.rmtree(work.parent, ignore_errors=True)
     Path(args.output).write_text(json.dumps(results, indent=1))
     return 0

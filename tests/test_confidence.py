@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 
 import numpy as np
 import pytest
@@ -52,6 +53,60 @@ def test_agreement_is_one_where_every_member_drew_the_nucleus_and_zero_where_non
     assert rows[1]["centroid_y"] == pytest.approx(7.5) and rows[1]["mean_Hoechst"] == pytest.approx(1.0)
 
 
+def test_each_nucleus_gets_a_calibrated_interval_for_its_mean_stain(tiny_bundle_dir, tmp_path):
+    """Per-object split conformal: on its own calibration nuclei the interval of each nucleus's mean stain holds the
+    real mean for at least the level's fraction; the table carries low/high in the stain's units."""
+    import shutil
+
+    from napari_virtualstain.core.confidence import object_scores, object_tables
+
+    shutil.copytree(tiny_bundle_dir, tmp_path / "b")
+    bundle = load_bundle(tmp_path / "b")
+    rng = np.random.default_rng(2)
+    lab = np.zeros((40, 48), np.int32)
+    for k in range(12):  # twelve 6x6 nuclei on a grid
+        y, x = 2 + 12 * (k // 4), 2 + 12 * (k % 4)
+        lab[y:y + 6, x:x + 6] = k + 1
+    scores, cases = [], []
+    for _ in range(10):
+        res = _result(lab)
+        res.image[0] = 400 + 50 * rng.standard_normal(lab.shape).astype(np.float32)
+        members = [res.image + rng.normal(0, 20, res.image.shape).astype(np.float32) for _ in range(3)]
+        ens = Ensemble(res, [res.image] + members, "boundaries", [{"nuclei": lab}] * 3)
+        truth = res.image[0] + rng.normal(0, 60, lab.shape)  # the real stain differs per nucleus
+        truth += np.where(lab > 0, rng.normal(0, 40, 13)[lab], 0)
+        scores.append(object_scores(bundle, ens, lab, "Hoechst", truth))
+        cases.append((ens, truth))
+    assert all(len(s_) == 12 for s_ in scores)
+    q = conformal_quantile(np.concatenate(scores), 0.9)
+    save_calibration(bundle, {"bundle_id": bundle.id, "members": 4, "sigma_floor": 0.01, "images": 10,
+                              "groups": ["background", "foreground"], "stains": {"Hoechst": {
+                                  "pixels": {"background": 1, "foreground": 1},
+                                  "q": {"background": {"0.9": 1.0}, "foreground": {"0.9": 1.0}}}},
+                              "objects": {"nuclei": {"stain": "Hoechst", "objects": 120, "q": {"0.9": q}}}})
+    from scipy import ndimage as ndi
+
+    inside = []
+    for ens, truth in cases:
+        rows = object_tables(bundle, ens, 0.9)["nuclei"]
+        real = ndi.mean(truth, lab, [r["label"] for r in rows])
+        for r, y in zip(rows, real):
+            assert r["Hoechst_low_90"] < r["mean_Hoechst"] < r["Hoechst_high_90"]
+            inside.append(r["Hoechst_low_90"] <= y <= r["Hoechst_high_90"])
+    assert np.mean(inside) >= 0.9
+    with pytest.raises(VirtualStainError, match="level 0.8"):
+        object_tables(bundle, cases[0][0], 0.8)
+    assert "Hoechst_low_90" not in object_tables(bundle, cases[0][0])["nuclei"][0]  # no level, no interval
+    from napari_virtualstain.core.confidence import load_calibration, object_interval_note
+
+    assert object_interval_note(bundle) is None
+    old = load_calibration(bundle)
+    del old["objects"]  # a calibration made before per-nucleus intervals: pixel intervals only, and a note says so
+    save_calibration(bundle, old)
+    assert "calibrate" in object_interval_note(bundle)
+    assert "Hoechst_low_90" not in object_tables(bundle, cases[0][0], 0.9)["nuclei"][0]
+
+
 def test_calibrated_intervals_cover_their_level_and_refuse_a_mismatch(tiny_bundle_dir, tmp_path):
     import shutil
 
@@ -95,8 +150,12 @@ def test_cli_objects_table_calibrate_and_interval_channels(tiny_bundle_dir, tmp_
     assert "virtualstain calibrate" in capsys.readouterr().err  # the fix it names is the command below
     assert main(["calibrate", str(tmp_path / "b"), str(data), "--stain-names", "Hoechst", "--members", "3"]) == 0
     assert (tmp_path / "b" / "calibration.json").is_file()
+    # an untrained network draws no nuclei on the calibration images: no per-nucleus q, and predict says so
+    record = json.loads((tmp_path / "b" / "calibration.json").read_text())
+    assert record["objects"]["nuclei"] == {"stain": "Hoechst", "objects": 0, "q": {}}
     assert main(["predict", "-c", str(tmp_path / "b"), str(field), "-o", str(out), "--interval", "0.9", "--objects",
                  "--members", "3", "-q"]) == 0
+    assert "held no predicted 'nuclei'" in capsys.readouterr().err
     from napari_virtualstain.core.io import read_channel_names
 
     names = read_channel_names(out / "f0_virtualstain.tif")

@@ -190,6 +190,11 @@ def predict_planes(image, axes: str | None, name: str, input_file: str, bundle, 
     warning = None if args.rescale else pixel_size_warning(bundle.config.pixel_size_um, input_um, bundle.config.name)
     if warning:
         print(f"warning: {name}: {warning}", file=sys.stderr)
+    if getattr(args, "objects", False) and getattr(args, "interval", None) and not args.no_labels:
+        from .core.confidence import object_interval_note
+
+        if note := object_interval_note(bundle):
+            print(f"warning: {note}", file=sys.stderr)
     results, maps = [], []
     for idx, arr in iter_planes(image, plane, args.all_planes, plane_ndim, axes):
         arr = np.asarray(arr)  # a lazy (Dask) field computes this plane only
@@ -238,7 +243,7 @@ def _predict_with_trust(bundle, arr, args, common: dict, thresholds: dict, input
                            pixel_size_um=input_um, **opts)
     res = ens.prediction
     if args.objects and res.labels:
-        res.provenance["objects"] = object_tables(bundle, ens)
+        res.provenance["objects"] = object_tables(bundle, ens, args.interval or None)
     if args.interval:
         add_interval_channels(bundle, ens, args.interval)
     return res

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 from qtpy.QtWidgets import QCheckBox, QComboBox, QFileDialog, QFormLayout, QPushButton, QVBoxLayout, QWidget
 
+from ..core.confidence import object_interval_note
 from ..core.errors import VirtualStainError
 from ..core.inputs import pixel_size_warning
 from ._base import TaskWidget, per_plane
@@ -81,7 +82,7 @@ def _predict_with_confidence(bundle, sel, s, progress, should_cancel, labels_fro
                                channel_axis=sel.channel_axis, sampler=s.sampler, steps=s.steps,
                                settings=s.with_feedback(cb, should_cancel), input_name=sel.layer_name,
                                pixel_size_um=sel.geometry.pixel_size_um())
-        tables = object_tables(bundle, ens) if objects else None
+        tables = object_tables(bundle, ens, interval) if objects else None
         if interval:  # the CLI's --interval: calibrated low/high channels in the stain's units
             add_interval_channels(bundle, ens, interval)
         return ens.prediction, tables
@@ -195,6 +196,8 @@ class StainWidget(TaskWidget):
         tta = int(self.tta.currentText())
         interval = 0.9 if self.interval.isChecked() else None
         members = 4 if self.confidence.isChecked() or interval else 0
+        if interval and self.confidence.isChecked() and (note := object_interval_note(bundle)):
+            notify_warning(note)
 
         def work(progress, should_cancel) -> tuple[StackedStain, list[LayerTuple]]:
             stacked = predict_selection(bundle, sel, settings, progress, should_cancel, samples, labels_from,

@@ -122,7 +122,8 @@ def add_parsers(sub) -> None:
                          "flipped/turned (and, for diffusion checkpoints, reseeded) predictions)")
     pr.add_argument("--interval", type=float, default=None, metavar="LEVEL",
                     help="add calibrated LEVEL intervals (e.g. 0.9) as '<stain> low 90%%' / '<stain> high 90%%' "
-                         "channels; needs a calibrated checkpoint (virtualstain calibrate)")
+                         "channels and, with --objects, each nucleus's <stain>_low_90 / _high_90 for its mean stain; "
+                         "needs a calibrated checkpoint (virtualstain calibrate)")
     pr.add_argument("--members", type=int, default=4,
                     help="--objects / --interval: ensemble size (2-8; the prediction itself is one)")
     pr.add_argument("--tta", type=int, choices=[1, 2, 4, 8], default=None,

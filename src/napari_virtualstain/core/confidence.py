@@ -21,6 +21,13 @@ per group (Mondrian conformal, Vovk et al. 2005): pixels the model predicts insi
 channel > 0.5) and the others — each group then gets its level, as far as the prediction finds the nuclei. It says nothing about another cell type or objective; docs/uncertainty.md shows where it
 breaks. q̂ per stain and level is stored in the bundle folder as ``calibration.json`` (the id is the weights' hash and
 does not change).
+
+**Per-nucleus intervals.** A biologist reads a nucleus's mean intensity, not a pixel's. The same split-conformal
+step on objects: for every predicted nucleus of the calibration images, s = |ȳ − ŷ̄| / (σ̄ + σ0) with ȳ the real
+stain's mean inside the predicted outline (what the real stain would have measured for that object), ŷ̄ the
+prediction's and σ̄ the mean ensemble std inside it; q̂ per labels set and level (``calibration.json`` ``objects``),
+and every row of the nucleus table gets ``<stain>_low_90`` / ``<stain>_high_90`` = ŷ̄ ∓ q̂ (σ̄ + σ0). Exchangeable
+objects again: nuclei of new images of the same kind, segmented the same way.
 """
 
 from __future__ import annotations
@@ -98,8 +105,10 @@ def predict_ensemble(bundle: Bundle, image: np.ndarray, members: int = DEFAULT_M
     return Ensemble(first, outs, route, labs)
 
 
-def nucleus_table(ens: Ensemble, labels_name: str, stain: str | None) -> list[dict]:
-    """One row per nucleus of the prediction's ``labels_name`` set: id, centroid, area, mean stain, confidence."""
+def nucleus_table(ens: Ensemble, labels_name: str, stain: str | None,
+                  interval: tuple[float, float, float] | None = None) -> list[dict]:
+    """One row per nucleus of the prediction's ``labels_name`` set: id, centroid, area, mean stain, confidence;
+    ``interval`` = (level, q̂, σ0) adds the calibrated low/high of each nucleus's mean stain (module doc)."""
     from scipy import ndimage as ndi
 
     pred = ens.prediction
@@ -129,16 +138,31 @@ def nucleus_table(ens: Ensemble, labels_name: str, stain: str | None) -> list[di
                      f"std_{stain}": None if stds[i] is None else round(float(stds[i]), 4),
                      "agreement": round(float(a.mean()), 4), "found_by": round(float((a >= 0.5).mean()), 4),
                      "confidence": round(float(a.mean()), 4)})
+        if interval is not None and stain:
+            level, q, sigma0 = interval
+            half = q * (float(stds[i]) + sigma0)
+            rows[-1][f"{stain}_low_{100 * level:g}"] = round(float(means[i]) - half, 4)
+            rows[-1][f"{stain}_high_{100 * level:g}"] = round(float(means[i]) + half, 4)
     return rows
 
 
-def object_tables(bundle: Bundle, ens: Ensemble) -> dict[str, list[dict]]:
-    """``nucleus_table`` for every labels set of the prediction, each measured on the stain it is segmented from
-    (else the first stain)."""
+def object_stain(bundle: Bundle, labels_name: str) -> str | None:
+    """The stain a labels set's objects are measured on: the one it is segmented from, else the first stain."""
     c = bundle.config
     stains = [o.name for o in c.output_channels if o.kind == "stain"]
-    return {name: nucleus_table(ens, name, c.labels_from_stain.get(name) or (stains[0] if stains else None))
-            for name in ens.prediction.labels}
+    return c.labels_from_stain.get(labels_name) or (stains[0] if stains else None)
+
+
+def object_tables(bundle: Bundle, ens: Ensemble, level: float | None = None) -> dict[str, list[dict]]:
+    """``nucleus_table`` for every labels set of the prediction, each measured on :func:`object_stain`; with
+    ``level``, the rows of every set the calibration has objects for also carry their interval
+    (:func:`object_interval_note` says which do not)."""
+    tables = {}
+    for name in ens.prediction.labels:
+        stain = object_stain(bundle, name)
+        q = object_quantile(bundle, name, level, len(ens.members)) if level is not None and stain else None
+        tables[name] = nucleus_table(ens, name, stain, None if q is None else (level, q, _sigma0(bundle, stain)))
+    return tables
 
 
 def add_interval_channels(bundle: Bundle, ens: Ensemble, level: float) -> StainResult:
@@ -207,14 +231,33 @@ def pixel_groups(bundle: Bundle, result: StainResult) -> np.ndarray:
     return (result.channel(fg[0]) > 0.5).astype(np.int8)
 
 
+def object_scores(bundle: Bundle, ens: Ensemble, labels: np.ndarray, stain: str, truth: np.ndarray) -> np.ndarray:
+    """s = |ȳ − ŷ̄| / (σ̄ + σ0) per object of ``labels`` (module doc: per-nucleus intervals)."""
+    from scipy import ndimage as ndi
+
+    ids = np.unique(labels)
+    ids = ids[ids > 0]
+    if len(ids) == 0:
+        return np.zeros(0)
+    c = ens.prediction.channel_names.index(stain)
+    y = ndi.mean(np.asarray(truth, np.float64), labels, ids)
+    p = ndi.mean(ens.prediction.image[c].astype(np.float64), labels, ids)
+    sd = ndi.mean(ens.std[c].astype(np.float64), labels, ids)
+    return np.abs(np.asarray(y) - np.asarray(p)) / (np.asarray(sd) + _sigma0(bundle, stain))
+
+
 def calibrate(bundle: Bundle, pairs, levels=(0.8, 0.9, 0.95), members: int = DEFAULT_MEMBERS, seed: int = 0,
               **predict_options) -> dict:
-    """q̂ per stain, pixel group and level from (image, {stain: truth}) pairs; returns the calibration record (not
-    yet saved)."""
-    stains = [c.name for c in bundle.config.output_channels if c.kind == "stain"]
+    """q̂ per stain, pixel group and level from (image, {stain: truth}) pairs, and per labels set for its objects'
+    mean stain (where the bundle makes labels); returns the calibration record (not yet saved)."""
+    from .tasks.stain import label_route
+
+    c = bundle.config
+    stains = [o.name for o in c.output_channels if o.kind == "stain"]
     if not stains:
-        raise VirtualStainError(f"checkpoint {bundle.config.name!r} predicts no stain: nothing to calibrate")
+        raise VirtualStainError(f"checkpoint {c.name!r} predicts no stain: nothing to calibrate")
     scores: dict[str, list[list[np.ndarray]]] = {s: [] for s in stains}
+    objects: dict[str, list[np.ndarray]] = {}
     n_images = 0
     for image, truths in pairs:
         ens = predict_ensemble(bundle, image, members, seed=seed, make_labels=False, **predict_options)
@@ -225,6 +268,13 @@ def calibrate(bundle: Bundle, pairs, levels=(0.8, 0.9, 0.95), members: int = DEF
                 continue
             score = conformity_scores(bundle, ens, s, truths[s])
             scores[s].append([score[groups == g] for g in range(len(GROUPS))])
+        if c.label_routes():  # the same labels predict writes, at the bundle's validated route and thresholds
+            labels = labels_from_channels(c, ens.prediction.image, label_route(c, None))
+            for name, lab in labels.items():
+                stain = object_stain(bundle, name)
+                objects.setdefault(name, [])
+                if stain in truths:
+                    objects[name].append(object_scores(bundle, ens, lab, stain, truths[stain]))
     out = {"bundle_id": bundle.id, "members": members, "sigma_floor": SIGMA_FLOOR, "images": n_images,
            "groups": list(GROUPS), "stains": {}}
     for s, parts in scores.items():
@@ -240,6 +290,13 @@ def calibrate(bundle: Bundle, pairs, levels=(0.8, 0.9, 0.95), members: int = DEF
         out["stains"][s] = entry
     if not out["stains"]:
         raise VirtualStainError(f"no ground truth for {', '.join(stains)} in the calibration images")
+    if objects:  # every labels set gets an entry; one whose images held no predicted object has no q
+        out["objects"] = {}
+        for name, parts in objects.items():
+            vals = np.concatenate(parts) if parts else np.zeros(0)
+            out["objects"][name] = {"stain": object_stain(bundle, name), "objects": int(vals.size),
+                                    "q": {f"{lv:g}": conformal_quantile(vals, lv) for lv in levels} if vals.size
+                                    else {}}
     return out
 
 
@@ -269,6 +326,48 @@ def load_calibration(bundle: Bundle) -> dict | None:
         raise VirtualStainError(f"{path} was calibrated for another version of these weights; run 'virtualstain "
                                 f"calibrate {bundle.path} DATA' again")
     return rec
+
+
+def _object_entries(bundle: Bundle) -> tuple[dict | None, dict]:
+    rec = load_calibration(bundle)
+    return rec, (rec or {}).get("objects", {})
+
+
+def object_quantile(bundle: Bundle, labels_name: str, level: float, members: int) -> float | None:
+    """q̂ of a labels set's per-object score at ``level`` from the bundle's calibration; None where it has none
+    for that set (:func:`object_interval_note`); one clear error for an uncalibrated bundle, another number of
+    ensemble ``members`` or a level not calibrated."""
+    rec, entries = _object_entries(bundle)
+    if rec is None:
+        raise VirtualStainError(f"checkpoint {bundle.config.name!r} is not calibrated; run 'virtualstain calibrate "
+                                f"{bundle.path} DATA' on images with ground truth first")
+    if rec["members"] != members:
+        raise VirtualStainError(f"the calibration used {rec['members']} ensemble members, this run {members}; use "
+                                f"--members {rec['members']}")
+    entry = entries.get(labels_name)
+    if not entry or not entry["objects"]:
+        return None
+    key = f"{level:g}"
+    if key not in entry["q"]:
+        raise VirtualStainError(f"no calibration at level {key} (calibrated: {', '.join(entry['q'])}); pick one of "
+                                "those or recalibrate with --levels")
+    return float(entry["q"][key])
+
+
+def object_interval_note(bundle: Bundle) -> str | None:
+    """Why some nucleus tables will carry no interval (said before the run, as a warning), else None."""
+    sets = sorted({c.labels for c in bundle.config.output_channels if c.kind == "boundary" and c.labels})
+    rec, entries = _object_entries(bundle)
+    if rec is None or not sets:
+        return None
+    if "objects" not in rec:
+        return (f"the calibration of {bundle.config.name!r} predates per-nucleus intervals: the tables get none; run "
+                f"'virtualstain calibrate {bundle.path} DATA' again to add them")
+    empty = [n for n in sets if not entries.get(n, {}).get("objects")]
+    if empty:
+        return (f"the calibration images held no predicted {', '.join(map(repr, empty))} with a real stain to compare:"
+                " their tables get no interval (recalibrate on images with them)")
+    return None
 
 
 def interval_channels(bundle: Bundle, ens: Ensemble, level: float) -> tuple[np.ndarray, list[str]]:
