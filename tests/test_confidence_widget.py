@@ -40,6 +40,9 @@ def test_confidence_per_nucleus_features_colour_hide_and_step(make_napari_viewer
     rows = nucleus_table(ens, "nuclei", "Hoechst")
     assert len(rows) >= 3 and list(table["index"]) == [r["label"] for r in rows]  # the CLI's table, same numbers
     np.testing.assert_allclose(table["confidence"], [r["confidence"] for r in rows], atol=1e-3)
+    # both boxes ticked: each nucleus also carries the calibrated interval of its mean Hoechst
+    assert (table["Hoechst_low_90"] < table["mean_Hoechst"]).all()
+    assert (table["mean_Hoechst"] < table["Hoechst_high_90"]).all()
     assert isinstance(nuclei.colormap, DirectLabelColormap) and not widget.confidence_row.isHidden()
     labels_before = np.array(nuclei.data)
     widget.hide_below.setValue(100)  # everything below confidence 1 goes transparent
