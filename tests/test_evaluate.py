@@ -340,3 +340,17 @@ def test_raw_pearson_shows_what_clipping_hides(tmp_path, capsys):
     assert "pearson_raw" in report["settings"]["normalisation"]
     md = (out / "report.md").read_text()
     assert "Pearson r (raw)" in md and "| hot | Hoechst | 1 | 0.997 | 0.087 |" in md
+
+
+def test_object_intervals_are_scored_on_the_real_stain_inside_each_predicted_object():
+    from napari_virtualstain.core.evaluate.scores import object_interval_rows
+
+    lab = np.zeros((8, 8), np.int32)
+    lab[:4, :4], lab[4:, 4:] = 1, 2
+    real = np.where(lab == 1, 100.0, 300.0)
+    records = [{"label": "1", "confidence": "0.9", "Hoechst_low_90": "90", "Hoechst_high_90": "110"},
+               {"label": "2", "confidence": "0.5", "Hoechst_low_90": "100", "Hoechst_high_90": "200"}]
+    rows = object_interval_rows("m", "f", "nuclei", records, lab, (real[None], ["Hoechst"]))
+    assert len(rows) == 1 and rows[0]["metric_type"] == "object_interval"
+    assert rows[0]["interval_level"] == 0.9 and rows[0]["coverage"] == 0.5 and rows[0]["interval_width"] == 60
+    assert object_interval_rows("m", "f", "nuclei", records, lab, (real[None], ["DAPI"])) == []  # no such stain

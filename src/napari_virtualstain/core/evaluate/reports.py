@@ -89,6 +89,13 @@ def _trust_lines(summary: list[dict]) -> list[str]:
         lines += [f"| {r['method']} | {r['target']} | {r['interval_level']:g} | {r['coverage']:.3f} | "
                   f"{r['interval_width']:.4g} |" for r in cov]
         lines.append("")
+    objs = [r for r in summary if r["metric_type"] == "object_interval"]
+    if objs:
+        lines += ["Per-object intervals (fraction of predicted objects whose real mean stain lies inside):", "",
+                  "| method | labels | level | objects | coverage | mean width |", "|---|---|---|---|---|---|"]
+        lines += [f"| {r['method']} | {r['target']} | {r['interval_level']:g} | {r['n_pred']} | {r['coverage']:.3f} | "
+                  f"{r['interval_width']:.4g} |" for r in objs]
+        lines.append("")
     conf = [r for r in summary if r["metric_type"] == "confidence"]
     if conf:
         lines += ["Per-object confidence (AUROC for matching a true object at IoU 0.5; reliability: summary.csv):", "",

@@ -175,7 +175,8 @@ def evaluate(
                 sweep = matching_sweep(t_lab, p_lab, thresholds)
                 for res in sweep:
                     rows.append(_row(method, stem, name, "instances", res["iou_threshold"], res))
-                rows += confidence_rows(method, stem, name, folder / output_name("objects", stem, name), t_lab, p_lab)
+                rows += confidence_rows(method, stem, name, folder / output_name("objects", stem, name), t_lab, p_lab,
+                                        truth)
                 compared[method] += 1
                 if preview is not None:
                     head = match_labels(t_lab, p_lab, HEADLINE_IOU, return_matches=True)
@@ -247,16 +248,18 @@ def interval_rows(method, stem, name, pred, pred_names, truth) -> list[dict]:
     return out
 
 
-def confidence_rows(method, stem, name, table: Path, true_lab, pred_lab) -> list[dict]:
+def confidence_rows(method, stem, name, table: Path, true_lab, pred_lab, truth=None) -> list[dict]:
     """Per-object confidence (predict --objects): AUROC for 'matches a true object at IoU >= 0.5', and the
-    fraction matched per confidence bin (reliability)."""
+    fraction matched per confidence bin (reliability); with the real stains (``truth`` = (array, names)), the
+    coverage of each object's mean-stain interval (predict --objects --interval)."""
     import csv
 
     if not table.is_file():
         return []
     with open(table) as fh:
         lines = [ln for ln in fh if not ln.startswith("#")]
-    conf = {int(r["label"]): float(r["confidence"]) for r in csv.DictReader(lines)}
+    records = list(csv.DictReader(lines))
+    conf = {int(r["label"]): float(r["confidence"]) for r in records}
     matched = {p for _, p, _ in match_labels(true_lab, pred_lab, HEADLINE_IOU, return_matches=True)["matches"]}
     ids = sorted(conf)
     if not ids:
@@ -271,6 +274,31 @@ def confidence_rows(method, stem, name, table: Path, true_lab, pred_lab) -> list
         if inside.any():
             out.append(_row(method, stem, name, "reliability", HEADLINE_IOU, {"n_pred": int(inside.sum())},
                             confidence_bin=f"{lo:.1f}-{min(hi, 1.0):.1f}", matched_fraction=float(hit[inside].mean())))
+    return out + object_interval_rows(method, stem, name, records, pred_lab, truth)
+
+
+def object_interval_rows(method, stem, name, records: list[dict], pred_lab, truth) -> list[dict]:
+    """Coverage of each object's calibrated mean-stain interval ('<stain>_low_90' / '_high_90' columns): does the
+    real stain's mean inside the predicted object lie inside?"""
+    import re
+
+    from scipy import ndimage as ndi
+
+    if truth is None or not records:
+        return []
+    tarr, tnames = truth
+    out = []
+    for col in records[0]:
+        m = re.fullmatch(r"(.+)_low_([0-9.]+)", col)
+        if not m or f"{m.group(1)}_high_{m.group(2)}" not in records[0] or m.group(1) not in tnames:
+            continue
+        ids = [int(r["label"]) for r in records]
+        real = np.asarray(ndi.mean(np.asarray(tarr[tnames.index(m.group(1))], np.float64), pred_lab, ids))
+        lo = np.array([float(r[col]) for r in records])
+        hi = np.array([float(r[f"{m.group(1)}_high_{m.group(2)}"]) for r in records])
+        out.append(_row(method, stem, name, "object_interval", None, {"n_pred": len(ids)},
+                        interval_level=float(m.group(2)) / 100, coverage=float(((real >= lo) & (real <= hi)).mean()),
+                        interval_width=float((hi - lo).mean())))
     return out
 
 
