@@ -2,6 +2,7 @@
 
     python benchmarks/eval_confidence.py demo-stain-regression demo-stain -o benchmarks/results/confidence.json
     python benchmarks/eval_confidence.py demo-isl --isl -o benchmarks/results/confidence_isl.json
+    python benchmarks/eval_confidence.py demo-isl-regression --isl --own-field -o ...  # + a user's own calibration
 
 Each bundle is copied to a scratch folder and calibrated there (``core.confidence.calibrate``) on its validation
 regions only — the scratch assay's right-hand strip of t0-t7, or the ISL config's strips (never trained on) — then
@@ -142,6 +143,28 @@ def score(bundle, items, members: int, seed: int, multi: bool) -> dict:
     return out
 
 
+def own_field(bundle, test, members: int, seed: int, multi: bool) -> dict:
+    """Calibrate on the held-out field's top half, cover its bottom half, and the other way round: the guarantee
+    when the calibration pixels are exchangeable with the new ones (the same field, as a user's own calibration
+    images would be). Leaves the bundle calibrated on the last half: call it after the held-out scores."""
+    out = {}
+    for cal_half, test_half in (("top", "bottom"), ("bottom", "top")):
+        def rows(item, half):
+            image, truths, nuclei = item
+            h = image.shape[-2] // 2
+            ys = slice(0, h) if half == "top" else slice(h, None)
+            return (image[..., ys, :], {k: v[ys] for k, v in truths.items()},
+                    None if nuclei is None else nuclei[ys])
+
+        cal = [rows(it, cal_half) for it in test]
+        record = calibrate(bundle, ((im, tr) for im, tr, _ in cal), LEVELS, members, seed,
+                           channel_axis=0 if multi else None, settings=RunSettings(threads=1))
+        save_calibration(bundle, record)
+        out[f"calibrated on {cal_half}, covering {test_half}"] = score(
+            bundle, [rows(it, test_half) for it in test], members, seed, multi)
+    return out
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("bundles", nargs="+")
@@ -149,6 +172,9 @@ def main(argv=None) -> int:
     p.add_argument("--isl", action="store_true", help="the ISL quadrant (demo-isl bundles) instead of the scratch assay")
     p.add_argument("--members", type=int, default=4)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--own-field", action="store_true",
+                   help="also recalibrate on one half of the held-out field (rows, top/bottom) and cover the other, "
+                        "both ways: what 'virtualstain calibrate' on a user's own images of a new field gives")
     args = p.parse_args(argv)
     val, test, shifted = isl_sets() if args.isl else ndev_sets()
     results = {}
@@ -164,6 +190,12 @@ def main(argv=None) -> int:
         res = {"calibration": record, "held_out": score(bundle, test, args.members, args.seed, multi)}
         if shifted:
             res["shifted_input"] = score(bundle, shifted, args.members, args.seed, multi)
+        if args.own_field:
+            res["own_field"] = own_field(bundle, test, args.members, args.seed, multi)
+            for half, r in res["own_field"].items():
+                print(f"{name} {half}: coverage " + "; ".join(
+                    f"{s} " + ", ".join(f"{k}: {v:.3f}" for k, v in m["coverage"].items())
+                    for s, m in r["stains"].items()))
         res["seconds"] = round(time.perf_counter() - t0, 1)
         results[name] = res
         h = res["held_out"]
