@@ -85,8 +85,12 @@ ARMS = {
     "aug_elastic_dist": [*AUG_DIST, "--elastic", "3"],
     # isl_aug's recipe under another seed: a second ISL member for a deep ensemble (issue 23)
     "isl_aug_s1": ["--channels", "16,32,64,128", "--crop-size", "128", "--augment", "--seed", "1"],
+    # isl_aug's recipe on configs/demo-isl-tiles.yaml: validation tiles with nuclei, so the curve can see DAPI
+    "isl_tiles": ["--channels", "16,32,64,128", "--crop-size", "128", "--augment"],
 }
+ISL_TILES = REPO / "configs/demo-isl-tiles.yaml"  # validation tiles that hold every stain (round 6)
 ARM_CONFIGS = {"isl_aug": REPO / "configs/demo-isl.yaml", "isl_aug_s1": REPO / "configs/demo-isl.yaml",
+               "isl_tiles": ISL_TILES,
                "isl_refine": REPO / "configs/demo-isl.yaml",
                "pre_isl_dapi": REPO / "configs/isl-dapi-phase.yaml"}
 # arms trained in one run to this step (cosine: no snapshots along the way), after the steps of the network they start
@@ -206,12 +210,13 @@ def score_bundle(path, frames: dict, **predict_options) -> dict:
     return out
 
 
-def isl_regions() -> dict:
-    """The ISL config's validation strips (the right-hand 15 % of quadrants 00, 01, 10) and, for the fit, the top
-    256 rows of each quadrant's training part; the held-out quadrant 11 is never listed in the config."""
+def isl_regions(config: Path | None = None) -> dict:
+    """An ISL config's validation regions (demo-isl.yaml: the right-hand 15 % of quadrants 00, 01, 10;
+    demo-isl-tiles.yaml: one 256² tile of each) and, for the fit, the top 256 rows of each training part; the
+    held-out quadrant 11 is never listed in either config."""
     from napari_virtualstain.train.data import load_config, split_regions
 
-    train, val = split_regions(load_config(ARM_CONFIGS["isl_aug"]))
+    train, val = split_regions(load_config(config or ARM_CONFIGS["isl_aug"]))
     fit = [(im, xs, slice(0, 256)) for im, xs in train]
     return {"val": [(im, xs, slice(None)) for im, xs in val], "fit": fit}
 
@@ -245,11 +250,32 @@ def score_isl_bundle(path, regions: dict) -> dict:
     return out
 
 
+def _score_snapshots(folder: Path, results: dict, output: Path, measure) -> None:
+    """Score every snapshot of one arm not yet in ``results`` (saved after each)."""
+    arm = results.setdefault(folder.name, {"options": json.loads((folder / "arm.json").read_text())["options"]})
+    points = arm.setdefault("points", {})
+    for snap in sorted(folder.glob("step_*")):
+        if snap.name in points:
+            continue
+        t0 = time.perf_counter()
+        hist = json.loads((snap / "config.json").read_text())["training"]["history"][-1]
+        points[snap.name] = {"step": hist["step"], "train_seconds": hist["seconds"], "loss": hist["loss"],
+                             **measure(snap)}
+        print(folder.name, snap.name, json.dumps(points[snap.name]), f"({time.perf_counter() - t0:.0f} s)",
+              flush=True)
+        output.write_text(json.dumps(results, indent=1))
+
+
 def score(root: Path, output: Path) -> int:
-    frames, isl = None, None
+    frames, isl, tiles = None, None, None
     results = json.loads(output.read_text()) if output.is_file() else {}
     for folder in sorted(p for p in root.iterdir() if (p / "arm.json").is_file() and p.name not in UNSCORED):
-        on_isl = Path(json.loads((folder / "arm.json").read_text()).get("config", CONFIG)) != CONFIG
+        arm_config = Path(json.loads((folder / "arm.json").read_text()).get("config", CONFIG))
+        on_isl = arm_config != CONFIG
+        if arm_config == ISL_TILES:  # its own validation tiles (the shipped bundles trained on them: not scored there)
+            tiles = tiles or isl_regions(ISL_TILES)
+            _score_snapshots(folder, results, output, lambda snap: score_isl_bundle(snap, tiles))
+            continue
         if on_isl and isl is None:
             isl = isl_regions()
             from napari_virtualstain.core.bundle import load_bundle
@@ -265,19 +291,8 @@ def score(root: Path, output: Path) -> int:
                                               "loss": hist["loss"], "bundle_id": b.id, **score_isl_bundle(b.path, isl)}
         if not on_isl and frames is None:
             frames = _frames()
-        arm = results.setdefault(folder.name, {"options": json.loads((folder / "arm.json").read_text())["options"]})
-        points = arm.setdefault("points", {})
-        for snap in sorted(folder.glob("step_*")):
-            if snap.name in points:
-                continue
-            t0 = time.perf_counter()
-            cfg = json.loads((snap / "config.json").read_text())
-            hist = cfg["training"]["history"][-1]
-            points[snap.name] = {"step": hist["step"], "train_seconds": hist["seconds"], "loss": hist["loss"],
-                                 **(score_isl_bundle(snap, isl) if on_isl else score_bundle(snap, frames))}
-            print(folder.name, snap.name, json.dumps(points[snap.name]), f"({time.perf_counter() - t0:.0f} s)",
-                  flush=True)
-            output.write_text(json.dumps(results, indent=1))
+        _score_snapshots(folder, results, output,
+                         lambda snap: score_isl_bundle(snap, isl) if on_isl else score_bundle(snap, frames))
     from napari_virtualstain.core.bundle import load_bundle
 
     b = load_bundle("demo-stain-regression")  # the shipped default's mean network(s), on the same strip and fit
