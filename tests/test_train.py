@@ -344,3 +344,32 @@ def test_training_in_a_child_process_relays_steps_results_errors_and_cancel(data
     with pytest.raises(Cancelled):
         train_in_process(spec, tmp_path / "c", TrainOptions(**{**TINY, "steps": 500}, objective="regression"),
                          method="single", should_cancel=lambda: True)
+
+
+def test_shipped_isl_configs_validate_on_pixels_they_never_train_on_and_never_list_the_held_out_quadrant(
+        shared_data):
+    """Every ISL recipe in configs/ loads from the real data; its validation pixels never overlap its training pixels
+    and neither touches the held-out quadrant [512:, 512:]; demo-isl-tiles.yaml's tiles hold every stain."""
+    from pathlib import Path
+
+    import yaml
+
+    from napari_virtualstain.train.data import load_config
+
+    for path in sorted((Path(__file__).resolve().parents[1] / "configs").glob("*isl*.yaml")):
+        spec = load_config(path)
+        train, val = split_regions(spec)
+        assert train and val, path.name
+        boxes = {e["name"]: e["region"] for e in yaml.safe_load(path.read_text())["images"]}
+        used = {part: np.zeros((1024, 1024), bool) for part in ("train", "val")}
+        for part, regions in (("train", train), ("val", val)):
+            for im, xs in regions:
+                y0, y1, x0, x1 = boxes[im.name]
+                a, b, _ = xs.indices(x1 - x0)
+                used[part][y0:y1, x0 + a:x0 + b] = True
+        assert not (used["train"] & used["val"]).any(), f"{path.name}: validation overlaps training"
+        assert not (used["train"] | used["val"])[512:, 512:].any(), f"{path.name}: lists held-out pixels"
+        if path.name == "demo-isl-tiles.yaml":  # the tiles were chosen to hold every stain
+            for im, xs in val:
+                for i, s in enumerate(spec.stain_names):
+                    assert np.asarray(im.stains[i][:, xs], np.float64).std() > 1000, (im.name, s)
