@@ -82,19 +82,18 @@ def _save_png(path: Path, rgb: np.ndarray) -> Path:
 def _trust_lines(summary: list[dict]) -> list[str]:
     """Interval coverage and per-object confidence, when the predictions carry them (predict --interval/--objects)."""
     lines = []
-    cov = [r for r in summary if r["metric_type"] == "interval"]
-    if cov:
-        lines += ["Calibrated intervals (fraction of pixels whose real value lies inside):", "",
-                  "| method | stain | level | coverage | mean width |", "|---|---|---|---|---|"]
-        lines += [f"| {r['method']} | {r['target']} | {r['interval_level']:g} | {r['coverage']:.3f} | "
-                  f"{r['interval_width']:.4g} |" for r in cov]
-        lines.append("")
-    objs = [r for r in summary if r["metric_type"] == "object_interval"]
-    if objs:
-        lines += ["Per-object intervals (fraction of predicted objects whose real mean stain lies inside):", "",
-                  "| method | labels | level | objects | coverage | mean width |", "|---|---|---|---|---|---|"]
-        lines += [f"| {r['method']} | {r['target']} | {r['interval_level']:g} | {r['n_pred']} | {r['coverage']:.3f} | "
-                  f"{r['interval_width']:.4g} |" for r in objs]
+    for kind, title, what, count in (
+            ("interval", "Calibrated intervals (fraction of pixels whose real value lies inside):", "stain", False),
+            ("object_interval", "Per-object intervals (fraction of predicted objects whose real mean stain lies "
+                                "inside):", "labels", True)):
+        rows = [r for r in summary if r["metric_type"] == kind]
+        if not rows:
+            continue
+        lines += [title, "", f"| method | {what} | level |{' objects |' if count else ''} coverage | mean width |",
+                  "|---|---|---|" + ("---|" if count else "") + "---|---|"]
+        lines += [f"| {r['method']} | {r['target']} | {r['interval_level']:g} |"
+                  + (f" {r['n_pred']} |" if count else "") + f" {r['coverage']:.3f} | {r['interval_width']:.4g} |"
+                  for r in rows]
         lines.append("")
     conf = [r for r in summary if r["metric_type"] == "confidence"]
     if conf:
