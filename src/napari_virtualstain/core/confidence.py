@@ -328,23 +328,23 @@ def load_calibration(bundle: Bundle) -> dict | None:
     return rec
 
 
-def _object_entries(bundle: Bundle) -> tuple[dict | None, dict]:
+def calibration_for(bundle: Bundle, members: int) -> dict:
+    """The bundle's calibration record, made with ``members`` ensemble members (one clear error otherwise)."""
     rec = load_calibration(bundle)
-    return rec, (rec or {}).get("objects", {})
+    if rec is None:
+        raise VirtualStainError(f"checkpoint {bundle.config.name!r} is not calibrated; run 'virtualstain calibrate "
+                                f"{bundle.path} DATA' on images with ground truth first")
+    if rec["members"] != members:
+        raise VirtualStainError(f"the calibration used {rec['members']} ensemble members, this run {members};"
+                                f" use --members {rec['members']}")
+    return rec
 
 
 def object_quantile(bundle: Bundle, labels_name: str, level: float, members: int) -> float | None:
     """q̂ of a labels set's per-object score at ``level`` from the bundle's calibration; None where it has none
     for that set (:func:`object_interval_note`); one clear error for an uncalibrated bundle, another number of
     ensemble ``members`` or a level not calibrated."""
-    rec, entries = _object_entries(bundle)
-    if rec is None:
-        raise VirtualStainError(f"checkpoint {bundle.config.name!r} is not calibrated; run 'virtualstain calibrate "
-                                f"{bundle.path} DATA' on images with ground truth first")
-    if rec["members"] != members:
-        raise VirtualStainError(f"the calibration used {rec['members']} ensemble members, this run {members}; use "
-                                f"--members {rec['members']}")
-    entry = entries.get(labels_name)
+    entry = calibration_for(bundle, members).get("objects", {}).get(labels_name)
     if not entry or not entry["objects"]:
         return None
     key = f"{level:g}"
@@ -357,9 +357,10 @@ def object_quantile(bundle: Bundle, labels_name: str, level: float, members: int
 def object_interval_note(bundle: Bundle) -> str | None:
     """Why some nucleus tables will carry no interval (said before the run, as a warning), else None."""
     sets = sorted({c.labels for c in bundle.config.output_channels if c.kind == "boundary" and c.labels})
-    rec, entries = _object_entries(bundle)
+    rec = load_calibration(bundle)
     if rec is None or not sets:
         return None
+    entries = rec.get("objects", {})
     if "objects" not in rec:
         return (f"the calibration of {bundle.config.name!r} predates per-nucleus intervals: the tables get none; run "
                 f"'virtualstain calibrate {bundle.path} DATA' again to add them")
@@ -372,14 +373,8 @@ def object_interval_note(bundle: Bundle) -> str | None:
 
 def interval_channels(bundle: Bundle, ens: Ensemble, level: float) -> tuple[np.ndarray, list[str]]:
     """(2·S, Y, X) low/high planes per stain at ``level``, and their names ('Hoechst low 90%', 'Hoechst high 90%')."""
-    rec = load_calibration(bundle)
+    rec = calibration_for(bundle, len(ens.members))
     key = f"{level:g}"
-    if rec is None:
-        raise VirtualStainError(f"checkpoint {bundle.config.name!r} is not calibrated; run 'virtualstain calibrate "
-                                f"{bundle.path} DATA' on images with ground truth first")
-    if rec["members"] != len(ens.members):
-        raise VirtualStainError(f"the calibration used {rec['members']} ensemble members, this run {len(ens.members)};"
-                                f" use --members {rec['members']}")
     planes, names = [], []
     std = ens.std
     groups = pixel_groups(bundle, ens.prediction)
