@@ -153,6 +153,7 @@ def test_cli_objects_table_calibrate_and_interval_channels(tiny_bundle_dir, tmp_
     # an untrained network draws no nuclei on the calibration images: no per-nucleus q, and predict says so
     record = json.loads((tmp_path / "b" / "calibration.json").read_text())
     assert record["objects"]["nuclei"] == {"stain": "Hoechst", "objects": 0, "q": {}}
+    assert "nuclei (mean Hoechst of 0 predicted objects): none" in capsys.readouterr().out
     assert main(["predict", "-c", str(tmp_path / "b"), str(field), "-o", str(out), "--interval", "0.9", "--objects",
                  "--members", "3", "-q"]) == 0
     assert "held no predicted 'nuclei'" in capsys.readouterr().err

@@ -148,6 +148,10 @@ def cmd_calibrate(args) -> int:
     for s, e in record["stains"].items():
         for g, qs in e["q"].items():
             print(f"{s} ({g}, {e['pixels'][g]} pixels): q " + ", ".join(f"{k}: {v:.3g}" for k, v in qs.items()))
+    for name, e in record.get("objects", {}).items():
+        print(f"{name} (mean {e['stain']} of {e['objects']} predicted objects): "
+              + ("q " + ", ".join(f"{k}: {v:.3g}" for k, v in e["q"].items()) if e["q"] else
+                 "none in these images, so their tables get no interval"))
     print(f"wrote {path}")
     return 0
 
