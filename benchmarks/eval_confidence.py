@@ -2,6 +2,7 @@
 
     python benchmarks/eval_confidence.py demo-stain-regression demo-stain -o benchmarks/results/confidence.json
     python benchmarks/eval_confidence.py demo-isl --isl -o benchmarks/results/confidence_isl.json
+    python benchmarks/eval_confidence.py B --isl --config configs/demo-isl-tiles.yaml -o ...  # bundles trained there
     python benchmarks/eval_confidence.py demo-isl-regression --isl --own-field -o ...  # + a user's own calibration
 
 Each bundle is copied to a scratch folder and calibrated there (``core.confidence.calibrate``) on its validation
@@ -66,8 +67,10 @@ def ndev_sets():
     return val, test, [(shifted, {"Hoechst": d[0, 9]}, d[2, 9])]
 
 
-def isl_sets():
-    spec = load_config(ROOT / "configs/demo-isl.yaml")
+def isl_sets(config: Path):
+    """Calibration on ``config``'s validation regions (the bundle's own: never its training pixels), the held-out
+    quadrant [512:, 512:] to score."""
+    spec = load_config(config)
     _, val_r = split_regions(spec)
     val = [(im.inputs[:, :, xs], {s: im.stains[i][:, xs] for i, s in enumerate(spec.stain_names)}, None)
            for im, xs in val_r]
@@ -170,13 +173,16 @@ def main(argv=None) -> int:
     p.add_argument("bundles", nargs="+")
     p.add_argument("-o", "--output", required=True)
     p.add_argument("--isl", action="store_true", help="the ISL quadrant (demo-isl bundles) instead of the scratch assay")
+    p.add_argument("--config", default=None,
+                   help="with --isl: the bundles' training config, whose validation regions calibrate "
+                        "(default configs/demo-isl.yaml; configs/demo-isl-tiles.yaml for bundles trained on it)")
     p.add_argument("--members", type=int, default=4)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--own-field", action="store_true",
                    help="also recalibrate on one half of the held-out field (rows, top/bottom) and cover the other, "
                         "both ways: what 'virtualstain calibrate' on a user's own images of a new field gives")
     args = p.parse_args(argv)
-    val, test, shifted = isl_sets() if args.isl else ndev_sets()
+    val, test, shifted = isl_sets(Path(args.config or ROOT / "configs/demo-isl.yaml")) if args.isl else ndev_sets()
     results = {}
     for name in args.bundles:
         t0 = time.perf_counter()
@@ -205,7 +211,7 @@ def main(argv=None) -> int:
                   + (f"; in nuclei: {m['coverage_in_nuclei']}" if m["coverage_in_nuclei"] else ""))
             if shifted:
                 sc = res["shifted_input"]["stains"][s]["coverage"]
-                print(f"   shifted input: coverage " + ", ".join(f"{k}: {v:.3f}" for k, v in sc.items()))
+                print("   shifted input: coverage " + ", ".join(f"{k}: {v:.3f}" for k, v in sc.items()))
         if "nuclei" in h:
             print(f"{name} nuclei: n {h['nuclei']['n']}, AUROC " +
                   ", ".join(f"{k} {v:.3f}" for k, v in h["nuclei"]["auroc"].items()) +

@@ -16,7 +16,9 @@ the training region (x < 490 of t3 and t7: the fit): Hoechst Pearson r, and per 
 thresholds and at the ones that score best on the validation strip ("tuned", as the bundle's sampling defaults
 are chosen; the fit is scored at the same thresholds). Held-out time points 8/9 are never read here. ISL arms
 (``isl_aug``) are scored by DAPI / MAP2 / NFH r on their config's whole validation strips and on training pixels,
-beside the shipped ``demo-isl-regression`` on the same strips; the held-out quadrant is never read here. A
+beside the shipped ``demo-isl-regression`` on the same strips; arms on ``configs/demo-isl-tiles.yaml`` on its tiles,
+and they and the shipped ISL bundles also on the one region both splits hold out (``isl_common_region``); the
+held-out quadrant is never read here. A
 pretraining arm (``pre_isl_dapi``: ISL phase -> DAPI) is not scored itself: it is measured through the arm that
 fine-tunes from it (``ft_isl_pre``), whose minutes do not include the pretraining's (its own ``train_seconds``).
 """
@@ -87,10 +89,12 @@ ARMS = {
     "isl_aug_s1": ["--channels", "16,32,64,128", "--crop-size", "128", "--augment", "--seed", "1"],
     # isl_aug's recipe on configs/demo-isl-tiles.yaml: validation tiles with nuclei, so the curve can see DAPI
     "isl_tiles": ["--channels", "16,32,64,128", "--crop-size", "128", "--augment"],
+    # the same under seed 1: a second member for an ISL deep ensemble, validated on the same tiles (round 7)
+    "isl_tiles_s1": ["--channels", "16,32,64,128", "--crop-size", "128", "--augment", "--seed", "1"],
 }
 ISL_TILES = REPO / "configs/demo-isl-tiles.yaml"  # validation tiles that hold every stain (round 6)
 ARM_CONFIGS = {"isl_aug": REPO / "configs/demo-isl.yaml", "isl_aug_s1": REPO / "configs/demo-isl.yaml",
-               "isl_tiles": ISL_TILES,
+               "isl_tiles": ISL_TILES, "isl_tiles_s1": ISL_TILES,
                "isl_refine": REPO / "configs/demo-isl.yaml",
                "pre_isl_dapi": REPO / "configs/isl-dapi-phase.yaml"}
 # arms trained in one run to this step (cosine: no snapshots along the way), after the steps of the network they start
@@ -221,6 +225,39 @@ def isl_regions(config: Path | None = None) -> dict:
     return {"val": [(im, xs, slice(None)) for im, xs in val], "fit": fit}
 
 
+def isl_common_region() -> list:
+    """The one ISL region both splits hold out: demo-isl.yaml's q00 strip (x >= round(0.85 * 512) = 435) inside
+    demo-isl-tiles.yaml's q00 tile [256:512, 256:512] -- 256 x 77 px that neither a strips-trained bundle (the
+    shipped ones up to round 6) nor a tiles-trained one saw, so the two can be compared on it (it holds nuclei)."""
+    from napari_virtualstain.train.data import load_config, split_regions
+
+    _, val = split_regions(load_config(ISL_TILES))
+    q00 = next(im for im, _ in val if im.name == "q00_val")
+    return [(q00, slice(435 - 256, 512 - 256), slice(None))]
+
+
+def score_isl_common(results: dict, root: Path, output: Path) -> None:
+    """Score the shipped ISL bundles and every tiles-trained snapshot on ``isl_common_region`` (once each), both as
+    a crop of its own ("crop": normalised and predicted alone, 256 x 77) and inside the whole 256² tile it lies in
+    ("in tile": more context, as a field is predicted; only the common columns scored)."""
+    from napari_virtualstain.core.bundle import load_bundle
+
+    common = results.setdefault("isl common region", {})
+    (q00, cols, ys), = isl_common_region()
+    regions = {"crop": [(q00, cols, ys)], "in tile": [(q00, slice(None), ys, cols)]}
+    snaps = [(f"shipped {name} {load_bundle(name).short_id}", load_bundle(name).path)
+             for name in ("demo-isl-regression", "demo-isl")]
+    for folder in sorted(root.iterdir()):
+        arm_json = folder / "arm.json"
+        if arm_json.is_file() and Path(json.loads(arm_json.read_text()).get("config", CONFIG)) == ISL_TILES:
+            snaps += [(f"{folder.name} {snap.name}", snap) for snap in sorted(folder.glob("step_*"))]
+    for key, path in snaps:
+        if key not in common:
+            common[key] = score_isl_bundle(path, regions)
+            print("common region", key, json.dumps(common[key]), flush=True)
+            output.write_text(json.dumps(results, indent=1))
+
+
 def score_isl_bundle(path, regions: dict) -> dict:
     """Pearson r per stain (truth's 1-99.8 % scale, as ``virtualstain evaluate``), averaged over the regions, on
     the validation strips (whole: the training loop validates on 256² corners only) and on training pixels."""
@@ -240,11 +277,12 @@ def score_isl_bundle(path, regions: dict) -> dict:
         out[part] = {}
         for suffix, steps in variants.items():
             rs = {n: [] for n in stains}
-            for im, xs, ys in items:
+            for im, xs, ys, *scored in items:  # scored: the columns of the prediction to score (default all)
+                cols = scored[0] if scored else slice(None)
                 res = predict_stain(bundle, im.inputs[:, ys, xs], channel_axis=0, make_labels=False, seed=0,
                                     steps=steps, settings=RunSettings(threads=1))
                 for i, n in enumerate(stains):
-                    pn, tn, _ = normalize_pair(res.channel(n), im.stains[i][ys, xs])
+                    pn, tn, _ = normalize_pair(res.channel(n)[:, cols], im.stains[i][ys, xs][:, cols])
                     rs[n].append(image_metrics(pn, tn)["pearson"])
             out[part].update({f"{n}_r{suffix}": float(np.mean(v)) for n, v in rs.items()})
     return out
@@ -293,6 +331,8 @@ def score(root: Path, output: Path) -> int:
             frames = _frames()
         _score_snapshots(folder, results, output,
                          lambda snap: score_isl_bundle(snap, isl) if on_isl else score_bundle(snap, frames))
+    if tiles is not None:
+        score_isl_common(results, root, output)
     from napari_virtualstain.core.bundle import load_bundle
 
     b = load_bundle("demo-stain-regression")  # the shipped default's mean network(s), on the same strip and fit
@@ -322,6 +362,7 @@ def report(scores: Path, figure: Path | None) -> str:
     rows = ["| arm | step | × 1 budget | train min | val r | val F1 (route) | fit r | fit F1 | val offset px |",
             "|---|---|---|---|---|---|---|---|---|"]
     curves, isl_rows = {}, []
+    common = results.pop("isl common region", {})
     for arm, entry in results.items():
         for name, pt in sorted(entry["points"].items()):
             if "DAPI_r" in pt["val"]:  # an ISL arm: r per stain, no labels
@@ -343,6 +384,11 @@ def report(scores: Path, figure: Path | None) -> str:
     if isl_rows:
         rows += ["", "| ISL arm | step | train min | val r DAPI / MAP2 / NFH | fit r DAPI / MAP2 / NFH |",
                  "|---|---|---|---|---|", *isl_rows]
+    if common:
+        rows += ["", "| on the ISL region both splits hold out | r DAPI / MAP2 / NFH, in its 256² tile | "
+                     "as a 256 × 77 crop alone |", "|---|---|---|",
+                 *(f"| {k} | " + " | ".join(" / ".join(f"{v[part][f'{n}_r']:.3f}" for n in ("DAPI", "MAP2", "NFH"))
+                                             for part in ("in tile", "crop")) + " |" for k, v in common.items())]
     return "\n".join(rows)
 
 
