@@ -327,7 +327,8 @@ def score(root: Path, output: Path) -> int:
                 shipped = results.setdefault(f"shipped {name}", {"options": [b.config.training.get("command", "")],
                                                                  "points": {}})
                 key = f"shipped {b.short_id}"  # one point per shipped version (round 3b's was keyed "shipped")
-                if key not in shipped["points"]:
+                on_tiles = ISL_TILES.name in b.config.training.get("command", "")  # the strips are its training pixels
+                if key not in shipped["points"] and not on_tiles:
                     hist = b.config.training["history"][-1]
                     shipped["points"][key] = {"step": hist["step"], "train_seconds": hist["seconds"],
                                               "loss": hist["loss"], "bundle_id": b.id, **score_isl_bundle(b.path, isl)}
