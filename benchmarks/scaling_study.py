@@ -89,16 +89,22 @@ ARMS = {
     "isl_aug_s1": ["--channels", "16,32,64,128", "--crop-size", "128", "--augment", "--seed", "1"],
     # isl_aug's recipe on configs/demo-isl-tiles.yaml: validation tiles with nuclei, so the curve can see DAPI
     "isl_tiles": ["--channels", "16,32,64,128", "--crop-size", "128", "--augment"],
-    # the refinement on the round 7 mean network (isl_tiles 4,800, shipped), trained and validated on the same split
+    # the refinement on the seed-0 round 7 mean network (isl_tiles 4,800; trained on its shipped fp16 copy, then
+    # the bundled demo-isl-regression), trained and validated on the same split; ``_pair``: on the two-seed mean
+    # that ships as demo-isl-regression since
     "isl_tiles_refine": ["--objective", "residual_shift", "--residual-source", "mean_prediction", "--mean-from",
-                         str(REPO / "src/napari_virtualstain/checkpoints/demo-isl-regression"), "--kappa", "1",
+                         str(REPO / "runs/scaling/isl_tiles/step_04800"), "--kappa", "1",
                          "--channels", "16,32,64,64", "--crop-size", "128"],
+    "isl_pair_refine": ["--objective", "residual_shift", "--residual-source", "mean_prediction", "--mean-from",
+                        str(REPO / "src/napari_virtualstain/checkpoints/demo-isl-regression"), "--kappa", "1",
+                        "--channels", "16,32,64,64", "--crop-size", "128"],
     # the same under seed 1: a second member for an ISL deep ensemble, validated on the same tiles (round 7)
     "isl_tiles_s1": ["--channels", "16,32,64,128", "--crop-size", "128", "--augment", "--seed", "1"],
 }
 ISL_TILES = REPO / "configs/demo-isl-tiles.yaml"  # validation tiles that hold every stain (round 6)
 ARM_CONFIGS = {"isl_aug": REPO / "configs/demo-isl.yaml", "isl_aug_s1": REPO / "configs/demo-isl.yaml",
                "isl_tiles": ISL_TILES, "isl_tiles_s1": ISL_TILES, "isl_tiles_refine": ISL_TILES,
+               "isl_pair_refine": ISL_TILES,
                "isl_refine": REPO / "configs/demo-isl.yaml",
                "pre_isl_dapi": REPO / "configs/isl-dapi-phase.yaml"}
 # arms trained in one run to this step (cosine: no snapshots along the way), after the steps of the network they start
