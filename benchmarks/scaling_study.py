@@ -42,6 +42,15 @@ BASE_STEPS = 2400  # the shipped demo-stain-regression budget
 SNAPSHOTS = (600, 1200, 2400, 4800, 7200, 9600, 14400, 19200, 28800, 38400)
 COMMON = ["--objective", "regression", "--batch-size", "8", "--lr", "5e-4", "--lr-schedule", "constant",
           "--val-every", "600", "--tile-size", "128", "--tile-overlap", "16", "--seed", "0", "--precision", "auto"]
+SHIPPED_ISL_MEAN = REPO / "src/napari_virtualstain/checkpoints/demo-isl-regression"
+
+
+def isl_refine_on(mean: Path) -> list[str]:
+    """demo-isl's refinement recipe (16-32-64-64, kappa 1, 128² crops) on the mean network ``mean``."""
+    return ["--objective", "residual_shift", "--residual-source", "mean_prediction", "--mean-from", str(mean),
+            "--kappa", "1", "--channels", "16,32,64,64", "--crop-size", "128"]
+
+
 AUG_DIST = ["--channels", "16,32,64,128", "--crop-size", "128", "--distance-head", "--augment"]  # aug_mse_dist's
 # recipe (the shipped mean network's), which the regularisation and pretraining arms change one thing of
 ARMS = {
@@ -71,9 +80,7 @@ ARMS = {
     "isl_aug": ["--channels", "16,32,64,128", "--crop-size", "128", "--augment"],
     # demo-isl's refinement (predict, then refine) trained on the shipped mean network (round 3d: on the round 3c
     # one, then shipped); options after COMMON override its --objective (argparse keeps the last)
-    "isl_refine": ["--objective", "residual_shift", "--residual-source", "mean_prediction", "--mean-from",
-                   str(REPO / "src/napari_virtualstain/checkpoints/demo-isl-regression"), "--kappa", "1",
-                   "--channels", "16,32,64,64", "--crop-size", "128"],
+    "isl_refine": isl_refine_on(SHIPPED_ISL_MEAN),
     # data-side: pretrain on another microscope's nuclei (ISL phase z06 -> DAPI, 3 quadrants), then fine-tune the
     # aug_mse_dist recipe from its 2,400-step snapshot (--init: a new last layer for Hoechst + labels heads).
     # Compare ft_isl_pre at s with aug_mse_dist at s (same scratch-assay steps) and at the same CPU minutes
@@ -89,15 +96,11 @@ ARMS = {
     "isl_aug_s1": ["--channels", "16,32,64,128", "--crop-size", "128", "--augment", "--seed", "1"],
     # isl_aug's recipe on configs/demo-isl-tiles.yaml: validation tiles with nuclei, so the curve can see DAPI
     "isl_tiles": ["--channels", "16,32,64,128", "--crop-size", "128", "--augment"],
-    # the refinement on the seed-0 round 7 mean network (isl_tiles 4,800; trained on its shipped fp16 copy, then
-    # the bundled demo-isl-regression), trained and validated on the same split; ``_pair``: on the two-seed mean
-    # that ships as demo-isl-regression since
-    "isl_tiles_refine": ["--objective", "residual_shift", "--residual-source", "mean_prediction", "--mean-from",
-                         str(REPO / "runs/scaling/isl_tiles/step_04800"), "--kappa", "1",
-                         "--channels", "16,32,64,64", "--crop-size", "128"],
-    "isl_pair_refine": ["--objective", "residual_shift", "--residual-source", "mean_prediction", "--mean-from",
-                        str(REPO / "src/napari_virtualstain/checkpoints/demo-isl-regression"), "--kappa", "1",
-                        "--channels", "16,32,64,64", "--crop-size", "128"],
+    # the refinement on the seed-0 round 7 mean network (isl_tiles 4,800; its first 2,400 steps ran on that
+    # snapshot's fp16 copy, then bundled as demo-isl-regression), trained and validated on the same split
+    "isl_tiles_refine": isl_refine_on(REPO / "runs/scaling/isl_tiles/step_04800"),
+    # ... and on the two-seed mean that ships as demo-isl-regression from round 7 on
+    "isl_pair_refine": isl_refine_on(SHIPPED_ISL_MEAN),
     # the same under seed 1: a second member for an ISL deep ensemble, validated on the same tiles (round 7)
     "isl_tiles_s1": ["--channels", "16,32,64,128", "--crop-size", "128", "--augment", "--seed", "1"],
 }
@@ -255,8 +258,8 @@ def score_isl_common(results: dict, root: Path, output: Path) -> None:
     common = results.setdefault("isl common region", {})
     (q00, cols, ys), = isl_common_region()
     regions = {"crop": [(q00, cols, ys)], "in tile": [(q00, slice(None), ys, cols)]}
-    snaps = [(f"shipped {name} {load_bundle(name).short_id}", load_bundle(name).path)
-             for name in ("demo-isl-regression", "demo-isl")]
+    snaps = [(f"shipped {b.config.name} {b.short_id}", b.path)
+             for b in map(load_bundle, ("demo-isl-regression", "demo-isl"))]
     for folder in sorted(root.iterdir()):
         arm_json = folder / "arm.json"
         if arm_json.is_file() and Path(json.loads(arm_json.read_text()).get("config", CONFIG)) == ISL_TILES:

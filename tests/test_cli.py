@@ -159,8 +159,8 @@ def test_demo_command_runs_offline_on_sample_data(tmp_path, capsys):
 @pytest.mark.parametrize("name, min_r", [("demo-isl", 0.90), ("demo-isl-regression", 0.92)])
 def test_isl_checkpoints_predict_held_out_quadrant(shared_data, tmp_path, name, min_r):
     """13 phase-contrast planes (channels first) -> MAP2 on a crop of the held-out quadrant: may not fall below what
-    the shipped bundles reach (round 7 demo-isl / demo-isl-regression, two seeds' mean: measured r 0.922 / 0.939; round 3d / 3c
-    0.901 / 0.910; round 1 0.81 / 0.90)."""
+    the shipped bundles reach (round 7 demo-isl / demo-isl-regression, two seeds' mean: measured r 0.922 / 0.939;
+    round 3d / 3c 0.901 / 0.910; round 1 0.81 / 0.90)."""
     if name not in bundled_checkpoints():
         pytest.skip(f"{name} not bundled")
     from napari_virtualstain.core.io import read_image
