@@ -103,11 +103,14 @@ ARMS = {
     "isl_pair_refine": isl_refine_on(SHIPPED_ISL_MEAN),
     # the same under seed 1: a second member for an ISL deep ensemble, validated on the same tiles (round 7)
     "isl_tiles_s1": ["--channels", "16,32,64,128", "--crop-size", "128", "--augment", "--seed", "1"],
+    # per-plane gain/offset on top (round 8): the per-image normalisation moves each plane on its own, the shared
+    # intensity draws move all 13 together; tiles-trained nets lose on crops whose percentiles differ from the field's
+    "isl_tiles_pj": ["--channels", "16,32,64,128", "--crop-size", "128", "--augment", "--plane-jitter"],
 }
 ISL_TILES = REPO / "configs/demo-isl-tiles.yaml"  # validation tiles that hold every stain (round 6)
 ARM_CONFIGS = {"isl_aug": REPO / "configs/demo-isl.yaml", "isl_aug_s1": REPO / "configs/demo-isl.yaml",
                "isl_tiles": ISL_TILES, "isl_tiles_s1": ISL_TILES, "isl_tiles_refine": ISL_TILES,
-               "isl_pair_refine": ISL_TILES,
+               "isl_pair_refine": ISL_TILES, "isl_tiles_pj": ISL_TILES,
                "isl_refine": REPO / "configs/demo-isl.yaml",
                "pre_isl_dapi": REPO / "configs/isl-dapi-phase.yaml"}
 # arms trained in one run to this step (cosine: no snapshots along the way), after the steps of the network they start

@@ -115,6 +115,28 @@ def test_elastic_deformation_bends_input_and_target_alike_and_is_off_by_default(
     assert float((field[:, 1:] - field[:, :-1]).abs().max()) < 1.0  # smooth: neighbours move together
 
 
+
+def test_plane_jitter_moves_the_planes_of_a_stack_apart_and_is_off_by_default():
+    flat = torch.linspace(0, 1, 32 * 32).reshape(1, 1, 32, 32)
+    cond = flat.repeat(8, 3, 1, 1)  # three identical planes, as a z-stack of one field
+    target = flat.repeat(8, 1, 1, 1)
+    shared = augment_batch(cond, target, np.random.default_rng(2), n_image_inputs=3)
+    c2, t2 = augment_batch(cond, target, np.random.default_rng(2), n_image_inputs=3, plane_jitter=True)
+
+    def plane_mean_spread(c):  # per crop, how far apart the planes' means are (pixel noise averages out)
+        return float((c.mean(dim=(2, 3)).amax(1) - c.mean(dim=(2, 3)).amin(1)).mean())
+
+    assert plane_mean_spread(shared[0]) < 0.01  # shared draws move the three planes together
+    assert plane_mean_spread(c2) > 0.03  # with the jitter each plane got its own gain/offset
+    assert float(t2.min()) >= -1e-5 and float(t2.max()) <= 1 + 1e-5  # the target: geometry only, never a gain
+
+
+def test_plane_jitter_without_augmentation_says_what_to_add(data_folder, tmp_path):  # noqa: F811
+    spec = load_folder(data_folder, stain_names=["Hoechst"])
+    with pytest.raises(VirtualStainError, match="add --augment"):
+        train(spec, tmp_path / "b", TrainOptions(**TINY, objective="regression", plane_jitter=True))
+    assert not (tmp_path / "b").exists()  # nothing half-written
+
 @pytest.mark.parametrize("loss", ["spotlight", "l1_msssim"])
 def test_distance_head_training_gives_a_distance_route(data_folder, tmp_path, loss):  # noqa: F811
     spec = load_folder(data_folder, stain_names=["Hoechst"])

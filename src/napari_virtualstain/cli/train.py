@@ -49,7 +49,7 @@ def cmd_train(args) -> int:
         prediction_type=args.prediction_type, precision=args.precision, lr_schedule=args.lr_schedule,
         residual_source=args.residual_source or "mean_input", mean_from=args.mean_from, kappa=args.kappa,
         max_minutes=args.max_minutes, init=args.init, loss=args.loss, distance_head=args.distance_head, augment=args.augment,
-        elastic=args.elastic,
+        elastic=args.elastic, plane_jitter=args.plane_jitter,
         networks=args.networks,
         extra={"cond_dropout": args.cond_dropout} if args.cond_dropout is not None else {},
     )
@@ -142,6 +142,9 @@ def add_parsers(sub) -> None:
     tr.add_argument("--elastic", type=float, default=0.0, metavar="PX",
                     help="with --augment: also deform half of the crops elastically (a smooth random displacement "
                          "of PX px standard deviation; Ronneberger et al. 2015); 0 = off")
+    tr.add_argument("--plane-jitter", action="store_true",
+                    help="with --augment: also a gain (0.9-1.1) and offset (+-0.05) per input plane, for z-stacks "
+                         "whose planes are normalised each on its own")
     tr.add_argument("--networks", type=int, default=1,
                     help="a deep ensemble: train the one-pass (mean) network N times under seeds SEED..SEED+N-1 and "
                          "predict with their mean (N times the training time and passes; on the scratch assay 2 "

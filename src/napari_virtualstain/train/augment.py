@@ -11,6 +11,10 @@ Elastic (``elastic`` = σ px > 0; input and target together, on half of the crop
 Gaussian offsets of σ px at a 4 × 4 grid of control points, bicubically interpolated over the crop — composed with
 the rotation/zoom in one resampling; the deformation that lets a U-Net learn from very few images (Ronneberger et
 al. 2015). Off by default, and drawn only when on, so runs without it keep their random streams.
+
+Per plane (``plane_jitter``; input only): each input plane gets its own gain 0.9–1.1 and offset ±0.05 on top of the
+shared change. Every plane is normalised by its own percentiles, so a crop or a new field moves the planes of a
+z-stack apart, while the shared draws move them together. Off by default, drawn only when on.
 """
 
 from __future__ import annotations
@@ -58,10 +62,11 @@ def elastic_field(shape: tuple[int, int], sigma: float, rng: np.random.Generator
 
 
 def augment_batch(cond: torch.Tensor, target: torch.Tensor, rng: np.random.Generator,
-                  n_image_inputs: int | None = None, elastic: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+                  n_image_inputs: int | None = None, elastic: float = 0.0,
+                  plane_jitter: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Augmented copies of a (N, C, H, W) batch; intensity changes touch the first ``n_image_inputs`` input
     channels only (default: all; planes appended to the inputs, such as mu(x), keep their values); ``elastic``:
-    the displacement σ in px (module doc; 0 = none)."""
+    the displacement σ in px (module doc; 0 = none); ``plane_jitter``: a gain and offset per plane as well."""
     cond, target = cond.clone(), target.clone()
     n_in = cond.shape[1] if n_image_inputs is None else n_image_inputs
     for i in range(cond.shape[0]):
@@ -80,6 +85,10 @@ def augment_batch(cond: torch.Tensor, target: torch.Tensor, rng: np.random.Gener
         m = x.mean()
         x = m + float(rng.uniform(0.7, 1.3)) * (x - m)
         x = float(rng.uniform(0.8, 1.2)) * x + float(rng.uniform(-0.1, 0.1))
+        if plane_jitter:
+            gain = torch.from_numpy(rng.uniform(0.9, 1.1, n_in).astype(np.float32)).to(x.dtype)
+            offset = torch.from_numpy(rng.uniform(-0.05, 0.05, n_in).astype(np.float32)).to(x.dtype)
+            x = gain[:, None, None] * x + offset[:, None, None]
         if rng.random() < 0.2:
             x = _blur(x, float(rng.uniform(0.5, 1.5)))
         sigma = float(rng.uniform(0, 0.05))

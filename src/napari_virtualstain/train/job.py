@@ -45,6 +45,7 @@ class TrainOptions:
     distance_head: bool = False  # add a '<set> distance' centre map per labels set (labels route 'distance')
     augment: bool = False  # rotation/zoom + intensity augmentation (train/augment.py) on top of flips/rot90
     elastic: float = 0.0  # with augment: elastic deformation, displacement sigma in px (train/augment.py); 0 = none
+    plane_jitter: bool = False  # with augment: a gain and offset per input plane too (train/augment.py)
     stage: str = ""  # shown before the progress (the recipe's "stage 1/3 mean network")
     init: str | None = None  # fine-tune: start from this bundle's weights (train/finetune.py)
     networks: int = 1  # a deep ensemble: the one-pass network trained under this many seeds (train/ensemble.py)

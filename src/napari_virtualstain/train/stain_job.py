@@ -250,6 +250,8 @@ def stain_job(spec: TrainingSpec, opts: TrainOptions) -> TrainingJob:
     if opts.elastic < 0 or (opts.elastic > 0 and not opts.augment):
         raise VirtualStainError(f"--elastic {opts.elastic:g}: the elastic deformation's sigma is a number of px >= 0, "
                                 "and it is part of the augmentation: add --augment")
+    if opts.plane_jitter and not opts.augment:
+        raise VirtualStainError("--plane-jitter is part of the augmentation: add --augment")
     mean = load_mean_bundle(spec, opts)
     init = None
     if opts.init:
@@ -272,7 +274,7 @@ def stain_job(spec: TrainingSpec, opts: TrainOptions) -> TrainingJob:
 
     def next_batch(rng):
         batch = random_batch(train_arrays, opts.batch_size, opts.crop_size, rng)
-        return augment_batch(*batch, rng, n_inputs, opts.elastic) if opts.augment else batch
+        return augment_batch(*batch, rng, n_inputs, opts.elastic, opts.plane_jitter) if opts.augment else batch
 
     return TrainingJob(
         config,
